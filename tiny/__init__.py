@@ -1,0 +1,24 @@
+"""Tiny offline stand-ins for the real models and data, shared by tests, the demo and the benchmarks.
+
+Nothing here is downloaded: every model is built from a small config with random weights and saved in the
+same folder layout as its real counterpart, so the real loading code (`from_pretrained(path)`) runs unchanged.
+
+    from tiny import build_sd15, build_sdxl, build_pickapic
+    build_sd15("work/tiny-sd15")                 # diffusers folder: unet/ vae/ text_encoder/ tokenizer/ scheduler/
+    build_pickapic("work/pickapic", n_pairs=64)  # Pick-a-Pic v2 schema as parquet: train/ and test_unique/ splits
+"""
+
+from tiny.diffusion import build_clip_tokenizer, build_sd15, build_sdxl
+from tiny.data import ATTRIBUTE_COLOURS, SHAPES, build_pickapic, colour_score, draw_shape, toy_captions
+
+__all__ = [
+    "ATTRIBUTE_COLOURS",
+    "SHAPES",
+    "build_clip_tokenizer",
+    "build_pickapic",
+    "build_sd15",
+    "build_sdxl",
+    "colour_score",
+    "draw_shape",
+    "toy_captions",
+]
