@@ -1,0 +1,44 @@
+"""Shared fixtures: the tiny offline models and data, built once per test session."""
+
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = REPO.parent / "shared"  # official prompt files and real small weight files, beside the checkout
+sys.path.insert(0, str(REPO))
+
+
+@pytest.fixture(scope="session")
+def tiny_sd15(tmp_path_factory) -> Path:
+    from tiny import build_sd15
+
+    return build_sd15(tmp_path_factory.mktemp("models") / "tiny-sd15")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory) -> Path:
+    from tiny import build_sdxl
+
+    return build_sdxl(tmp_path_factory.mktemp("models") / "tiny-sdxl")
+
+
+@pytest.fixture(scope="session")
+def pickapic(tmp_path_factory) -> Path:
+    """64 pairs in the Pick-a-Pic v2 schema (ties, varied sizes, one corrupt image) as a local parquet folder."""
+    from tiny import build_pickapic
+
+    return build_pickapic(tmp_path_factory.mktemp("data") / "pickapic", n_pairs=64)
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    if not SHARED.is_dir():
+        pytest.skip(f"{SHARED} (the shared fixtures folder) is not beside the checkout")
+    return SHARED
