@@ -1,0 +1,901 @@
+#!/usr/bin/env python
+"""Preference fine-tuning of Stable Diffusion UNets on image pairs.
+
+Methods (`--train_method`): Diffusion-DPO, DSPO, DMPO and plain SFT on the preferred images, each optionally with
+the winner-preserving safeguard of Diffusion-SDPO (`--use_winner_preserving`), which rescales the loser branch's
+gradient so that, to first order, an update never increases the winner's denoising loss.
+
+    accelerate launch train.py --pretrained_model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5 \
+        --dataset_name yuvalkirstain/pickapic_v2 --train_method diffusion-dpo --beta_dpo 5000 \
+        --use_winner_preserving --winner_preserving_mu 0.9 --output_dir output/sd15-diffusion-dpo
+
+Arguments keep the official implementation's names and defaults (AIDC-AI/Diffusion-SDPO), so its launch scripts run
+unchanged. The file reads top to bottom: the losses (pure functions), the arguments, the data, then `main`.
+`import train` has no side effects.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger("train")
+
+PREFERENCE_METHODS = ("diffusion-dpo", "dspo", "dmpo")
+METHODS = PREFERENCE_METHODS + ("sft",)
+DEFAULT_MAX_NONFINITE = 10
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Losses. Shapes: predictions and targets are (2B, C, H, W) with the B winners first, then the B losers, and winner i
+# shares its noise and timestep with loser i. All losses are computed in fp32.
+
+
+def per_sample_mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean squared error of each sample, in fp32: (N, C, H, W) -> (N,)."""
+    return (prediction.float() - target.float()).pow(2).flatten(1).mean(dim=1)
+
+
+def winner_preserving_scale(
+    model_pred: torch.Tensor, target: torch.Tensor, mu: float, granularity: str = "batch"
+) -> torch.Tensor:
+    """The loser-gradient scale lambda of Diffusion-SDPO (arXiv:2511.03317, Sec. 3, "winner-preserving update").
+
+    With residuals R_w = eps_theta(x_t^w) - eps and R_l = eps_theta(x_t^l) - eps, the update -grad L_w + lambda grad L_l
+    keeps <-g_w + lambda g_l, g_w> <= -mu ||g_w||^2 (the winner loss does not rise, to first order, in output space):
+
+        lambda = clamp((1 - mu) ||R_w||^2 / <R_l, R_w>, 0, 1)   if <R_l, R_w> > 0,   else 1.
+
+    As in the official code, ||.||^2 and <.,.> are of the gradients 2R/N of the mean-squared proxies (N = elements per
+    half), with 1e-9 added to the denominator in that scale. `granularity="batch"` gives one scalar from the whole
+    micro-batch (official); "sample" gives one lambda per pair from that pair's residuals, shape (B,).
+    Closed form from the residuals: no extra autograd pass. Returned detached, in fp32.
+    """
+    if not 0.0 <= mu <= 1.0:
+        raise ValueError(f"winner_preserving_mu must be in [0, 1], got {mu}")
+    residual = model_pred.detach().float() - target.detach().float()
+    r_win, r_lose = residual.chunk(2)
+    if granularity == "batch":
+        n = r_win.numel()
+        win_sq, cross = r_win.pow(2).sum(), (r_lose * r_win).sum()
+    elif granularity == "sample":
+        n = r_win[0].numel()
+        win_sq, cross = r_win.pow(2).flatten(1).sum(1), (r_lose * r_win).flatten(1).sum(1)
+    else:
+        raise ValueError(f"granularity must be 'batch' or 'sample', got {granularity!r}")
+    numerator = (1.0 - mu) * 4.0 * win_sq / n**2
+    denominator = 4.0 * cross / n**2
+    scale = torch.where(denominator > 0, numerator / (denominator + 1e-9), torch.ones_like(denominator))
+    return scale.clamp(0.0, 1.0)
+
+
+def straight_through_scale(value: torch.Tensor, scale) -> torch.Tensor:
+    """sg(x) + s (x - sg(x)): the value of x, the gradient of s x. How lambda touches only the loser's gradient."""
+    return value.detach() + scale * (value - value.detach())
+
+
+def diffusion_dpo_loss(margin: torch.Tensor) -> torch.Tensor:
+    """Diffusion-DPO (Wallace et al., arXiv:2311.12908, Eq. 14): loss_i = -log sigmoid(u_i).
+
+    u_i = -(beta/2) [(L_w,i - L_l,i) - (Lref_w,i - Lref_l,i)], L the per-sample denoising MSE (see `preference_loss`).
+    """
+    return -F.logsigmoid(margin)
+
+
+def dmpo_loss(margin: torch.Tensor, alpha: float) -> torch.Tensor:
+    """DMPO (Li et al., arXiv:2507.07510): KL(Bern(p_i) || Bern(q)) with p_i = sigmoid(u_i), q = 1 - alpha.
+
+    loss_i = p (log p - log q) + (1 - p)(log(1 - p) - log(1 - q)), q clamped to [1e-6, 1 - 1e-6]; log p and log(1 - p)
+    as -softplus(-u) and -softplus(u) for stability. Minimised at u = logit(q), so the margin is held near a target
+    instead of pushed to infinity.
+    """
+    q = min(max(1.0 - alpha, 1e-6), 1.0 - 1e-6)
+    p = torch.sigmoid(margin)
+    log_p, log_not_p = -F.softplus(-margin), -F.softplus(margin)
+    return p * (log_p - math.log(q)) + (1.0 - p) * (log_not_p - math.log(1.0 - q))
+
+
+def dspo_loss(
+    margin: torch.Tensor, win_pred: torch.Tensor, win_ref_pred: torch.Tensor, win_target: torch.Tensor,
+    beta: float, sdxl: bool,
+) -> torch.Tensor:
+    """DSPO (Zhu et al., ICLR 2025, "Direct Score Preference Optimization"), as the official code implements it.
+
+    SD1.5:  loss_i = mean_CHW [ (eps_theta(x^w) - eps) - beta (1 - sigmoid(u_i)) (eps_theta(x^w) - eps_ref(x^w)) ]^2
+    SDXL:   with D_i = eps_theta(x^w) - eps_ref(x^w) and m = mean over the micro-batch of D^2:
+            loss_i = (1 - sigmoid(u_i))^2 mean_CHW D_i^2  if m >= 0.1,  else (1 - sigmoid(u_i))^2.
+    The SDXL branch is chosen without a host sync (torch.where), with the same result as the official Python `if`.
+    Winners only; the two variants are genuinely different objectives (SPEC Q13).
+    """
+    weight = 1.0 - torch.sigmoid(margin)
+    drift = win_pred - win_ref_pred
+    if not sdxl:
+        residual = (win_pred - win_target) - beta * weight.view(-1, 1, 1, 1) * drift
+        return residual.pow(2).flatten(1).mean(1)
+    drift_sq = drift.pow(2).flatten(1).mean(1)
+    far = drift.pow(2).mean() >= 0.1
+    return torch.where(far, weight.pow(2) * drift_sq, weight.pow(2))
+
+
+def sft_loss(model_pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Supervised fine-tuning on the preferred images: the standard epsilon MSE (Ho et al., 2020)."""
+    return F.mse_loss(model_pred.float(), target.float())
+
+
+def preference_loss(
+    method: str, model_pred: torch.Tensor, ref_pred: torch.Tensor, target: torch.Tensor, beta_dpo: float, *,
+    dmpo_alpha: float = 0.0, sdxl: bool = False, loser_scale=1.0, pair_weight: torch.Tensor | None = None,
+):
+    """Loss of one micro-batch of B pairs for `method` in {"diffusion-dpo", "dspo", "dmpo"}; returns (loss, stats).
+
+    Per-sample losses L = mean_CHW (eps_pred - eps)^2 for the policy and the reference, in fp32 (the official code
+    rounds the reference losses to bf16, which adds about one logit of noise to u at beta = 5000: SPEC B10).
+    The loser term enters as sg(L_l) + lambda (L_l - sg(L_l)) with lambda = `loser_scale` (a float, a 0-dim tensor or
+    one value per pair), so values and logged metrics are unchanged and only the loser's gradient is scaled.
+    Margin u_i = -(beta/2) [(L_w,i - L~_l,i) - (Lref_w,i - Lref_l,i)]. `pair_weight` (B,) multiplies each pair's loss
+    before the mean (importance weighting). `stats` holds detached per-sample losses, margins and implicit accuracy.
+    """
+    if method not in PREFERENCE_METHODS:
+        raise ValueError(f"method must be one of {PREFERENCE_METHODS}, got {method!r}")
+    model_pred, ref_pred, target = model_pred.float(), ref_pred.detach().float(), target.float()
+    model_win, model_lose = per_sample_mse(model_pred, target).chunk(2)
+    ref_win, ref_lose = per_sample_mse(ref_pred, target).chunk(2)
+    model_lose_scaled = straight_through_scale(model_lose, loser_scale)
+    margin = -0.5 * beta_dpo * ((model_win - model_lose_scaled) - (ref_win - ref_lose))
+
+    if method == "diffusion-dpo":
+        losses = diffusion_dpo_loss(margin)
+    elif method == "dmpo":
+        losses = dmpo_loss(margin, dmpo_alpha)
+    else:
+        losses = dspo_loss(margin, model_pred.chunk(2)[0], ref_pred.chunk(2)[0], target.chunk(2)[0], beta_dpo, sdxl)
+    if pair_weight is not None:
+        losses = losses * pair_weight
+    stats = {
+        "model_win_loss": model_win.detach(), "model_lose_loss": model_lose.detach(),
+        "ref_win_loss": ref_win.detach(), "ref_lose_loss": ref_lose.detach(),
+        "margin": margin.detach(), "implicit_acc": (margin.detach() > 0).float().mean(),
+    }
+    return losses.mean(), stats
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Arguments: the official names and defaults (SPEC Part B §1), then our additions.
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    model = parser.add_argument_group("model")
+    model.add_argument("--pretrained_model_name_or_path", type=str, required=True,
+                       help="Base diffusers model: a hub id or a local folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/).")
+    model.add_argument("--revision", type=str, default=None, help="Hub revision of the base model.")
+    model.add_argument("--unet_init", type=str, default="",
+                       help="Start the policy and reference UNets from <unet_init>/unet (a diffusers folder) instead of the base.")
+    model.add_argument("--pretrained_vae_model_name_or_path", type=str, default=None,
+                       help="Another VAE (e.g. madebyollin/sdxl-vae-fp16-fix for SDXL), loaded without subfolder.")
+    model.add_argument("--sdxl", action="store_true", help="The base model is SDXL: two text encoders, time ids, 1024 px.")
+
+    data = parser.add_argument_group("data")
+    data.add_argument("--dataset_name", type=str, default=None,
+                      help="Hub id, local folder (parquet/arrow files or a save_to_disk folder), or parquet/arrow files (glob).")
+    data.add_argument("--dataset_config_name", type=str, default=None, help="Dataset configuration name.")
+    data.add_argument("--train_data_dir", type=str, default=None,
+                      help="With --dataset_name: passed as data_dir. Alone: a local dataset folder, as --dataset_name.")
+    data.add_argument("--image_column", type=str, default="image", help="Accepted for compatibility; pairs use jpg_0/jpg_1.")
+    data.add_argument("--caption_column", type=str, default="caption", help="Column holding the prompt.")
+    data.add_argument("--max_train_samples", type=int, default=None, help="After filtering: shuffle (seeded) and keep N rows.")
+    data.add_argument("--cache_dir", type=str, default=None, help="Cache folder for the dataset download.")
+    data.add_argument("--resolution", type=int, default=None, help="Training resolution; default 512, or 1024 with --sdxl.")
+    data.add_argument("--random_crop", action="store_true", help="Random instead of center crop.")
+    data.add_argument("--no_hflip", action="store_true", help="Disable the random horizontal flip (p = 0.5).")
+    data.add_argument("--dataloader_num_workers", type=int, default=0, help="DataLoader worker processes.")
+    data.add_argument("--split", type=str, default="train", help="Dataset split; shuffled only when it is 'train'.")
+    data.add_argument("--proportion_empty_prompts", type=float, default=0.2,
+                      help="Probability of replacing a pair's caption by '' (official default 0.2, despite its help text).")
+    data.add_argument("--choice_model", type=str, default="",
+                      help="Re-rank every pair with a scorer (pickscore, hpsv2, aesthetics, clip, imagereward; official aliases hps, aes).")
+    data.add_argument("--dreamlike_pairs_only", action="store_true", help="Keep only pairs where both generators are Dreamlike.")
+
+    optim = parser.add_argument_group("optimisation")
+    optim.add_argument("--train_batch_size", type=int, default=1, help="Pairs per device per micro-batch (the UNet sees twice this).")
+    optim.add_argument("--num_train_epochs", type=int, default=100, help="Recomputed from --max_train_steps when that is set.")
+    optim.add_argument("--max_train_steps", type=int, default=2000, help="Optimizer steps.")
+    optim.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Micro-batches per optimizer step.")
+    optim.add_argument("--gradient_checkpointing", action="store_true", help="Gradient checkpointing in the policy UNet.")
+    optim.add_argument("--learning_rate", type=float, default=1e-8, help="Base learning rate (before --scale_lr).")
+    optim.add_argument("--scale_lr", action="store_true", help="lr *= gradient_accumulation_steps * train_batch_size * num_processes.")
+    optim.add_argument("--lr_scheduler", type=str, default="constant_with_warmup", help="diffusers get_scheduler name.")
+    optim.add_argument("--lr_warmup_steps", type=int, default=500, help="Warmup in optimizer steps.")
+    optim.add_argument("--use_adafactor", action="store_true", help="Adafactor instead of AdamW (the shipped SDXL setting).")
+    optim.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes 8-bit AdamW.")
+    optim.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls and convolutions on Ampere+ GPUs.")
+    optim.add_argument("--adam_beta1", type=float, default=0.9)
+    optim.add_argument("--adam_beta2", type=float, default=0.999)
+    optim.add_argument("--adam_weight_decay", type=float, default=1e-2, help="Weight decay (AdamW and Adafactor).")
+    optim.add_argument("--adam_epsilon", type=float, default=1e-8)
+    optim.add_argument("--max_grad_norm", type=float, default=1.0,
+                       help="Clip the global gradient norm on every update (0 disables). Unlike the official code, "
+                            "--use_adafactor does not switch clipping off; the shipped SDXL runs clipped too (SPEC B6).")
+    optim.add_argument("--mixed_precision", type=str, default="fp16", choices=["no", "fp16", "bf16"],
+                       help="Autocast precision of the policy; also the dtype of the frozen VAE, text encoders and reference UNet.")
+    optim.add_argument("--seed", type=int, default=None, help="Seed; rank r uses seed + r for noise and timesteps.")
+    optim.add_argument("--noise_offset", type=float, default=0.0, help="Offset noise scale.")
+    optim.add_argument("--input_perturbation", type=float, default=0.0,
+                       help="Input perturbation scale; applied to the pair's shared noise (fixes SPEC B5).")
+    optim.add_argument("--local_rank", type=int, default=-1, help="Accepted for compatibility; accelerate sets ranks.")
+    optim.add_argument("--enable_xformers", action="store_true", help="xFormers attention in the policy UNet (PyTorch SDPA otherwise).")
+
+    pref = parser.add_argument_group("preference objective")
+    pref.add_argument("--train_method", type=str, default="diffusion-dpo", choices=list(METHODS))
+    pref.add_argument("--beta_dpo", type=float, default=5000, help="beta: the margin is -(beta/2) times the loss difference.")
+    pref.add_argument("--use_winner_preserving", action="store_true", help="The Diffusion-SDPO safeguard on the loser gradient.")
+    pref.add_argument("--winner_preserving_mu", type=float, default=0.0, help="mu in [0, 1]: required winner-loss decrease.")
+    pref.add_argument("--winner_preserving_granularity", type=str, default="batch", choices=["batch", "sample"],
+                      help="One lambda per micro-batch (official) or one per pair.")
+    pref.add_argument("--dmpo_alpha", type=float, default=0.0, help="DMPO alpha: target probability q = 1 - alpha.")
+    pref.add_argument("--sft", action="store_true", help="Accepted for compatibility; use --train_method sft.")
+
+    out = parser.add_argument_group("logging and checkpoints")
+    out.add_argument("--output_dir", type=str, default="sd-model-finetuned")
+    out.add_argument("--logging_dir", type=str, default="logs", help="Tracker folder, inside output_dir.")
+    out.add_argument("--report_to", type=str, default="tensorboard", help="tensorboard, wandb, all, or none.")
+    out.add_argument("--tracker_project_name", type=str, default="tuning")
+    out.add_argument("--checkpointing_steps", type=int, default=500, help="Save checkpoint-N every N optimizer steps.")
+    out.add_argument("--checkpoints_total_limit", type=int, default=None, help="Keep at most this many checkpoints.")
+    out.add_argument("--resume_from_checkpoint", type=str, default="latest",
+                     help="'latest' (official default: the newest checkpoint in output_dir, if any), a checkpoint path, or 'none'.")
+    out.add_argument("--hard_skip_resume", action="store_true",
+                     help="On resume, start the interrupted epoch from its beginning instead of skipping the seen batches.")
+    out.add_argument("--max_nonfinite_steps", type=int, default=DEFAULT_MAX_NONFINITE,
+                     help="Stop after this many consecutive updates with a non-finite loss (each one is skipped).")
+    out.add_argument("--save_pipeline", action="store_true", help="Also save the full diffusers pipeline in output_dir.")
+    out.add_argument("--push_to_hub", action="store_true", help="Upload output_dir to --hub_model_id at the end.")
+    out.add_argument("--hub_model_id", type=str, default=None, help="Hub repository for --push_to_hub.")
+
+    args = parser.parse_args(argv)
+    env_rank = int(os.environ.get("LOCAL_RANK", -1))
+    if env_rank != -1:
+        args.local_rank = env_rank
+    if args.resolution is None:
+        args.resolution = 1024 if args.sdxl else 512
+    if args.dataset_name is None and args.train_data_dir is None:
+        parser.error("give --dataset_name (hub id, folder or files) or --train_data_dir (a local dataset folder)")
+    if not 0.0 <= args.winner_preserving_mu <= 1.0:
+        parser.error(f"--winner_preserving_mu must be in [0, 1], got {args.winner_preserving_mu}")
+    if not 0.0 <= args.proportion_empty_prompts <= 1.0:
+        parser.error(f"--proportion_empty_prompts must be in [0, 1], got {args.proportion_empty_prompts}")
+    if args.push_to_hub and not args.hub_model_id:
+        parser.error("--push_to_hub needs --hub_model_id")
+    return args
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Data: Pick-a-Pic style rows (jpg_0, jpg_1, label_0, caption) -> winner-first pixel pairs and tokenised captions.
+
+PAIR_COLUMNS = ("jpg_0", "jpg_1", "label_0")
+
+
+def load_rows(args):
+    """The raw dataset split named by --dataset_name / --train_data_dir (hub id, folder, files or save_to_disk)."""
+    from datasets import DatasetDict, load_dataset, load_from_disk
+
+    source = args.dataset_name or args.train_data_dir
+    data_dir = args.train_data_dir if args.dataset_name else None
+    path = Path(source)
+    if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()):
+        dataset = load_from_disk(str(path))  # a save_to_disk folder
+    elif path.is_file() or any(ch in source for ch in "*?["):
+        builder = "arrow" if source.endswith(".arrow") else "parquet"
+        dataset = load_dataset(builder, data_files=source, cache_dir=args.cache_dir)
+    elif path.is_dir() or args.dataset_name:
+        dataset = load_dataset(source, args.dataset_config_name, cache_dir=args.cache_dir, data_dir=data_dir)
+    else:
+        raise FileNotFoundError(f"--train_data_dir {source}: no such folder")
+    if isinstance(dataset, DatasetDict):
+        if args.split not in dataset:
+            raise ValueError(f"{source} has no split {args.split!r} (it has {list(dataset)}); pass --split NAME")
+        dataset = dataset[args.split]
+    return dataset
+
+
+def filter_rows(rows, args, is_main: bool):
+    """Drop ties by label value (not by the dataset's name), optionally keep Dreamlike pairs, then subsample."""
+    import numpy as np
+
+    needed = list(PAIR_COLUMNS) + [args.caption_column]
+    if args.dreamlike_pairs_only:
+        needed += ["model_0", "model_1"]
+    missing = [c for c in needed if c not in rows.column_names]
+    if missing:
+        raise ValueError(
+            f"the dataset has no column {', '.join(missing)} (it has {rows.column_names}); train.py needs the Pick-a-Pic "
+            f"columns jpg_0, jpg_1, label_0 and a caption column (--caption_column)"
+        )
+    rows = rows.select_columns(needed)
+    labels = np.asarray(rows["label_0"], dtype=np.float64)
+    decided = np.flatnonzero((labels == 0) | (labels == 1))
+    if is_main:
+        logger.info(f"Eliminated {len(rows) - len(decided)}/{len(rows)} split decisions for Pick-a-pic")
+    rows = rows.select(decided)
+    if args.dreamlike_pairs_only:
+        keep = [i for i, (a, b) in enumerate(zip(rows["model_0"], rows["model_1"])) if "dream" in a and "dream" in b]
+        rows = rows.select(keep)
+    if args.max_train_samples is not None:
+        rows = rows.shuffle(seed=args.seed).select(range(min(args.max_train_samples, len(rows))))
+    if len(rows) == 0:
+        raise ValueError("no training pairs left after dropping ties and filtering; check the dataset and filters")
+    return rows
+
+
+def decode_image(value):
+    """Pick-a-Pic stores encoded image bytes; datasets may hand them over as bytes, a dict or a PIL image."""
+    from PIL import Image
+
+    if isinstance(value, dict):
+        value = value.get("bytes") or value.get("path")
+    if isinstance(value, (bytes, bytearray)):
+        value = Image.open(io.BytesIO(value))
+    elif isinstance(value, str):
+        value = Image.open(value)
+    value.load()
+    return value.convert("RGB")
+
+
+class PairDataset(torch.utils.data.Dataset):
+    """Winner-first (6, H, W) pixel pairs in [-1, 1] (SFT: the winner alone, (3, H, W)) and the (possibly dropped) caption.
+
+    Keys come from `EpochSampler` as (seed, epoch, index); every random choice (crop, flips, caption dropout) is drawn
+    from a generator seeded by that key, so a batch is the same whichever worker decodes it and after a resume.
+    An undecodable image skips its row: the next decodable row takes its place and the skip is counted.
+    """
+
+    def __init__(self, rows, args):
+        self.rows, self.resolution = rows, args.resolution
+        self.random_crop, self.hflip = args.random_crop, not args.no_hflip
+        self.proportion_empty_prompts, self.caption_column = args.proportion_empty_prompts, args.caption_column
+        self.winner_only = args.train_method == "sft"
+        self.keep_order = bool(args.choice_model)  # the choice model decides the winner in the step
+
+    def __len__(self):
+        return len(self.rows)
+
+    def transform(self, image, rng: random.Random) -> torch.Tensor:
+        """Resize the shorter side (bilinear), crop, maybe flip, scale to [-1, 1]: the official transform."""
+        import torchvision.transforms.functional as TF
+
+        size = self.resolution
+        image = TF.resize(image, size, interpolation=TF.InterpolationMode.BILINEAR)
+        if self.random_crop:
+            top, left = rng.randint(0, image.height - size), rng.randint(0, image.width - size)
+            image = TF.crop(image, top, left, size, size)
+        else:
+            image = TF.center_crop(image, [size, size])
+        if self.hflip and rng.random() < 0.5:
+            image = TF.hflip(image)
+        return TF.normalize(TF.to_tensor(image), [0.5], [0.5])
+
+    def __getitem__(self, key):
+        seed, epoch, index = key
+        rng = random.Random(f"{seed}-{epoch}-{index}")
+        skipped = 0
+        for offset in range(len(self.rows)):
+            row = self.rows[(index + offset) % len(self.rows)]
+            try:
+                images = [decode_image(row["jpg_0"]), decode_image(row["jpg_1"])]
+                break
+            except Exception as error:  # noqa: BLE001 - any undecodable image skips the row, the run goes on
+                skipped += 1
+                logger.debug(f"row {(index + offset) % len(self.rows)}: undecodable image skipped ({error})")
+        else:
+            raise RuntimeError("no image in the dataset could be decoded; check the jpg_0/jpg_1 columns")
+        if row["label_0"] == 0 and not self.keep_order:
+            images.reverse()  # winner first
+        caption = row[self.caption_column]
+        if not isinstance(caption, str):  # a list of captions: pick one
+            caption = rng.choice(list(caption))
+        if rng.random() < self.proportion_empty_prompts:
+            caption = ""
+        if self.winner_only:
+            pixels = self.transform(images[0], rng)
+        else:
+            pixels = torch.cat([self.transform(image, rng) for image in images])
+        return {"pixel_values": pixels, "caption": caption, "skipped": skipped}
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """Yields (seed, epoch, index) keys: a permutation seeded by (seed, epoch) when shuffling, else dataset order.
+
+    Its only state is the seed (saved in checkpoints), so a resumed run sees exactly the same batches.
+    """
+
+    def __init__(self, size: int, seed: int, shuffle: bool):
+        self.size, self.seed, self.shuffle, self.epoch = size, seed, shuffle, 0
+
+    def __len__(self):
+        return self.size
+
+    def __iter__(self):
+        if self.shuffle:
+            order = torch.randperm(self.size, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        else:
+            order = torch.arange(self.size)
+        return iter([(self.seed, self.epoch, i) for i in order.tolist()])
+
+    def state_dict(self):
+        return {"seed": self.seed}
+
+    def load_state_dict(self, state):
+        self.seed = state["seed"]
+
+
+class Collate:
+    """Stacks pixels and tokenises captions with each tokenizer (one for SD1.5, two for SDXL)."""
+
+    def __init__(self, tokenizers):
+        self.tokenizers = tokenizers
+
+    def __call__(self, examples):
+        captions = [e["caption"] for e in examples]
+        batch = {
+            "pixel_values": torch.stack([e["pixel_values"] for e in examples]).contiguous(),
+            "captions": captions,
+            "skipped": torch.tensor(sum(e["skipped"] for e in examples)),
+        }
+        for i, tokenizer in enumerate(self.tokenizers):
+            ids = tokenizer(captions, max_length=tokenizer.model_max_length, padding="max_length", truncation=True,
+                            return_tensors="pt").input_ids
+            batch["input_ids" if i == 0 else f"input_ids_{i + 1}"] = ids
+        return batch
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Models
+
+
+def load_tokenizer(path: str, subfolder: str, revision):
+    """A CLIP tokenizer, refusing the empty-vocabulary tokenizer transformers returns offline for an uncached hub id."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path, subfolder=subfolder, revision=revision)
+    if len(tokenizer) == 0:
+        raise RuntimeError(
+            f"the tokenizer of {path} ({subfolder}/) loaded with an empty vocabulary: the model is neither a local folder "
+            f"nor in the Hugging Face cache. Download it once with network access (huggingface-cli download {path}), or "
+            f"pass --pretrained_model_name_or_path a local folder with {subfolder}/vocab.json and merges.txt "
+            f"(HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', 'unset')})."
+        )
+    return tokenizer
+
+
+def encode_prompts(batch, text_encoders, sdxl: bool):
+    """Text conditioning. SD1.5: last hidden state. SDXL: both encoders' penultimate states, concatenated, and the
+    second encoder's projected pooled embedding (official; an empty caption is the real encoding of "")."""
+    if not sdxl:
+        return text_encoders[0](batch["input_ids"])[0], None
+    states = []
+    for i, encoder in enumerate(text_encoders):
+        output = encoder(batch["input_ids" if i == 0 else f"input_ids_{i + 1}"], output_hidden_states=True)
+        states.append(output.hidden_states[-2])
+    return torch.cat(states, dim=-1), output[0]
+
+
+def sdxl_time_ids(batch_size: int, resolution: int, device, dtype) -> torch.Tensor:
+    """(original size, crop top-left, target size) = (res, res, 0, 0, res, res) for every sample, as official (Q11)."""
+    return torch.tensor([resolution, resolution, 0, 0, resolution, resolution], device=device, dtype=dtype).repeat(batch_size, 1)
+
+
+def unet_state_dict(unet) -> dict:
+    return {k: v.detach().cpu().contiguous() for k, v in unet.state_dict().items()}
+
+
+def save_unet(unet, folder: Path, formats=("safetensors", "pth")):
+    """The UNet weights as `unet.safetensors` and/or `unet.pth` (a plain state dict: the released checkpoints' format).
+
+    Each file is written under a temporary name and renamed, so a crash never leaves a truncated file behind.
+    """
+    from safetensors.torch import save_file
+
+    state = unet_state_dict(unet)
+    for fmt in formats:
+        final = folder / f"unet.{fmt}"
+        tmp = folder / f".unet.{fmt}.tmp"
+        save_file(state, str(tmp)) if fmt == "safetensors" else torch.save(state, tmp)
+        os.replace(tmp, final)
+
+
+def find_checkpoint(output_dir: Path, spec: str) -> Path | None:
+    """`latest` -> the highest checkpoint-N in output_dir (None if there is none); a path or a name inside output_dir."""
+    if spec.lower() in ("", "none"):
+        return None
+    if spec == "latest":
+        found = sorted((p for p in output_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+                       key=lambda p: int(p.name.split("-")[-1]))
+        return found[-1] if found else None
+    for candidate in (Path(spec), output_dir / Path(spec).name):
+        if candidate.is_dir():
+            return candidate
+    raise FileNotFoundError(f"--resume_from_checkpoint {spec}: no such checkpoint folder (looked in {output_dir} too)")
+
+
+def prune_checkpoints(output_dir: Path, keep: int):
+    found = sorted((p for p in output_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+                   key=lambda p: int(p.name.split("-")[-1]))
+    for old in found[: max(len(found) - keep, 0)]:
+        shutil.rmtree(old)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def main(argv=None):
+    args = parse_args(argv)
+
+    import numpy as np
+    from accelerate import Accelerator
+    from accelerate.logging import get_logger
+    from accelerate.utils import ProjectConfiguration, set_seed
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers.optimization import get_scheduler
+    from tqdm.auto import tqdm
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    global logger
+    output_dir = Path(args.output_dir)
+    accelerator = Accelerator(
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=None if args.report_to == "none" else args.report_to,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)),
+    )
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%m/%d/%Y %H:%M:%S",
+                        level=logging.INFO)
+    logger = get_logger("train")
+    logger.info(accelerator.state, main_process_only=False)
+    if args.seed is not None:
+        set_seed(args.seed + accelerator.process_index)  # official: every rank its own noise stream (Q27)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    if args.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    preference = args.train_method in PREFERENCE_METHODS
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+
+    # Models: the frozen parts in weight_dtype, the policy UNet in fp32 under autocast, the reference a frozen copy.
+    base, revision = args.pretrained_model_name_or_path, args.revision
+    noise_scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler", revision=revision)
+    if noise_scheduler.config.prediction_type != "epsilon":
+        raise ValueError(f"{base}: prediction_type {noise_scheduler.config.prediction_type!r}; only 'epsilon' is supported")
+    frozen_kwargs = dict(revision=revision, torch_dtype=weight_dtype)
+    tokenizers = [load_tokenizer(base, "tokenizer", revision)]
+    text_encoders = [CLIPTextModel.from_pretrained(base, subfolder="text_encoder", **frozen_kwargs)]
+    if args.sdxl:
+        tokenizers.append(load_tokenizer(base, "tokenizer_2", revision))
+        text_encoders.append(CLIPTextModelWithProjection.from_pretrained(base, subfolder="text_encoder_2", **frozen_kwargs))
+    if args.pretrained_vae_model_name_or_path:
+        vae = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path, torch_dtype=weight_dtype)
+    else:
+        vae = AutoencoderKL.from_pretrained(base, subfolder="vae", **frozen_kwargs)
+    unet_source = dict(pretrained_model_name_or_path=args.unet_init or base, subfolder="unet",
+                       revision=None if args.unet_init else revision)
+    unet = UNet2DConditionModel.from_pretrained(**unet_source)  # fp32 master weights
+    ref_unet = UNet2DConditionModel.from_pretrained(**unet_source, torch_dtype=weight_dtype) if preference else None
+
+    frozen = [vae, *text_encoders] + ([ref_unet] if ref_unet is not None else [])
+    for module in frozen:
+        module.requires_grad_(False)
+        module.eval()
+        module.to(accelerator.device)
+    if args.enable_xformers:
+        unet.enable_xformers_memory_efficient_attention()
+    if args.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    unet.train()
+
+    # Checkpoints hold the UNet as unet.safetensors (a plain state dict the eval scripts read), not accelerate's default.
+    def save_model_hook(models, weights, folder):
+        if accelerator.is_main_process:
+            save_unet(accelerator.unwrap_model(models[0]), Path(folder), formats=("safetensors",))
+        weights.clear()
+
+    def load_model_hook(models, folder):
+        from safetensors.torch import load_file
+
+        accelerator.unwrap_model(models[0]).load_state_dict(load_file(str(Path(folder) / "unet.safetensors")))
+        models.clear()
+
+    accelerator.register_save_state_pre_hook(save_model_hook)
+    accelerator.register_load_state_pre_hook(load_model_hook)
+
+    # Optimizer
+    if args.scale_lr:
+        args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
+    params = [p for p in unet.parameters() if p.requires_grad]
+    if args.use_adafactor:
+        from transformers.optimization import Adafactor
+
+        optimizer = Adafactor(params, lr=args.learning_rate, weight_decay=args.adam_weight_decay, clip_threshold=1.0,
+                              scale_parameter=False, relative_step=False)
+    else:
+        if args.use_8bit_adam:
+            try:
+                import bitsandbytes as bnb
+            except ImportError as error:
+                raise ImportError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from error
+            optimizer_class = bnb.optim.AdamW8bit
+        else:
+            optimizer_class = torch.optim.AdamW
+        optimizer = optimizer_class(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                                    weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+
+    # Data
+    with accelerator.main_process_first():
+        rows = filter_rows(load_rows(args), args, accelerator.is_main_process)
+    dataset = PairDataset(rows, args)
+    data_seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
+    sampler = EpochSampler(len(dataset), data_seed, shuffle=args.split == "train")
+    dataloader = torch.utils.data.DataLoader(
+        dataset, sampler=sampler, batch_size=args.train_batch_size, drop_last=True, collate_fn=Collate(tokenizers),
+        num_workers=args.dataloader_num_workers, pin_memory=torch.cuda.is_available(),
+        persistent_workers=args.dataloader_num_workers > 0,
+    )
+    relabel = None
+    if args.choice_model:
+        from eval.scorers import load_scorer
+
+        relabel = load_scorer(args.choice_model, device=accelerator.device)
+
+    unet, optimizer, dataloader = accelerator.prepare(unet, optimizer, dataloader)
+    updates_per_epoch = math.ceil(len(dataloader) / args.gradient_accumulation_steps)  # per process, after sharding
+    if updates_per_epoch == 0:
+        raise ValueError(f"{len(dataset)} pairs make no full batch of {args.train_batch_size} per process; lower --train_batch_size")
+    args.num_train_epochs = math.ceil(args.max_train_steps / updates_per_epoch)
+    lr_scheduler = accelerator.prepare(get_scheduler(
+        args.lr_scheduler, optimizer=optimizer,
+        num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,  # accelerate steps it once per process
+        num_training_steps=args.max_train_steps * accelerator.num_processes,
+    ))
+    accelerator.register_for_checkpointing(sampler)
+
+    if accelerator.is_main_process:
+        config = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()}
+        accelerator.init_trackers(args.tracker_project_name, config)
+
+    total_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
+    logger.info("***** Running training *****")
+    logger.info(f"  Num examples = {len(dataset)}")
+    logger.info(f"  Num Epochs = {args.num_train_epochs}")
+    logger.info(f"  Instantaneous batch size per device = {args.train_batch_size}")
+    logger.info(f"  Total train batch size (w. parallel, distributed & accumulation) = {total_batch}")
+    logger.info(f"  Gradient Accumulation steps = {args.gradient_accumulation_steps}")
+    logger.info(f"  Total optimization steps = {args.max_train_steps}")
+    logger.info(f"  Training method = {args.train_method}; frozen modules in {weight_dtype}")
+
+    # Resume
+    global_step, first_epoch, skip_batches = 0, 0, 0
+    checkpoint = find_checkpoint(output_dir, args.resume_from_checkpoint)
+    if checkpoint is not None:
+        accelerator.print(f"Resuming from checkpoint {checkpoint}")
+        accelerator.load_state(str(checkpoint))
+        global_step = int(checkpoint.name.split("-")[-1])
+        first_epoch = global_step // updates_per_epoch
+        if not args.hard_skip_resume:
+            skip_batches = (global_step - first_epoch * updates_per_epoch) * args.gradient_accumulation_steps
+
+    def save_checkpoint(step: int):
+        """Every rank writes its state into a temporary folder, which is then renamed: a checkpoint is whole or absent."""
+        final = output_dir / f"checkpoint-{step}"
+        tmp = output_dir / f".checkpoint-{step}.tmp"
+        if accelerator.is_main_process and tmp.exists():
+            shutil.rmtree(tmp)
+        accelerator.wait_for_everyone()
+        accelerator.save_state(str(tmp))
+        accelerator.wait_for_everyone()  # every rank reaches the barrier (fixes SPEC B2)
+        if accelerator.is_main_process:
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            if args.checkpoints_total_limit:
+                prune_checkpoints(output_dir, args.checkpoints_total_limit)
+            logger.info(f"Saved state to {final}")
+        accelerator.wait_for_everyone()
+
+    metrics_file = output_dir / "metrics.jsonl"
+    num_timesteps = noise_scheduler.config.num_train_timesteps
+    alphas_cumprod = noise_scheduler.alphas_cumprod.to(accelerator.device)
+    progress = tqdm(range(args.max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process)
+
+    # Device-side accumulators between logging points: no host sync inside the step.
+    zero = lambda: torch.zeros((), device=accelerator.device)  # noqa: E731
+    sums = {}
+    bad_update, nonfinite_in_a_row, skipped_updates, skipped_images = zero(), 0, 0, 0
+    last = {}
+
+    for epoch in range(first_epoch, args.num_train_epochs):
+        if global_step >= args.max_train_steps:  # resuming a finished run: nothing left to train
+            break
+        sampler.epoch = epoch
+        epoch_loader = dataloader
+        if epoch == first_epoch and skip_batches:
+            epoch_loader = accelerator.skip_first_batches(dataloader, skip_batches)
+        for batch in epoch_loader:
+            with accelerator.accumulate(unet):
+                pixels = batch["pixel_values"].to(accelerator.device, dtype=weight_dtype)
+                if relabel is not None:
+                    pixels = relabel_pairs(relabel, batch, pixels)
+                if preference:  # (B, 6, H, W) -> (2B, 3, H, W), winners first
+                    pixels = torch.cat(pixels.chunk(2, dim=1))
+                with torch.no_grad():
+                    latents = vae.encode(pixels).latent_dist.sample().float() * vae.config.scaling_factor
+                    prompt_embeds, pooled = encode_prompts(batch, text_encoders, args.sdxl)
+
+                # Noise and timesteps; winner i and loser i share both (official pair sharing).
+                pairs = latents.shape[0] // 2 if preference else latents.shape[0]
+                noise = torch.randn(pairs, *latents.shape[1:], device=latents.device)
+                if args.noise_offset:
+                    noise += args.noise_offset * torch.randn(pairs, latents.shape[1], 1, 1, device=latents.device)
+                timesteps = torch.randint(0, num_timesteps, (pairs,), device=latents.device)
+                noise_in = noise
+                if args.input_perturbation:  # perturb after sharing, so winner and loser get the same noise (B5)
+                    noise_in = noise + args.input_perturbation * torch.randn_like(noise)
+                if preference:
+                    noise, noise_in, timesteps = noise.repeat(2, 1, 1, 1), noise_in.repeat(2, 1, 1, 1), timesteps.repeat(2)
+                    prompt_embeds = prompt_embeds.repeat(2, 1, 1)
+                    pooled = pooled.repeat(2, 1) if pooled is not None else None
+                abar = alphas_cumprod[timesteps].view(-1, 1, 1, 1)
+                noisy = abar.sqrt() * latents + (1 - abar).sqrt() * noise_in  # DDPM q(x_t | x_0) in fp32
+                added = None
+                if args.sdxl:
+                    added = {"text_embeds": pooled.to(weight_dtype),
+                             "time_ids": sdxl_time_ids(noisy.shape[0], args.resolution, noisy.device, weight_dtype)}
+                cond = prompt_embeds.to(weight_dtype)
+
+                model_pred = unet(noisy, timesteps, cond, added_cond_kwargs=added).sample.float()
+                target = noise
+                if preference:
+                    with torch.no_grad():
+                        ref_added = added
+                        ref_pred = ref_unet(noisy.to(weight_dtype), timesteps, cond, added_cond_kwargs=ref_added).sample
+                    scale = 1.0
+                    if args.use_winner_preserving:
+                        scale = winner_preserving_scale(model_pred, target, args.winner_preserving_mu,
+                                                        args.winner_preserving_granularity)
+                    loss, stats = preference_loss(args.train_method, model_pred, ref_pred, target, args.beta_dpo,
+                                                  dmpo_alpha=args.dmpo_alpha, sdxl=args.sdxl, loser_scale=scale)
+                    step_metrics = {
+                        "model_mse": 0.5 * (stats["model_win_loss"].mean() + stats["model_lose_loss"].mean()),
+                        "ref_mse": 0.5 * (stats["ref_win_loss"].mean() + stats["ref_lose_loss"].mean()),
+                        "implicit_acc": stats["implicit_acc"],
+                        "win_diff": (stats["model_win_loss"] - stats["ref_win_loss"]).mean(),
+                        "lose_diff": (stats["model_lose_loss"] - stats["ref_lose_loss"]).mean(),
+                        "lose_l_scale": torch.as_tensor(scale, device=loss.device, dtype=torch.float32).mean(),
+                    }
+                else:
+                    loss = sft_loss(model_pred, target)
+                    step_metrics = {}
+
+                finite = torch.isfinite(loss)
+                bad_update = torch.maximum(bad_update, (~finite).float())
+                loss = torch.where(finite, loss, torch.zeros_like(loss))  # a bad micro-batch contributes nothing
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    bad = accelerator.reduce(bad_update, reduction="sum").item() > 0  # one host sync per update
+                    if bad:
+                        optimizer.zero_grad(set_to_none=True)
+                    elif args.max_grad_norm > 0:
+                        accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm)
+                if not (accelerator.sync_gradients and bad):
+                    optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+
+            # Per micro-batch: accumulate on device (official: averaged over ranks, train_loss over accumulation).
+            sums["train_loss"] = sums.get("train_loss", 0) + loss.detach() / args.gradient_accumulation_steps
+            if preference:
+                sums["implicit_acc_accumulated"] = sums.get("implicit_acc_accumulated", 0) + \
+                    step_metrics["implicit_acc"] / args.gradient_accumulation_steps
+                last = step_metrics  # official: the *_unaccumulated, diff and lambda metrics of the last micro-batch
+            skipped_images += int(batch["skipped"])
+
+            if accelerator.sync_gradients:
+                global_step += 1
+                progress.update(1)
+                if bad:
+                    skipped_updates += 1
+                    nonfinite_in_a_row += 1
+                    logger.warning(f"step {global_step}: non-finite loss, update skipped "
+                                   f"({nonfinite_in_a_row} in a row, {skipped_updates} in all)")
+                    if nonfinite_in_a_row >= args.max_nonfinite_steps:
+                        raise FloatingPointError(
+                            f"the loss was non-finite for {nonfinite_in_a_row} consecutive updates (step {global_step}); "
+                            f"the last good checkpoint in {output_dir} is kept. Lower --learning_rate or --beta_dpo, "
+                            f"use bf16 instead of fp16, or check the data."
+                        )
+                else:
+                    nonfinite_in_a_row = 0
+                bad_update = zero()
+
+                logs = {"train_loss": sums["train_loss"]}
+                if preference:
+                    logs.update({
+                        "model_mse_unaccumulated": last["model_mse"], "ref_mse_unaccumulated": last["ref_mse"],
+                        "implicit_acc_accumulated": sums["implicit_acc_accumulated"],
+                        "avg_win_diff_loss": last["win_diff"], "avg_lose_diff_loss": last["lose_diff"],
+                        "avg_lose_l_scale": last["lose_l_scale"],
+                    })
+                names = list(logs)
+                values = accelerator.gather(torch.stack([logs[k].float() for k in names]).unsqueeze(0)).mean(0)
+                logs = dict(zip(names, values.tolist()))
+                logs.update(lr=lr_scheduler.get_last_lr()[0], skipped_updates=skipped_updates, skipped_images=skipped_images)
+                accelerator.log(logs, step=global_step)
+                if accelerator.is_main_process:
+                    with open(metrics_file, "a") as f:
+                        f.write(json.dumps({"step": global_step, **logs}) + "\n")
+                postfix = {"loss": f"{logs['train_loss']:.4g}", "lr": f"{logs['lr']:.2e}"}
+                if preference:
+                    postfix.update(acc=f"{logs['implicit_acc_accumulated']:.2f}", lam=f"{logs['avg_lose_l_scale']:.3f}")
+                progress.set_postfix(**postfix)
+                sums = {}
+
+                if global_step % args.checkpointing_steps == 0:
+                    save_checkpoint(global_step)
+                if global_step >= args.max_train_steps:
+                    break
+
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if skipped_images:
+            logger.warning(f"{skipped_images} undecodable images were skipped (their rows replaced by the next row)")
+        final_unet = accelerator.unwrap_model(unet)
+        save_unet(final_unet, output_dir)
+        logger.info(f"Saved {output_dir / 'unet.safetensors'} and {output_dir / 'unet.pth'}")
+        if args.save_pipeline:
+            save_pipeline(args, final_unet, output_dir)
+        if args.push_to_hub:
+            from huggingface_hub import create_repo, upload_folder
+
+            create_repo(args.hub_model_id, exist_ok=True)
+            upload_folder(repo_id=args.hub_model_id, folder_path=str(output_dir), ignore_patterns=["checkpoint-*", ".*"])
+    accelerator.end_training()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()  # otherwise ranks can abort at exit
+    return global_step
+
+
+def relabel_pairs(scorer, batch, pixels):
+    """AI feedback: put the image the scorer prefers first. Ties keep the dataset order. Placeholder until the
+    choice-model issue lands: the dataset then hands over the decoded images (see README)."""
+    raise NotImplementedError("--choice_model is not implemented yet")
+
+
+def save_pipeline(args, unet, output_dir: Path):
+    """The full diffusers pipeline: trained UNet (fp32) and the frozen parts reloaded in their original precision
+    (the official saved bf16 copies of the SD1.5 VAE/text encoder, SPEC B4, and saved SDXL twice, B3)."""
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    pipeline_class = StableDiffusionXLPipeline if args.sdxl else StableDiffusionPipeline
+    extra = {}
+    if args.pretrained_vae_model_name_or_path:
+        extra["vae"] = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path)
+    pipeline = pipeline_class.from_pretrained(args.pretrained_model_name_or_path, unet=unet, revision=args.revision, **extra)
+    pipeline.save_pretrained(output_dir)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (FileNotFoundError, ValueError, RuntimeError, FloatingPointError, ImportError) as error:
+        logging.getLogger("train").error(str(error))
+        print(f"train.py: error: {error}", file=sys.stderr)
+        sys.exit(1)
