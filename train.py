@@ -464,16 +464,20 @@ class Collate:
 
 
 def load_tokenizer(path: str, subfolder: str, revision):
-    """A CLIP tokenizer, refusing the empty-vocabulary tokenizer transformers returns offline for an uncached hub id."""
-    from transformers import AutoTokenizer
+    """A CLIP tokenizer. Offline, transformers returns a tokenizer with no vocabulary (only its special tokens) for a
+    hub id it cannot fetch, instead of raising; training with it would silently see every caption as empty."""
+    from transformers import CLIPTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path, subfolder=subfolder, revision=revision)
-    if len(tokenizer) == 0:
+    fix = (f"Download it once with network access (hf download {path}), or pass --pretrained_model_name_or_path a "
+           f"local folder with {subfolder}/vocab.json and merges.txt (HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', 'unset')}).")
+    try:
+        tokenizer = CLIPTokenizer.from_pretrained(path, subfolder=subfolder, revision=revision)
+    except OSError as error:
+        raise RuntimeError(f"cannot load the tokenizer of {path} ({subfolder}/): {error}. {fix}") from error
+    if len(tokenizer.get_vocab()) <= len(tokenizer.all_special_tokens):
         raise RuntimeError(
-            f"the tokenizer of {path} ({subfolder}/) loaded with an empty vocabulary: the model is neither a local folder "
-            f"nor in the Hugging Face cache. Download it once with network access (huggingface-cli download {path}), or "
-            f"pass --pretrained_model_name_or_path a local folder with {subfolder}/vocab.json and merges.txt "
-            f"(HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', 'unset')})."
+            f"the tokenizer of {path} ({subfolder}/) loaded with an empty vocabulary: the model is neither a local "
+            f"folder nor in the Hugging Face cache. {fix}"
         )
     return tokenizer
 
@@ -552,7 +556,10 @@ def main(argv=None):
 
     global logger
     output_dir = Path(args.output_dir)
+    # Several processes and no GPU (e.g. `accelerate launch --multi_gpu` on a CPU machine): gloo on CPU.
+    cpu_ranks = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", 1)) > 1
     accelerator = Accelerator(
+        cpu=cpu_ranks,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
         log_with=None if args.report_to == "none" else args.report_to,
@@ -574,11 +581,11 @@ def main(argv=None):
 
     # Models: the frozen parts in weight_dtype, the policy UNet in fp32 under autocast, the reference a frozen copy.
     base, revision = args.pretrained_model_name_or_path, args.revision
+    tokenizers = [load_tokenizer(base, "tokenizer", revision)]  # first: it names the fix when the model is missing
     noise_scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler", revision=revision)
     if noise_scheduler.config.prediction_type != "epsilon":
         raise ValueError(f"{base}: prediction_type {noise_scheduler.config.prediction_type!r}; only 'epsilon' is supported")
     frozen_kwargs = dict(revision=revision, torch_dtype=weight_dtype)
-    tokenizers = [load_tokenizer(base, "tokenizer", revision)]
     text_encoders = [CLIPTextModel.from_pretrained(base, subfolder="text_encoder", **frozen_kwargs)]
     if args.sdxl:
         tokenizers.append(load_tokenizer(base, "tokenizer_2", revision))
@@ -649,6 +656,7 @@ def main(argv=None):
         dataset, sampler=sampler, batch_size=args.train_batch_size, drop_last=True, collate_fn=Collate(tokenizers),
         num_workers=args.dataloader_num_workers, pin_memory=torch.cuda.is_available(),
         persistent_workers=args.dataloader_num_workers > 0,
+        generator=torch.Generator().manual_seed(data_seed),  # worker seeds must not draw from the global RNG (resume)
     )
     relabel = None
     if args.choice_model:
@@ -854,6 +862,13 @@ def main(argv=None):
                     break
 
     accelerator.wait_for_everyone()
+    if accelerator.num_processes > 1:  # DDP keeps replicas equal; check it rather than assume it
+        params = [p.detach().double() for p in unet.parameters()]
+        checksum = torch.stack([sum(p.sum() for p in params), sum(p.pow(2).sum() for p in params)]).unsqueeze(0)
+        checksums = accelerator.gather(checksum)
+        if not torch.equal(checksums, checksums[:1].expand_as(checksums)):
+            raise RuntimeError(f"the ranks ended with different UNet weights (checksums {checksums.tolist()})")
+        logger.info(f"all {accelerator.num_processes} ranks hold identical UNet weights (checksum {checksum[0, 0].item():.6f})")
     if accelerator.is_main_process:
         if skipped_images:
             logger.warning(f"{skipped_images} undecodable images were skipped (their rows replaced by the next row)")
