@@ -1,0 +1,305 @@
+"""One scorer interface for the five official metrics: PickScore, HPSv2, Aesthetics, CLIP score, ImageReward.
+
+    scorer = load_scorer("pickscore", device="cuda")
+    scorer.score(["a cat", "a cat"], [image_0, image_1])   # -> [0.21, 0.23], one float per (prompt, image) pair
+
+Each metric reproduces the official `utils/*_utils.py` of AIDC-AI/Diffusion-SDPO (SPEC Part B §4.3): same model,
+same preprocessing, same score definition. PickScore, HPSv2 and CLIP score are raw cosines of L2-normalised
+features (no logit scale). The same objects serve absolute scores, A/B win rates and `--choice_model` relabelling;
+unlike the official selectors (bug B7) they score any number of pairs, batched, and take PIL images or paths.
+
+Weights default to the official hub ids and files; ``model_path`` and the per-metric options point to local copies.
+"""
+
+from __future__ import annotations
+
+import inspect
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from eval.imagereward import MLPHead
+
+METRICS = ("pickscore", "hpsv2", "aesthetics", "clip", "imagereward")  # CLI names, in the official order
+ALIASES = {"aes": "aesthetics", "hps": "hpsv2"}  # official train.py --choice_model names
+
+PICKSCORE_MODEL = "yuvalkirstain/PickScore_v1"
+PICKSCORE_PROCESSOR = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"
+OPENCLIP_ARCH = "ViT-H-14"
+OPENCLIP_PRETRAINED = "laion2B-s32B-b79K"
+HPS_REPO = "xswu/HPSv2"
+HPS_FILES = {"v2.0": "HPS_v2_compressed.pt", "v2.1": "HPS_v2.1_compressed.pt"}
+AESTHETICS_CLIP = "openai/clip-vit-large-patch14"
+AESTHETICS_MLP_REPO = "camenduru/improved-aesthetic-predictor"  # hub mirror of the LAION predictor's release file
+AESTHETICS_MLP_FILE = "sac+logos+ava1-l14-linearMSE.pth"
+AESTHETICS_MLP_ENV = "SDPO_AESTHETICS_MLP"  # path to the MLP file, used when no mlp_path is given
+IMAGEREWARD_REPO = "THUDM/ImageReward"
+IMAGEREWARD_TOKENIZER = "bert-base-uncased"
+
+# Modes that every preprocessing path here can resize and convert to RGB.
+SUPPORTED_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr")
+
+
+class Scorer:
+    """Base class: validation and the batching loop. A metric implements only :meth:`_score_batch`."""
+
+    name: str  # one of METRICS
+    metric: str  # token of the official "FinalResults <Metric> for <group> : x" line
+
+    def __init__(self, device: str | torch.device = "cpu", batch_size: int = 32):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.device = torch.device(device)
+        self.batch_size = batch_size
+
+    @torch.no_grad()
+    def score(self, prompts: Sequence[str], images: Sequence[Image.Image | str | os.PathLike]) -> list[float]:
+        """One score per (prompt, image) pair, same order; batched internally (no_grad).
+
+        ``images`` are PIL images (or paths to image files); each is decoded when its batch is scored, and an
+        image that cannot be decoded raises a ValueError naming it.
+        """
+        if isinstance(prompts, str):
+            raise TypeError("prompts must be a sequence of strings, one per image, not a single string")
+        prompts, images = list(prompts), list(images)
+        if len(prompts) != len(images):
+            raise ValueError(f"got {len(prompts)} prompts for {len(images)} images; need one prompt per image")
+        for i, prompt in enumerate(prompts):
+            if not isinstance(prompt, str):
+                raise TypeError(f"prompt {i} is a {type(prompt).__name__}, expected a string")
+        scores: list[float] = []
+        for start in range(0, len(images), self.batch_size):
+            batch = [_checked_image(image, i) for i, image in enumerate(images[start : start + self.batch_size], start)]
+            scores += self._score_batch(prompts[start : start + len(batch)], batch).float().cpu().tolist()
+        return scores
+
+    def _score_batch(self, prompts: list[str], images: list[Image.Image]) -> torch.Tensor:
+        """Scores, shape (len(images),), for a batch of decoded images and their prompts."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(name={self.name!r}, device={str(self.device)!r}, batch_size={self.batch_size})"
+
+
+def _checked_image(image, index: int) -> Image.Image:
+    """The decoded PIL image, or an error naming the bad input (the official selectors crashed here, bug B7)."""
+    if isinstance(image, (str, os.PathLike)):
+        try:
+            image = Image.open(image)
+        except (OSError, ValueError) as error:
+            raise ValueError(f"image {index} ({image}) is not a readable image file: {error}") from error
+    if not isinstance(image, Image.Image):
+        raise TypeError(f"image {index} is a {type(image).__name__}; expected a PIL.Image.Image or a file path")
+    label = f"image {index}" + (f" ({image.filename})" if getattr(image, "filename", "") else "")
+    try:
+        image.load()
+    except (OSError, ValueError, SyntaxError) as error:  # truncated or corrupt data surfaces only when decoding
+        raise ValueError(f"{label} could not be decoded (corrupt or truncated?): {error}") from error
+    if image.mode not in SUPPORTED_MODES:
+        raise ValueError(f"{label} has unsupported mode {image.mode!r}; convert it to RGB first (image.convert('RGB'))")
+    return image
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Row-wise cosine of two feature batches, normalised as the official scorers do (x / ||x||)."""
+    return ((a / a.norm(dim=-1, keepdim=True)) * (b / b.norm(dim=-1, keepdim=True))).sum(-1)
+
+
+def _locate(location: str | os.PathLike | None, filename: str, default_repo: str, option: str) -> str:
+    """A weights file: a local file, ``filename`` inside a local folder, or ``filename`` from a hub repo."""
+    if location is not None:
+        path = Path(location)
+        if path.is_file():
+            return str(path)
+        if path.is_dir():
+            if not (path / filename).is_file():
+                raise FileNotFoundError(f"{path} has no {filename}; pass the file itself as {option}=...")
+            return str(path / filename)
+        if not re.fullmatch(r"[\w.-]+/[\w.-]+", str(location)):
+            raise FileNotFoundError(f"{option}={str(location)!r} is neither an existing path nor a hub repo id")
+    repo = default_repo if location is None else str(location)
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return hf_hub_download(repo, filename)
+    except Exception as error:
+        raise OSError(
+            f"could not get {filename!r} from the Hugging Face hub repo {repo!r} ({type(error).__name__}: {error}). "
+            f"Download it once and pass its local path as {option}=..."
+        ) from error
+
+
+def _clip_image_processor(path: str):
+    """HF CLIP image preprocessing with the PIL backend (what transformers 4.x used), not the torchvision one."""
+    from transformers import CLIPImageProcessorPil
+
+    return CLIPImageProcessorPil.from_pretrained(path)
+
+
+class PickScoreScorer(Scorer):
+    """PickScore: cosine of PickScore_v1's CLIP-H text and image features (official: no x100 logit scale)."""
+
+    name, metric = "pickscore", "PickScore"
+
+    def __init__(self, device="cpu", batch_size=32, model_path=None, *, processor_path=None):
+        """``model_path``: CLIPModel folder or hub id; ``processor_path``: its processor (official: laion CLIP-H)."""
+        super().__init__(device, batch_size)
+        from transformers import AutoTokenizer, CLIPModel
+
+        processor_path = processor_path or PICKSCORE_PROCESSOR
+        self.model = CLIPModel.from_pretrained(model_path or PICKSCORE_MODEL, dtype=torch.float32)
+        self.model.to(self.device).eval()
+        self.image_processor = _clip_image_processor(processor_path)
+        self.tokenizer = AutoTokenizer.from_pretrained(processor_path)
+
+    def _score_batch(self, prompts, images):
+        pixels = self.image_processor(images=images, return_tensors="pt").pixel_values.to(self.device)
+        text = self.tokenizer(prompts, padding=True, truncation=True, max_length=77, return_tensors="pt")
+        image_features = self.model.get_image_features(pixel_values=pixels).pooler_output  # projected features
+        text_features = self.model.get_text_features(**text.to(self.device)).pooler_output
+        return _cosine(image_features, text_features)
+
+
+class _OpenCLIPScorer(Scorer):
+    """Cosine of an OpenCLIP model's normalised image and text features, with its validation transform."""
+
+    def _load(self, arch: str | os.PathLike, pretrained: str):
+        """``arch``: an OpenCLIP model name, or a model-config .json file (registered under its file stem)."""
+        import open_clip
+
+        if str(arch).endswith(".json"):
+            open_clip.add_model_config(arch)
+            arch = Path(arch).stem
+        # OpenCLIP loads `pretrained` (a tag or a file) strictly, with weights_only=True.
+        self.model, _, self.preprocess = open_clip.create_model_and_transforms(
+            arch, pretrained=pretrained, device=self.device, precision="fp32"
+        )
+        self.model.eval()
+        self.tokenizer = open_clip.get_tokenizer(arch)
+
+    def _score_batch(self, prompts, images):
+        pixels = torch.stack([self.preprocess(image) for image in images]).to(self.device)
+        image_features = self.model.encode_image(pixels, normalize=True)
+        text_features = self.model.encode_text(self.tokenizer(prompts).to(self.device), normalize=True)
+        return (image_features * text_features).sum(-1)
+
+
+class HPSv2Scorer(_OpenCLIPScorer):
+    """HPSv2: OpenCLIP ViT-H-14 with the HPS checkpoint; cosine of image and text features (official: v2.0)."""
+
+    name, metric = "hpsv2", "HPSv2"
+
+    def __init__(self, device="cpu", batch_size=32, model_path=None, *, version="v2.0", arch=OPENCLIP_ARCH):
+        """``model_path``: the HPS checkpoint file (or a folder / hub repo holding it); default from xswu/HPSv2."""
+        super().__init__(device, batch_size)
+        if version not in HPS_FILES:
+            raise ValueError(f"unknown HPS version {version!r}; choose one of {', '.join(HPS_FILES)}")
+        # The official code first loads laion2B weights, then overwrites every parameter with the HPS checkpoint;
+        # loading the checkpoint strictly into the bare architecture gives the same model without the 4 GB download.
+        self._load(arch, _locate(model_path, HPS_FILES[version], HPS_REPO, "model_path"))
+
+
+class CLIPScoreScorer(_OpenCLIPScorer):
+    """CLIP score: raw cosine of OpenCLIP ViT-H-14 laion2B-s32B-b79K features (official: no x100, no clip at 0)."""
+
+    name, metric = "clip", "CLIPScore"
+
+    def __init__(self, device="cpu", batch_size=32, model_path=None, *, arch=OPENCLIP_ARCH):
+        """``model_path``: an OpenCLIP pretrained tag or a weights file for ``arch``."""
+        super().__init__(device, batch_size)
+        self._load(arch, str(model_path or OPENCLIP_PRETRAINED))
+
+
+def load_aesthetic_mlp(path: str | os.PathLike | None = None) -> MLPHead:
+    """The LAION aesthetic MLP, loaded strictly with ``weights_only=True``; input size read from the weights.
+
+    ``path`` (a file, a folder holding it, or a hub repo), else ``$SDPO_AESTHETICS_MLP``, else the hub mirror.
+    """
+    path = path or os.environ.get(AESTHETICS_MLP_ENV)
+    file = _locate(path, AESTHETICS_MLP_FILE, AESTHETICS_MLP_REPO, "mlp_path")
+    return MLPHead.from_state_dict(torch.load(file, map_location="cpu", weights_only=True))  # saved from CUDA
+
+
+class AestheticsScorer(Scorer):
+    """LAION aesthetic score: MLP on L2-normalised CLIP ViT-L/14 image features; the prompt is not used."""
+
+    name, metric = "aesthetics", "AesScore"
+
+    def __init__(self, device="cpu", batch_size=32, model_path=None, *, mlp_path=None):
+        """``model_path``: the CLIP backbone (folder or hub id); ``mlp_path``: see :func:`load_aesthetic_mlp`."""
+        super().__init__(device, batch_size)
+        from transformers import CLIPModel
+
+        model_path = model_path or AESTHETICS_CLIP
+        self.model = CLIPModel.from_pretrained(model_path, dtype=torch.float32)
+        self.model.to(self.device).eval()
+        self.image_processor = _clip_image_processor(model_path)
+        self.mlp = load_aesthetic_mlp(mlp_path).to(self.device)
+
+    def _score_batch(self, prompts, images):
+        rgb = [image.convert("RGB") for image in images]  # as the official A/B scorer does
+        pixels = self.image_processor(images=rgb, return_tensors="pt").pixel_values.to(self.device)
+        features = self.model.get_image_features(pixel_values=pixels).pooler_output  # projected, 768 for ViT-L/14
+        return self.mlp(features / features.norm(dim=-1, keepdim=True)).squeeze(-1)
+
+
+class ImageRewardScorer(Scorer):
+    """ImageReward-v1.0 normalised reward, on transformers' BLIP modules (see eval/imagereward.py)."""
+
+    name, metric = "imagereward", "ImageReward"
+
+    def __init__(self, device="cpu", batch_size=32, model_path=None, *, med_config=None,
+                 tokenizer=IMAGEREWARD_TOKENIZER, vision_heads=None):
+        """``model_path``: ImageReward.pt, a folder holding it (and med_config.json), or a hub repo.
+
+        ``med_config``: BLIP's text config (default: beside the checkpoint); ``tokenizer``: BERT uncased folder or id;
+        ``vision_heads``: ViT head count (default width // 64, right for the released model).
+        """
+        super().__init__(device, batch_size)
+        from eval import imagereward
+
+        checkpoint = _locate(model_path, "ImageReward.pt", IMAGEREWARD_REPO, "model_path")
+        if med_config is None:
+            local = model_path is not None and Path(model_path).exists()
+            source = Path(checkpoint).parent if local else model_path
+            med_config = _locate(source, "med_config.json", IMAGEREWARD_REPO, "med_config")
+        self.model = imagereward.load_model(checkpoint, med_config, vision_heads, device=self.device)
+        self.transform = imagereward.image_transform(self.model.visual_encoder.config.image_size)
+        self.tokenizer = imagereward.load_tokenizer(tokenizer)
+
+    def _score_batch(self, prompts, images):
+        from eval.imagereward import MAX_TEXT_LENGTH
+
+        pixels = torch.stack([self.transform(image) for image in images]).to(self.device)
+        text = self.tokenizer(
+            prompts, padding="max_length", truncation=True, max_length=MAX_TEXT_LENGTH, return_tensors="pt"
+        ).to(self.device)
+        return self.model(pixels, text.input_ids, text.attention_mask)
+
+
+_SCORERS = {cls.name: cls for cls in (PickScoreScorer, HPSv2Scorer, AestheticsScorer, CLIPScoreScorer,
+                                      ImageRewardScorer)}
+
+
+def load_scorer(name: str, device: str | torch.device = "cpu", batch_size: int = 32, model_path: str | None = None,
+                **options) -> Scorer:
+    """The scorer for metric ``name`` (one of METRICS, or the train.py aliases "aes" / "hps").
+
+    ``model_path`` and ``options`` locate the weights (defaults: the official hub ids); per metric:
+    pickscore ``processor_path``; hpsv2 ``version`` ("v2.0" | "v2.1"), ``arch``; aesthetics ``mlp_path``;
+    clip ``arch``; imagereward ``med_config``, ``tokenizer``, ``vision_heads``.
+    """
+    key = ALIASES.get(str(name).lower(), str(name).lower())
+    if key not in _SCORERS:
+        raise ValueError(f"unknown metric {name!r}; valid names: {', '.join(METRICS)} (aliases: {', '.join(ALIASES)})")
+    cls = _SCORERS[key]
+    common = ("self", "device", "batch_size", "model_path")
+    accepted = [p for p in inspect.signature(cls.__init__).parameters if p not in common]
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise TypeError(f"{key} scorer got unknown option(s) {unknown}; it accepts: {', '.join(accepted) or 'none'}")
+    return cls(device=device, batch_size=batch_size, model_path=model_path, **options)
