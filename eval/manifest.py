@@ -1,0 +1,198 @@
+"""Manifest reading, A/B pairing, image loading and the one scoring loop shared by `eval.score` and `eval.compare`.
+
+A manifest (written by the generation scripts, SPEC §4.1) is a JSON list, in prompt order, of
+``{"prompt", "gen_image_path", "raw_image_path", "metadata"}``. ``gen_image_path`` may be a list (the first
+non-empty string is used) and may be relative to the directory the generator ran in; `resolve_image` finds it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from PIL import Image
+from tqdm import tqdm
+
+
+class ManifestError(Exception):
+    """A problem with the user's inputs (manifest, image files); the CLIs print it without a traceback."""
+
+
+@dataclass
+class Item:
+    """One usable manifest entry."""
+
+    index: int  # position in the manifest list
+    prompt: str
+    image: str  # gen_image_path as written in the manifest (after list -> first non-empty)
+    path: Path | None = None  # resolved file on disk, None when not found
+
+
+def group_name(manifest_path: str | os.PathLike) -> str:
+    """The official group name: manifest file name (without .json) up to the first '_' ('papv2', 'hpsv2', ...)."""
+    return Path(manifest_path).stem.split("_")[0]
+
+
+def read_json_list(path: str | os.PathLike) -> list:
+    path = Path(path)
+    if not path.is_file():
+        raise ManifestError(f"manifest not found: {path}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ManifestError(f"manifest {path} is not valid JSON: {exc}") from None
+    if not isinstance(data, list):
+        raise ManifestError(f"manifest {path} must be a JSON list of entries, got {type(data).__name__}")
+    return data
+
+
+def _image_field(entry) -> str | None:
+    """gen_image_path as a string (a list gives its first non-empty string), None when unusable (official rule)."""
+    if not isinstance(entry, dict):
+        return None
+    image = entry.get("gen_image_path")
+    if isinstance(image, list):
+        image = next((p for p in image if isinstance(p, str) and p), "")
+    return image if isinstance(image, str) else None
+
+
+def resolve_image(image: str, manifest_path: str | os.PathLike) -> Path | None:
+    """Find an image file named in a manifest; None when no candidate exists.
+
+    Tried in order: the path itself (relative paths from the current directory, as the official scripts do); relative
+    to the manifest's directory; and ``<manifest dir>/<parent folder name>/<file name>`` -- where the generator puts
+    images -- which also finds result folders that were moved or copied from another machine.
+    """
+    if not image:
+        return None
+    path, mdir = Path(image), Path(manifest_path).parent
+    candidates = [path]
+    if not path.is_absolute():
+        candidates.append(mdir / path)
+    if path.parent.name:
+        candidates.append(mdir / path.parent.name / path.name)
+    return next((c for c in candidates if c.is_file()), None)
+
+
+def read_manifest(manifest_path: str | os.PathLike, strict: bool = True) -> list[Item]:
+    """Usable entries of a manifest, with image paths resolved.
+
+    strict=True (absolute scoring): every entry must have a string prompt and gen_image_path, otherwise a
+    ManifestError names the bad entries. strict=False (A/B): such entries are skipped, as officially, with a warning.
+    """
+    items, bad = [], []
+    for i, entry in enumerate(read_json_list(manifest_path)):
+        image = _image_field(entry)
+        prompt = entry.get("prompt") if isinstance(entry, dict) else None
+        if not isinstance(prompt, str) or image is None:
+            bad.append(i)
+            continue
+        items.append(Item(i, prompt, image, resolve_image(image, manifest_path)))
+    if bad:
+        shown = ", ".join(map(str, bad[:20])) + (" ..." if len(bad) > 20 else "")
+        msg = f"{manifest_path}: {len(bad)} entries without a string 'prompt' and 'gen_image_path' (indices {shown})"
+        if strict:
+            raise ManifestError(msg)
+        print(f"[WARN] {msg}; skipped.")
+    return items
+
+
+def missing_report(items: Sequence[Item], manifest_path: str | os.PathLike) -> str | None:
+    """A message listing every image of `items` that was not found, None when all exist."""
+    missing = [it for it in items if it.path is None]
+    if not missing:
+        return None
+    lines = "\n".join(f"  entry {it.index}: {it.image!r}" for it in missing)
+    return f"{len(missing)} of {len(items)} images listed in {manifest_path} were not found:\n{lines}"
+
+
+def check_images(*checks: tuple[Sequence[Item], str | os.PathLike]) -> None:
+    """check_images((items, manifest), ...): raise one ManifestError listing every missing image of every manifest."""
+    reports = [r for items, path in checks if (r := missing_report(items, path))]
+    if reports:
+        raise ManifestError(
+            "\n".join(reports) + f"\n(relative paths are tried from the current directory {os.getcwd()}, then from "
+            "the manifest's directory)"
+        )
+
+
+def load_image(item: Item) -> Image.Image:
+    try:
+        with Image.open(item.path) as img:
+            return img.convert("RGB")
+    except Exception as exc:  # PIL raises several types for truncated/corrupt files
+        raise ManifestError(f"cannot read image {item.path} (manifest entry {item.index}): {exc}") from None
+
+
+def score_items(scorer, items: Sequence[Item], batch_size: int, desc: str = "") -> list[float]:
+    """The scoring loop: load `batch_size` images at a time and score (prompt, image) pairs with `scorer`."""
+    scores: list[float] = []
+    with tqdm(total=len(items), desc=desc or scorer.name, unit="img") as bar:
+        for start in range(0, len(items), batch_size):
+            batch = items[start : start + batch_size]
+            out = scorer.score([it.prompt for it in batch], [load_image(it) for it in batch])
+            if len(out) != len(batch):
+                raise RuntimeError(f"scorer {scorer.name} returned {len(out)} scores for {len(batch)} images")
+            scores.extend(float(s) for s in out)
+            bar.update(len(batch))
+    return scores
+
+
+@dataclass
+class Pairing:
+    """Result of `pair_items`: aligned A/B items and what was left out."""
+
+    a: list[Item]
+    b: list[Item]
+    by: str  # "prompt" or "index"
+    dropped: int = 0  # surplus duplicates of common prompts (official "dropped")
+    unmatched_a: int = 0  # items of A whose prompt does not occur in B
+    unmatched_b: int = 0
+    messages: list[str] = field(default_factory=list)
+
+
+def pair_items(items_a: Sequence[Item], items_b: Sequence[Item], name_a: str = "A", name_b: str = "B") -> Pairing:
+    """Official pairing: group by exact prompt, walk the sorted common prompts, pair the k-th occurrence in A with
+    the k-th in B; surplus occurrences are dropped. With no common prompt, pair by list index (equal lengths only)."""
+    if not items_a or not items_b:
+        empty = name_a if not items_a else name_b
+        raise ManifestError(f"no usable entries in {empty}: nothing to compare")
+    group_a, group_b = defaultdict(list), defaultdict(list)
+    for it in items_a:
+        group_a[it.prompt].append(it)
+    for it in items_b:
+        group_b[it.prompt].append(it)
+    common = sorted(group_a.keys() & group_b.keys())
+
+    if not common:
+        if len(items_a) != len(items_b):
+            raise ManifestError(
+                f"{name_a} and {name_b} share no prompt and have different lengths ({len(items_a)} vs "
+                f"{len(items_b)}): they are not results for the same prompt file, refusing to pair them"
+            )
+        msg = "[WARN] No exact prompt matches. Falling back to index-wise pairing."
+        return Pairing(list(items_a), list(items_b), "index", messages=[msg])
+
+    pairs = Pairing([], [], "prompt")
+    for prompt in common:
+        la, lb = group_a[prompt], group_b[prompt]
+        k = min(len(la), len(lb))
+        pairs.a += la[:k]
+        pairs.b += lb[:k]
+        pairs.dropped += abs(len(la) - len(lb))
+    pairs.unmatched_a = sum(len(v) for p, v in group_a.items() if p not in group_b)
+    pairs.unmatched_b = sum(len(v) for p, v in group_b.items() if p not in group_a)
+    if pairs.dropped:
+        pairs.messages.append(
+            f"[INFO] Aligned on {len(pairs.a)} pairs; dropped {pairs.dropped} surplus items of duplicated prompts."
+        )
+    if pairs.unmatched_a or pairs.unmatched_b:
+        pairs.messages.append(
+            f"[WARN] Prompts present in only one manifest were skipped: {pairs.unmatched_a} items of {name_a}, "
+            f"{pairs.unmatched_b} items of {name_b}."
+        )
+    return pairs

@@ -1,0 +1,213 @@
+"""Absolute scores of generated images: manifest(s) -> per-item scores, FinalResults lines and a summary table.
+
+    python -m eval.score --json_path out/papv2_seed0_512x512_50s_7.5cfg.json [more manifests ...]
+                         [--metrics pickscore hpsv2 aesthetics clip imagereward] [--device cuda] [--batch_size 32]
+    python -m eval.score --gather_log out/joint_test_512.log      # the table of every FinalResults line in a log
+
+For each manifest and metric this prints the official line ``FinalResults <Metric> for <group> : <x.xxxx>`` (the
+mean over all entries) and writes, next to the manifest, the official per-metric file (the manifest entries, each
+with its score added under FIELDS[metric]) plus ``<stem>_scores.md`` / ``<stem>_scores.json`` (the gather_log table).
+Models are loaded one at a time. See docs/eval-score-compare.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from eval.manifest import ManifestError, check_images, group_name, read_json_list, read_manifest, score_items
+
+# metric -> (official output-file suffix, per-item score field added to every manifest entry)
+OUTPUTS = {
+    "pickscore": ("_pickscore.json", "pick_score"),
+    "hpsv2": ("_hpsv2score.json", "hpsv2_score"),
+    "aesthetics": ("_aesscore.json", "aes_score"),
+    "clip": ("_clipscore.json", "clip_score"),
+    "imagereward": ("_image_reward_score.json", "image_reward_score"),  # official field name
+}
+ALL_METRICS = tuple(OUTPUTS)  # CLI names in the official order (same as eval.scorers.METRICS)
+TABLE_HEADER = ("Prompt", "Predictor", "Score")
+
+
+# --------------------------------------------------------------------------------------------- gather_log table
+def final_results_rows(text: str) -> list[tuple[str, str, str]]:
+    """(group, metric, score) of every line starting with 'FinalResults', in order; tokens 3, 1, 5 as gather_log.py."""
+    rows = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("FinalResults"):
+            tokens = line.split(" ")
+            if len(tokens) >= 6:
+                rows.append((tokens[3], tokens[1], tokens[5]))
+    return rows
+
+
+def markdown_table(rows: Sequence[tuple[str, str, str]]) -> str:
+    """The gather_log.py Markdown table: | Prompt | Predictor | Score |."""
+    lines = ["| " + " | ".join(TABLE_HEADER) + " |", "| " + " | ".join(["---"] * 3) + " |"]
+    lines += [f"| {g} | {m} | {s} |" for g, m, s in rows]
+    return "\n".join(lines)
+
+
+def _number(text: str) -> float | str:
+    try:
+        return float(text)
+    except ValueError:
+        return text
+
+
+def write_table(rows: Sequence[tuple[str, str, str]], stem: Path, **extra) -> None:
+    """Write the table as `<stem>.md` and `<stem>.json` ({**extra, table: [{prompt, predictor, score}]})."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_name(stem.name + ".md").write_text(markdown_table(rows) + "\n", encoding="utf-8")
+    table = [{"prompt": g, "predictor": m, "score": _number(s)} for g, m, s in rows]
+    stem.with_name(stem.name + ".json").write_text(json.dumps({**extra, "table": table}, indent=2), encoding="utf-8")
+
+
+def gather_log(log_path: str | os.PathLike, write: bool = True) -> list[tuple[str, str, str]]:
+    """Reproduce utils/gather_log.py: print the table of a log's FinalResults lines (and write it beside the log)."""
+    log_path = Path(log_path)
+    if not log_path.is_file():
+        raise ManifestError(f"log file not found: {log_path}")
+    rows = final_results_rows(log_path.read_text(encoding="utf-8", errors="replace"))
+    print("\n\n")
+    print(markdown_table(rows))
+    if write:
+        write_table(rows, log_path.with_name(log_path.stem + "_table"), log=str(log_path))
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------------- scoring
+def score_manifests(
+    manifest_paths: Sequence[str | os.PathLike],
+    scorers: Iterable,
+    batch_size: int = 32,
+    output_dir: str | os.PathLike | None = None,
+) -> list[dict]:
+    """Score every manifest with every scorer; print the official lines and write the output files.
+
+    `scorers` is any iterable of eval.scorers.Scorer; a generator that loads them one by one keeps only one model
+    in memory. Output files go next to each manifest unless `output_dir` is given. Returns, per manifest,
+    {manifest, group, total, means: {Metric: mean}, scores: {name: [per-item scores]}}.
+    """
+    manifests = [(Path(path), read_manifest(path, strict=True)) for path in manifest_paths]
+    for path, items in manifests:  # check every input before any model is loaded
+        if not items:
+            raise ManifestError(f"manifest {path} has no entries")
+    check_images(*[(items, path) for path, items in manifests])
+
+    results = [
+        {"manifest": str(p), "group": group_name(p), "total": len(items), "means": {}, "scores": {}}
+        for p, items in manifests
+    ]
+    for scorer in scorers:
+        suffix, field = OUTPUTS[scorer.name]
+        for (path, items), res in zip(manifests, results):
+            scores = score_items(scorer, items, batch_size, desc=f"{scorer.metric} {res['group']}")
+            mean = sum(scores) / len(scores)
+            res["scores"][scorer.name], res["means"][scorer.metric] = scores, mean
+            print(f"Total {scorer.metric} score: {mean}  over {len(scores)} samples  [{path}]")
+            entries = read_json_list(path)
+            for item, score in zip(items, scores):
+                entries[item.index][field] = score
+            out = Path(output_dir or path.parent) / (path.stem + suffix)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(json.dumps(entries, indent=2, ensure_ascii=False), encoding="utf-8")
+        del scorer  # let a generator's next model replace this one instead of sitting beside it
+
+    for (path, _), res in zip(manifests, results):
+        print(f"total len of test data : {res['total']}")
+        rows = []
+        for metric, mean in res["means"].items():
+            print(f"FinalResults {metric} for {res['group']} : {mean:.4f}")
+            rows.append((res["group"], metric, f"{mean:.4f}"))
+        print("\n\n")
+        print(markdown_table(rows))
+        stem = Path(output_dir or path.parent) / (path.stem + "_scores")
+        write_table(rows, stem, manifest=str(path), group=res["group"], total=res["total"], means=res["means"])
+    return results
+
+
+def score_manifest(manifest_path: str | os.PathLike, scorers: Iterable, **kwargs) -> dict:
+    """`score_manifests` for one manifest."""
+    return score_manifests([manifest_path], scorers, **kwargs)[0]
+
+
+# ---------------------------------------------------------------------------------------- CLI scorer options
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def add_scorer_args(parser: argparse.ArgumentParser, batch_size: int) -> None:
+    """Options shared by eval.score and eval.compare: which metrics, where their models are, device, batch size."""
+    parser.add_argument("--metrics", nargs="+", choices=ALL_METRICS, default=list(ALL_METRICS), metavar="METRIC",
+                        help=f"metrics to compute, in this order: any of {', '.join(ALL_METRICS)} (default: all)")
+    parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    parser.add_argument("--batch_size", type=int, default=batch_size, help=f"images per forward (default {batch_size})")
+    for name in ALL_METRICS:
+        parser.add_argument(f"--{name}_path", default=None, help=f"model location for {name} (default: official)")
+    parser.add_argument("--scorer_config", default=None,
+                        help="JSON file or inline JSON mapping metric -> extra eval.scorers.load_scorer kwargs")
+
+
+def scorer_kwargs(args: argparse.Namespace) -> dict[str, dict]:
+    """load_scorer kwargs per metric: device/batch size, updated by --scorer_config, then by --<metric>_path."""
+    config = {}
+    if args.scorer_config:
+        text = args.scorer_config
+        if os.path.isfile(text):
+            text = Path(text).read_text(encoding="utf-8")
+        try:
+            config = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ManifestError(f"--scorer_config is neither a JSON file nor valid JSON: {exc}") from None
+        unknown = set(config) - set(ALL_METRICS)
+        if not isinstance(config, dict) or unknown:
+            raise ManifestError(f"--scorer_config must map metric names {ALL_METRICS} to kwargs; unknown: {unknown}")
+    kwargs = {}
+    for name in args.metrics:
+        kw = {"device": args.device or default_device(), "batch_size": args.batch_size, **config.get(name, {})}
+        if getattr(args, f"{name}_path"):
+            kw["model_path"] = getattr(args, f"{name}_path")
+        kwargs[name] = kw
+    return kwargs
+
+
+def iter_scorers(kwargs: dict[str, dict]):
+    """Load the scorers lazily, one per iteration, so that only one model is in memory at a time."""
+    from eval.scorers import load_scorer
+
+    for name, kw in kwargs.items():
+        print(f">>> Loading {name} scorer")
+        yield load_scorer(name, **kw)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m eval.score", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json_path", nargs="+", help="manifest(s) written by the generation script")
+    parser.add_argument("--output_dir", default=None, help="where to write the output files (default: beside each manifest)")
+    parser.add_argument("--gather_log", default=None, metavar="LOG",
+                        help="only print the table of the FinalResults lines in LOG (utils/gather_log.py); writes "
+                             "<LOG stem>_table.md/.json beside it")
+    add_scorer_args(parser, batch_size=32)
+    args = parser.parse_args(argv)
+    if not args.gather_log and not args.json_path:
+        parser.error("give --json_path MANIFEST [...] or --gather_log LOG")
+    try:
+        if args.gather_log:
+            gather_log(args.gather_log)
+        else:
+            kwargs = scorer_kwargs(args)
+            score_manifests(args.json_path, iter_scorers(kwargs), batch_size=args.batch_size, output_dir=args.output_dir)
+    except ManifestError as exc:
+        sys.exit(f"error: {exc}")
+
+
+if __name__ == "__main__":
+    main()
