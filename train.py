@@ -554,7 +554,6 @@ def main(argv=None):
     from tqdm.auto import tqdm
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    global logger
     output_dir = Path(args.output_dir)
     # Several processes and no GPU (e.g. `accelerate launch --multi_gpu` on a CPU machine): gloo on CPU.
     cpu_ranks = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", 1)) > 1
@@ -567,7 +566,7 @@ def main(argv=None):
     )
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%m/%d/%Y %H:%M:%S",
                         level=logging.INFO)
-    logger = get_logger("train")
+    logger = get_logger("train")  # logs once, from the main process, unless told otherwise
     logger.info(accelerator.state, main_process_only=False)
     if args.seed is not None:
         set_seed(args.seed + accelerator.process_index)  # official: every rank its own noise stream (Q27)
@@ -824,12 +823,6 @@ def main(argv=None):
                     nonfinite_in_a_row += 1
                     logger.warning(f"step {global_step}: non-finite loss, update skipped "
                                    f"({nonfinite_in_a_row} in a row, {skipped_updates} in all)")
-                    if nonfinite_in_a_row >= args.max_nonfinite_steps:
-                        raise FloatingPointError(
-                            f"the loss was non-finite for {nonfinite_in_a_row} consecutive updates (step {global_step}); "
-                            f"the last good checkpoint in {output_dir} is kept. Lower --learning_rate or --beta_dpo, "
-                            f"use bf16 instead of fp16, or check the data."
-                        )
                 else:
                     nonfinite_in_a_row = 0
                 bad_update = zero()
@@ -855,6 +848,12 @@ def main(argv=None):
                     postfix.update(acc=f"{logs['implicit_acc_accumulated']:.2f}", lam=f"{logs['avg_lose_l_scale']:.3f}")
                 progress.set_postfix(**postfix)
                 sums = {}
+                if nonfinite_in_a_row >= args.max_nonfinite_steps:
+                    raise FloatingPointError(
+                        f"the loss was non-finite for {nonfinite_in_a_row} consecutive updates (step {global_step}); "
+                        f"the last good checkpoint in {output_dir} is kept. Lower --learning_rate or --beta_dpo, "
+                        f"use bf16 instead of fp16, or check the data."
+                    )
 
                 if global_step % args.checkpointing_steps == 0:
                     save_checkpoint(global_step)
