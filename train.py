@@ -174,7 +174,7 @@ def preference_loss(
 # Arguments: the official names and defaults (SPEC Part B §1), then our additions.
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     model = parser.add_argument_group("model")
     model.add_argument("--pretrained_model_name_or_path", type=str, required=True,
@@ -262,7 +262,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     out.add_argument("--save_pipeline", action="store_true", help="Also save the full diffusers pipeline in output_dir.")
     out.add_argument("--push_to_hub", action="store_true", help="Upload output_dir to --hub_model_id at the end.")
     out.add_argument("--hub_model_id", type=str, default=None, help="Hub repository for --push_to_hub.")
+    return parser
 
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = build_parser()
     args = parser.parse_args(argv)
     env_rank = int(os.environ.get("LOCAL_RANK", -1))
     if env_rank != -1:
