@@ -55,6 +55,8 @@ def base_unet(model):
 def test_every_method_trains(tiny_sd15, tiny_sdxl, pickapic, tmp_path, method, sdxl, safeguard):
     model = tiny_sdxl if sdxl else tiny_sd15
     extra = ["--train_method", method, "--dmpo_alpha", "0.01"]
+    if method == "dmpo":  # exercise the optional noise terms on one method
+        extra += ["--noise_offset", "0.05", "--input_perturbation", "0.1"]
     if method == "dspo":
         extra += ["--beta_dpo", "0.001"]
     if safeguard:
@@ -195,6 +197,16 @@ def test_empty_tokenizer_is_refused():
         train.load_tokenizer("stable-diffusion-v1-5/stable-diffusion-v1-5", "tokenizer", None)
 
 
+def test_8bit_adam_without_bitsandbytes_says_how_to_install(tiny_sd15, pickapic, tmp_path):
+    try:
+        import bitsandbytes  # noqa: F401
+        pytest.skip("bitsandbytes is installed")
+    except ImportError:
+        pass
+    with pytest.raises(ImportError, match="pip install bitsandbytes"):
+        run_train(tiny_sd15, pickapic, tmp_path, "--use_8bit_adam")
+
+
 def test_bad_arguments_are_refused(capsys):
     with pytest.raises(SystemExit):
         train.parse_args(["--pretrained_model_name_or_path", "x", "--dataset_name", "d", "--winner_preserving_mu", "2"])
@@ -214,7 +226,8 @@ def launch(*args, num_processes=1, timeout=240):
 
 def test_accelerate_launch_sdxl(tiny_sdxl, pickapic, tmp_path):
     result = launch(*train_args(tiny_sdxl, pickapic, tmp_path, "--use_winner_preserving", "--winner_preserving_mu",
-                                "0.6", "--winner_preserving_granularity", "sample", sdxl=True))
+                                "0.6", "--winner_preserving_granularity", "sample", "--use_adafactor",
+                                "--gradient_checkpointing", "--unet_init", str(tiny_sdxl), sdxl=True))
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "unet.pth").exists() and len(metrics(tmp_path)) == 2
 
