@@ -90,6 +90,11 @@ def build_sd15(out_dir: str | os.PathLike, resolution: int = 32, seed: int = 0) 
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
     pipe.save_pretrained(out_dir)
+    # The real SD1.5 repo's scheduler config predates `timestep_spacing`, so Euler falls back to "linspace" there.
+    config_path = out_dir / "scheduler" / "scheduler_config.json"
+    config = json.loads(config_path.read_text())
+    config.pop("timestep_spacing", None)
+    config_path.write_text(json.dumps(config, indent=2))
     return out_dir
 
 
