@@ -128,9 +128,14 @@ def dspo_loss(
     return torch.where(far, weight.pow(2) * drift_sq, weight.pow(2))
 
 
-def sft_loss(model_pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Supervised fine-tuning on the preferred images: the standard epsilon MSE (Ho et al., 2020)."""
-    return F.mse_loss(model_pred.float(), target.float())
+def sft_loss(model_pred: torch.Tensor, target: torch.Tensor, sample_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Supervised fine-tuning on the preferred images: the standard epsilon MSE (Ho et al., 2020).
+
+    `sample_weight` (B,) multiplies each sample's MSE before the mean (importance weighting).
+    """
+    if sample_weight is None:
+        return F.mse_loss(model_pred.float(), target.float())
+    return (per_sample_mse(model_pred, target) * sample_weight).mean()
 
 
 def preference_loss(
@@ -168,6 +173,62 @@ def preference_loss(
         "margin": margin.detach(), "implicit_acc": (margin.detach() > 0).float().mean(),
     }
     return losses.mean(), stats
+
+
+# Importance weights: our interpretation of SDPO (Yang et al., arXiv:2505.21893), whose code is not public and whose
+# v2 notes an error in its main theorem. See docs/importance.md.
+
+
+def importance_log_weight_coefficients(scheduler) -> torch.Tensor:
+    """c_t for every training timestep t (diffusers DDPM index 0..T-1), so that log w = -c_t mean((eps_hat - eps)^2).
+
+    p_theta(x_{t-1} | x_t) and the forward posterior q(x_{t-1} | x_t, x_0) share the variance
+    btilde_t = (1 - abar_{t-1}) / (1 - abar_t) beta_t (abar_{-1} = 1; btilde_0 := btilde_1, DDPM's clipped variance),
+    and their means differ by beta_t / (sqrt(alpha_t) sqrt(1 - abar_t)) (eps_hat - eps), so per element
+
+        KL(q || p_theta) / d = c_t mean((eps_hat - eps)^2),   c_t = beta_t^2 / (2 btilde_t alpha_t (1 - abar_t)).
+
+    Our interpretation of the step-wise importance weight of SDPO (arXiv:2505.21893). beta_t = 1 - abar_t / abar_{t-1}
+    from the scheduler's alphas_cumprod, as DDPMScheduler.step derives it. Computed in float64, returned fp32.
+    """
+    alphas_cumprod = scheduler.alphas_cumprod.double()
+    previous = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
+    betas = 1 - alphas_cumprod / previous
+    posterior_variance = (1 - previous) / (1 - alphas_cumprod) * betas
+    posterior_variance[0] = posterior_variance[1]
+    return (betas.pow(2) / (2 * posterior_variance * (1 - betas) * (1 - alphas_cumprod))).float()
+
+
+def log_importance_weight(
+    model_pred: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, coefficients: torch.Tensor
+) -> torch.Tensor:
+    """Per-element log importance weight of each sample, (N, C, H, W) -> (N,), without gradient:
+
+        log w = E_{x_{t-1} ~ q} [log p_theta(x_{t-1} | x_t) - log q(x_{t-1} | x_t, x_0)] / d = -c_t mean((eps_hat - eps)^2)
+
+    with `noise` the eps that produced x_t and `coefficients` from `importance_log_weight_coefficients`. Always <= 0:
+    w = 1 where the policy's reverse step matches the forward posterior. Our interpretation of arXiv:2505.21893.
+    """
+    return -coefficients[timesteps] * per_sample_mse(model_pred.detach(), noise)
+
+
+def importance_weights(
+    log_weight: torch.Tensor, mode: str, mask_below: float = 0.9, clip_min: float = 0.1, clip_max: float = 1.0
+) -> torch.Tensor:
+    """Loss weights from the log importance weights of a micro-batch's pairs (or SFT samples), (B,) -> (B,), detached.
+
+    A pair's weight is w_i = exp((log w_i^win + log w_i^lose) / 2); pass that mean of the two log weights.
+    "clip_mask" (DPO-C&M): 0 where w_i < mask_below, else 1 (the loss is still averaged over all B pairs).
+    "full" (importance-sampled objective): clamp(w_i, clip_min, clip_max) / mean_j clamp(w_j, clip_min, clip_max),
+    i.e. mean 1 over the micro-batch. Our interpretation of arXiv:2505.21893.
+    """
+    weight = log_weight.detach().float().exp()
+    if mode == "clip_mask":
+        return (weight >= mask_below).float()
+    if mode == "full":
+        weight = weight.clamp(clip_min, clip_max)
+        return weight / weight.mean()
+    raise ValueError(f"importance weighting mode must be 'clip_mask' or 'full', got {mode!r}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -245,6 +306,17 @@ def build_parser() -> argparse.ArgumentParser:
                       help="One lambda per micro-batch (official) or one per pair.")
     pref.add_argument("--dmpo_alpha", type=float, default=0.0, help="DMPO alpha: target probability q = 1 - alpha.")
     pref.add_argument("--sft", action="store_true", help="Accepted for compatibility; use --train_method sft.")
+    pref.add_argument("--timestep_range", type=int, nargs=2, default=[0, 999], metavar=("LO", "HI"),
+                      help="Draw training timesteps uniformly from [LO, HI] (DDPM index, 0 = least noise): the timestep "
+                           "mask of DPO-C&M (arXiv:2505.21893; docs/importance.md).")
+    pref.add_argument("--importance_weighting", type=str, default="none", choices=["none", "clip_mask", "full"],
+                      help="Weight each pair's loss by its importance weight w = p_theta/q (our interpretation of "
+                           "arXiv:2505.21893): clip_mask zeroes pairs with w < --is_mask_below (DPO-C&M); full clips w "
+                           "to [--is_clip_min, --is_clip_max] and normalises it to mean 1 over the micro-batch.")
+    pref.add_argument("--is_mask_below", type=float, default=0.9,
+                      help="clip_mask: pairs with w below this get weight 0 (0.9: per-element KL(q || p_theta) > 0.105).")
+    pref.add_argument("--is_clip_min", type=float, default=0.1, help="full: lower clip of w, in (0, --is_clip_max].")
+    pref.add_argument("--is_clip_max", type=float, default=1.0, help="full: upper clip of w (w <= 1 by construction).")
 
     out = parser.add_argument_group("logging and checkpoints")
     out.add_argument("--output_dir", type=str, default="sd-model-finetuned")
@@ -277,6 +349,16 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error("give --dataset_name (hub id, folder or files) or --train_data_dir (a local dataset folder)")
     if not 0.0 <= args.winner_preserving_mu <= 1.0:
         parser.error(f"--winner_preserving_mu must be in [0, 1], got {args.winner_preserving_mu}")
+    low, high = args.timestep_range
+    if not 0 <= low <= high:
+        parser.error(f"--timestep_range LO HI needs 0 <= LO <= HI, got {low} {high}")
+    if not 0.0 <= args.is_mask_below <= 1.0:
+        parser.error(f"--is_mask_below must be in [0, 1] (w <= 1 by construction), got {args.is_mask_below}")
+    if not 0.0 < args.is_clip_min <= args.is_clip_max:
+        parser.error(f"--is_clip_min and --is_clip_max need 0 < min <= max, got {args.is_clip_min} {args.is_clip_max}")
+    if args.importance_weighting == "full" and args.train_batch_size == 1:
+        parser.error("--importance_weighting full normalises the weights to mean 1 over the micro-batch, so with "
+                     "--train_batch_size 1 every weight is 1: raise --train_batch_size or use clip_mask")
     if not 0.0 <= args.proportion_empty_prompts <= 1.0:
         parser.error(f"--proportion_empty_prompts must be in [0, 1], got {args.proportion_empty_prompts}")
     if args.push_to_hub and not args.hub_model_id:
@@ -588,6 +670,10 @@ def main(argv=None):
     noise_scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler", revision=revision)
     if noise_scheduler.config.prediction_type != "epsilon":
         raise ValueError(f"{base}: prediction_type {noise_scheduler.config.prediction_type!r}; only 'epsilon' is supported")
+    num_timesteps = noise_scheduler.config.num_train_timesteps
+    if args.timestep_range[1] >= num_timesteps:
+        raise ValueError(f"--timestep_range {args.timestep_range[0]} {args.timestep_range[1]}: the scheduler of {base} "
+                         f"has {num_timesteps} timesteps; HI must be at most {num_timesteps - 1}")
     frozen_kwargs = dict(revision=revision, torch_dtype=weight_dtype)
     text_encoders = [CLIPTextModel.from_pretrained(base, subfolder="text_encoder", **frozen_kwargs)]
     if args.sdxl:
@@ -692,6 +778,7 @@ def main(argv=None):
     logger.info(f"  Gradient Accumulation steps = {args.gradient_accumulation_steps}")
     logger.info(f"  Total optimization steps = {args.max_train_steps}")
     logger.info(f"  Training method = {args.train_method}; frozen modules in {weight_dtype}")
+    logger.info(f"  Timesteps {args.timestep_range[0]}..{args.timestep_range[1]}; importance weighting = {args.importance_weighting}")
 
     # Resume
     global_step, first_epoch, skip_batches = 0, 0, 0
@@ -723,13 +810,13 @@ def main(argv=None):
         accelerator.wait_for_everyone()
 
     metrics_file = output_dir / "metrics.jsonl"
-    num_timesteps = noise_scheduler.config.num_train_timesteps
     alphas_cumprod = noise_scheduler.alphas_cumprod.to(accelerator.device)
+    log_weight_coefficients = importance_log_weight_coefficients(noise_scheduler).to(accelerator.device)
     progress = tqdm(range(args.max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process)
 
     # Device-side accumulators between logging points: no host sync inside the step.
     zero = lambda: torch.zeros((), device=accelerator.device)  # noqa: E731
-    sums = {}
+    sums, weight_history = {}, {}
     bad_update, nonfinite_in_a_row, skipped_updates, skipped_images = zero(), 0, 0, 0
     last = {}
 
@@ -756,7 +843,7 @@ def main(argv=None):
                 noise = torch.randn(pairs, *latents.shape[1:], device=latents.device)
                 if args.noise_offset:
                     noise += args.noise_offset * torch.randn(pairs, latents.shape[1], 1, 1, device=latents.device)
-                timesteps = torch.randint(0, num_timesteps, (pairs,), device=latents.device)
+                timesteps = torch.randint(args.timestep_range[0], args.timestep_range[1] + 1, (pairs,), device=latents.device)
                 noise_in = noise
                 if args.input_perturbation:  # perturb after sharing, so winner and loser get the same noise (B5)
                     noise_in = noise + args.input_perturbation * torch.randn_like(noise)
@@ -774,6 +861,17 @@ def main(argv=None):
 
                 model_pred = unet(noisy, timesteps, cond, added_cond_kwargs=added).sample.float()
                 target = noise
+                pair_weight, weight_metrics = None, {}
+                if args.importance_weighting != "none":  # from the noise that made x_t, so q is the true posterior
+                    log_weight = log_importance_weight(model_pred, noise_in, timesteps, log_weight_coefficients)
+                    if preference:  # a pair's weight: the geometric mean of its winner's and its loser's
+                        win_log_weight, lose_log_weight = log_weight.chunk(2)
+                        log_weight = 0.5 * (win_log_weight + lose_log_weight)
+                    pair_weight = importance_weights(log_weight, args.importance_weighting, args.is_mask_below,
+                                                     args.is_clip_min, args.is_clip_max)
+                    raw_weight = log_weight.exp()
+                    weight_metrics = {"is_weight_mean": raw_weight.mean(), "is_weight_min": raw_weight.min(),
+                                      "is_weight_max": raw_weight.max(), "is_masked_fraction": (pair_weight == 0).float().mean()}
                 if preference:
                     with torch.no_grad():
                         ref_added = added
@@ -783,7 +881,8 @@ def main(argv=None):
                         scale = winner_preserving_scale(model_pred, target, args.winner_preserving_mu,
                                                         args.winner_preserving_granularity)
                     loss, stats = preference_loss(args.train_method, model_pred, ref_pred, target, args.beta_dpo,
-                                                  dmpo_alpha=args.dmpo_alpha, sdxl=args.sdxl, loser_scale=scale)
+                                                  dmpo_alpha=args.dmpo_alpha, sdxl=args.sdxl, loser_scale=scale,
+                                                  pair_weight=pair_weight)
                     step_metrics = {
                         "model_mse": 0.5 * (stats["model_win_loss"].mean() + stats["model_lose_loss"].mean()),
                         "ref_mse": 0.5 * (stats["ref_win_loss"].mean() + stats["ref_lose_loss"].mean()),
@@ -793,7 +892,7 @@ def main(argv=None):
                         "lose_l_scale": torch.as_tensor(scale, device=loss.device, dtype=torch.float32).mean(),
                     }
                 else:
-                    loss = sft_loss(model_pred, target)
+                    loss = sft_loss(model_pred, target, sample_weight=pair_weight)
                     step_metrics = {}
 
                 finite = torch.isfinite(loss)
@@ -817,6 +916,8 @@ def main(argv=None):
                 sums["implicit_acc_accumulated"] = sums.get("implicit_acc_accumulated", 0) + \
                     step_metrics["implicit_acc"] / args.gradient_accumulation_steps
                 last = step_metrics  # official: the *_unaccumulated, diff and lambda metrics of the last micro-batch
+            for name, value in weight_metrics.items():
+                weight_history.setdefault(name, []).append(value)
             skipped_images += int(batch["skipped"])
 
             if accelerator.sync_gradients:
@@ -839,8 +940,14 @@ def main(argv=None):
                         "avg_win_diff_loss": last["win_diff"], "avg_lose_diff_loss": last["lose_diff"],
                         "avg_lose_l_scale": last["lose_l_scale"],
                     })
+                for name, values in weight_history.items():  # over the update's micro-batches, then over ranks
+                    values = torch.stack(values)
+                    logs[name] = values.amin() if name.endswith("_min") else values.amax() if name.endswith("_max") else values.mean()
                 names = list(logs)
-                values = accelerator.gather(torch.stack([logs[k].float() for k in names]).unsqueeze(0)).mean(0)
+                values = accelerator.gather(torch.stack([logs[k].float() for k in names]).unsqueeze(0))
+                is_min = torch.tensor([k.endswith("_min") for k in names], device=values.device)
+                is_max = torch.tensor([k.endswith("_max") for k in names], device=values.device)
+                values = torch.where(is_min, values.amin(0), torch.where(is_max, values.amax(0), values.mean(0)))
                 logs = dict(zip(names, values.tolist()))
                 logs.update(lr=lr_scheduler.get_last_lr()[0], skipped_updates=skipped_updates, skipped_images=skipped_images)
                 accelerator.log(logs, step=global_step)
@@ -851,7 +958,7 @@ def main(argv=None):
                 if preference:
                     postfix.update(acc=f"{logs['implicit_acc_accumulated']:.2f}", lam=f"{logs['avg_lose_l_scale']:.3f}")
                 progress.set_postfix(**postfix)
-                sums = {}
+                sums, weight_history = {}, {}
                 if nonfinite_in_a_row >= args.max_nonfinite_steps:
                     raise FloatingPointError(
                         f"the loss was non-finite for {nonfinite_in_a_row} consecutive updates (step {global_step}); "
