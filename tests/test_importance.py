@@ -200,7 +200,7 @@ def test_bad_arguments_are_named(extra, message, capsys):
 
 def test_timestep_range_beyond_the_scheduler_is_an_error(tiny_sd15, pickapic, tmp_path):
     with pytest.raises(ValueError, match="HI must be at most 999"):
-        run_train(tiny_sd15, pickapic, tmp_path, "--timestep_range", "0", "1000")
+        run_train(tiny_sd15, pickapic, tmp_path, "--timestep_range", "0", "1000", steps=1)
 
 
 # --- end to end ------------------------------------------------------------------------------------------------------
@@ -229,12 +229,12 @@ def test_every_method_trains_with_importance_weights(tiny_sd15, pickapic, tmp_pa
         extra += ["--beta_dpo", "0.001"]
     if method != "sft":
         extra += ["--use_winner_preserving", "--winner_preserving_mu", "0.5"]
-    assert run_train(tiny_sd15, pickapic, tmp_path, *extra) == 2
+    assert run_train(tiny_sd15, pickapic, tmp_path, *extra, steps=1) == 1
 
     seen = torch.cat(unet_timesteps)
     assert len(seen) > 0 and seen.min() >= 100 and seen.max() <= 899
     logged = metrics(tmp_path)
-    assert [m["step"] for m in logged] == [1, 2]
+    assert [m["step"] for m in logged] == [1]
     for m in logged:
         assert np.isfinite(m["train_loss"])
         assert 0 < m["is_weight_min"] <= m["is_weight_mean"] <= m["is_weight_max"] <= 1
@@ -246,21 +246,22 @@ def test_every_method_trains_with_importance_weights(tiny_sd15, pickapic, tmp_pa
 
 def test_sdxl_trains_with_importance_weights(tiny_sdxl, pickapic, tmp_path):
     run_train(tiny_sdxl, pickapic, tmp_path, "--importance_weighting", "full", "--use_winner_preserving",
-              "--winner_preserving_mu", "0.5", sdxl=True)
+              "--winner_preserving_mu", "0.5", steps=1, sdxl=True)
     assert all(0 < m["is_weight_mean"] <= 1 for m in metrics(tmp_path))
 
 
 def test_timestep_range_drives_the_mask(tiny_sd15, pickapic, tmp_path, unet_timesteps):
     """On the untrained tiny UNet (eps-MSE about 1): at t = 0 (c_0 = 1) w is about e^-1 and every pair is masked, so
     the loss is 0; at t in [400, 600] (c_t < 0.004) w > 0.99 and nothing is; with no mask the loss is unchanged."""
-    run_train(tiny_sd15, pickapic, tmp_path / "t0", "--timestep_range", "0", "0", "--importance_weighting", "clip_mask")
+    run_train(tiny_sd15, pickapic, tmp_path / "t0", "--timestep_range", "0", "0", "--importance_weighting", "clip_mask",
+              steps=1)
     assert torch.cat(unet_timesteps).unique().tolist() == [0]
     assert all(m["is_masked_fraction"] == 1 and m["train_loss"] == 0 for m in metrics(tmp_path / "t0"))
     assert all(m["is_weight_max"] < 0.9 for m in metrics(tmp_path / "t0"))
 
     common = ["--timestep_range", "400", "600"]
-    run_train(tiny_sd15, pickapic, tmp_path / "mid", *common, "--importance_weighting", "clip_mask")
-    run_train(tiny_sd15, pickapic, tmp_path / "plain", *common)
+    run_train(tiny_sd15, pickapic, tmp_path / "mid", *common, "--importance_weighting", "clip_mask", steps=1)
+    run_train(tiny_sd15, pickapic, tmp_path / "plain", *common, steps=1)
     weighted, plain = metrics(tmp_path / "mid"), metrics(tmp_path / "plain")
     assert all(m["is_masked_fraction"] == 0 and m["is_weight_min"] > 0.99 for m in weighted)
     assert [m["train_loss"] for m in weighted] == [m["train_loss"] for m in plain]  # weights of 1 change nothing
