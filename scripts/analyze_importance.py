@@ -27,12 +27,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train  # noqa: E402  (the repository root: the data pipeline and the importance weight are train.py's own)
+from eval.generate import GenerateError  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--pretrained_model_name_or_path", type=str, required=True, help="Base diffusers model: hub id or folder.")
-    parser.add_argument("--revision", type=str, default=None)
     parser.add_argument("--unet_path", type=str, default=None,
                         help="The UNet to analyse instead of the base one: a .safetensors/.pth state dict, a train.py "
                              "output or checkpoint folder (unet.safetensors or unet.pth), or a diffusers UNet folder.")
@@ -78,71 +78,34 @@ def data_args(args) -> argparse.Namespace:
     return train.parse_args(argv + (["--sdxl"] if args.sdxl else []))
 
 
-def load_unet(args, dtype):
-    """The base UNet, or the one --unet_path names (strict load of a state dict into the base architecture)."""
-    from diffusers import UNet2DConditionModel
-    from safetensors.torch import load_file
-
-    base = dict(pretrained_model_name_or_path=args.pretrained_model_name_or_path, subfolder="unet", revision=args.revision)
-    path = Path(args.unet_path) if args.unet_path else None
-    if path is not None and not path.exists():
-        raise FileNotFoundError(f"--unet_path {path}: no such file or folder")
-    if path is not None and path.is_dir():
-        if (path / "unet" / "config.json").is_file():
-            return UNet2DConditionModel.from_pretrained(path, subfolder="unet", torch_dtype=dtype)
-        if (path / "config.json").is_file():
-            return UNet2DConditionModel.from_pretrained(path, torch_dtype=dtype)
-        files = [path / name for name in ("unet.safetensors", "unet.pth") if (path / name).is_file()]
-        if not files:
-            raise FileNotFoundError(f"--unet_path {path} holds no unet/config.json, config.json, unet.safetensors or unet.pth")
-        path = files[0]
-    unet = UNet2DConditionModel.from_pretrained(**base, torch_dtype=dtype)
-    if path is not None:
-        state = load_file(str(path)) if path.suffix == ".safetensors" else torch.load(path, map_location="cpu", weights_only=True)
-        try:
-            unet.load_state_dict(state)
-        except RuntimeError as error:
-            raise RuntimeError(f"--unet_path {path} is not a UNet of {args.pretrained_model_name_or_path} "
-                               f"(pass --sdxl for SDXL; the right base model?): {str(error)[:500]}") from error
-    return unet
-
-
 def analyse(args) -> list[dict]:
     """One row per timestep bin: counts, mean c_t, and the mean, standard error and exp of log w for winners and losers."""
-    from diffusers import AutoencoderKL, DDPMScheduler
+    from diffusers import DDPMScheduler
     from tqdm.auto import tqdm
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    from eval.generate import load_models
 
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     precision = args.mixed_precision if args.mixed_precision != "auto" else ("fp16" if device.type == "cuda" else "no")
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
-    base, revision = args.pretrained_model_name_or_path, args.revision
-
-    tokenizers = [train.load_tokenizer(base, "tokenizer", revision)]
-    encoders = [CLIPTextModel.from_pretrained(base, subfolder="text_encoder", revision=revision, torch_dtype=dtype)]
-    if args.sdxl:
-        tokenizers.append(train.load_tokenizer(base, "tokenizer_2", revision))
-        encoders.append(CLIPTextModelWithProjection.from_pretrained(base, subfolder="text_encoder_2", revision=revision,
-                                                                    torch_dtype=dtype))
-    if args.pretrained_vae_model_name_or_path:
-        vae = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path)
-    else:
-        vae = AutoencoderKL.from_pretrained(base, subfolder="vae", revision=revision)
-    unet = load_unet(args, dtype)
-    scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler", revision=revision)
+    base = args.pretrained_model_name_or_path
+    train.load_tokenizer(base, "tokenizer", None)  # names the fix when the model is neither local nor cached
+    # eval.generate's loader: the same --unet_path forms and errors; frozen, UNet and text encoders in dtype, VAE fp32
+    models = load_models(argparse.Namespace(pretrain_path=base, unet_path=args.unet_path, sdxl=args.sdxl, lora_path=None,
+                                            vae_path=args.pretrained_vae_model_name_or_path), device, dtype)
+    unet, vae, encoders = models.unet, models.vae, models.text_encoders
+    scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler")  # the training schedule, not Euler's
     if scheduler.config.prediction_type != "epsilon":
         raise ValueError(f"{base}: prediction_type {scheduler.config.prediction_type!r}; only 'epsilon' is supported")
     if args.timestep_range[1] >= scheduler.config.num_train_timesteps:
         raise ValueError(f"--timestep_range: HI must be at most {scheduler.config.num_train_timesteps - 1}")
-    for module in (vae, unet, *encoders):
-        module.requires_grad_(False).eval().to(device)
     coefficients = train.importance_log_weight_coefficients(scheduler).to(device)
     alphas_cumprod = scheduler.alphas_cumprod.to(device)
 
     targs = data_args(args)
     dataset = train.PairDataset(train.filter_rows(train.load_rows(targs), targs, is_main=True), targs)
     loader = torch.utils.data.DataLoader(dataset, sampler=train.EpochSampler(len(dataset), args.seed, shuffle=False),
-                                         batch_size=args.batch_size, collate_fn=train.Collate(tokenizers))
+                                         batch_size=args.batch_size, collate_fn=train.Collate(models.tokenizers))
     low, high = args.timestep_range
     edges = [low + round(i * (high - low + 1) / args.num_bins) for i in range(args.num_bins + 1)]
     generator = torch.Generator().manual_seed(args.seed)
@@ -241,6 +204,6 @@ if __name__ == "__main__":
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
         main()
-    except (FileNotFoundError, ValueError, RuntimeError) as error:
+    except (FileNotFoundError, ValueError, RuntimeError, GenerateError) as error:
         print(f"analyze_importance.py: error: {error}", file=sys.stderr)
         sys.exit(1)
