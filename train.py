@@ -3,7 +3,9 @@
 
 Methods (`--train_method`): Diffusion-DPO, DSPO, DMPO and plain SFT on the preferred images, each optionally with
 the winner-preserving safeguard of Diffusion-SDPO (`--use_winner_preserving`), which rescales the loser branch's
-gradient so that, to first order, an update never increases the winner's denoising loss.
+gradient so that, to first order, an update never increases the winner's denoising loss. Also with any method:
+timestep masking (`--timestep_range`) and importance weights (`--importance_weighting`), our interpretation of SDPO
+(arXiv:2505.21893; docs/importance.md).
 
     accelerate launch train.py --pretrained_model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5 \
         --dataset_name yuvalkirstain/pickapic_v2 --train_method diffusion-dpo --beta_dpo 5000 \
