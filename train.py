@@ -19,15 +19,21 @@ unchanged. The file reads top to bottom: the losses (pure functions), the argume
 from __future__ import annotations
 
 import argparse
+import collections
+import contextlib
+import glob
 import io
+import itertools
 import json
 import logging
 import math
 import os
 import random
+import re
 import shutil
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -268,7 +274,17 @@ def build_parser() -> argparse.ArgumentParser:
                       help="Probability of replacing a pair's caption by '' (official default 0.2, despite its help text).")
     data.add_argument("--choice_model", type=str, default="",
                       help="Re-rank every pair with a scorer (pickscore, hpsv2, aesthetics, clip, imagereward; official aliases hps, aes).")
+    data.add_argument("--choice_model_path", type=str, default=None,
+                      help="Weights of the --choice_model scorer (load_scorer's model_path; default: the official hub files).")
+    data.add_argument("--choice_model_config", type=str, default=None,
+                      help="JSON object (or a .json file) of further load_scorer options, e.g. '{\"processor_path\": \"...\"}'.")
+    data.add_argument("--choice_model_device", type=str, default=None, help="Device of the scorer (default: the training device).")
+    data.add_argument("--choice_model_batch_size", type=int, default=32, help="Images per scorer forward pass.")
     data.add_argument("--dreamlike_pairs_only", action="store_true", help="Keep only pairs where both generators are Dreamlike.")
+    data.add_argument("--streaming", action="store_true",
+                      help="Stream the dataset (hub id or files) instead of downloading it first. WebDataset shards always stream.")
+    data.add_argument("--shuffle_buffer_size", type=int, default=1000,
+                      help="Streams only: rows in the seeded shuffling buffer (the shard order is shuffled too).")
 
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--train_batch_size", type=int, default=1, help="Pairs per device per micro-batch (the UNet sees twice this).")
@@ -320,6 +336,22 @@ def build_parser() -> argparse.ArgumentParser:
     pref.add_argument("--is_clip_min", type=float, default=0.1, help="full: lower clip of w, in (0, --is_clip_max].")
     pref.add_argument("--is_clip_max", type=float, default=1.0, help="full: upper clip of w (w <= 1 by construction).")
 
+    lora = parser.add_argument_group("LoRA (peft)")
+    lora.add_argument("--use_lora", action="store_true",
+                      help="Train LoRA adapters only; the reference is the same UNet with its adapters disabled (no second UNet).")
+    lora.add_argument("--lora_rank", type=int, default=4, help="Rank r of the adapters.")
+    lora.add_argument("--lora_alpha", type=float, default=None, help="Adapter scale alpha (the update is alpha/r B A); default r.")
+    lora.add_argument("--lora_target_modules", type=str, default="to_k,to_q,to_v,to_out.0",
+                      help="Comma-separated names of the UNet modules that get adapters.")
+
+    ema = parser.add_argument_group("EMA")
+    ema.add_argument("--use_ema", action="store_true",
+                     help="Keep an exponential moving average of the trained weights (saved as unet_ema.* beside unet.*).")
+    ema.add_argument("--ema_decay", type=float, default=0.9999, help="Largest decay of the average.")
+    ema.add_argument("--ema_update_after_step", type=int, default=0, help="Optimizer steps before the average starts.")
+    ema.add_argument("--ema_power", type=float, default=None,
+                     help="Warm-up decay 1 - (1 + t)^-power; default: diffusers' (1 + t) / (10 + t). Either is capped at --ema_decay.")
+
     out = parser.add_argument_group("logging and checkpoints")
     out.add_argument("--output_dir", type=str, default="sd-model-finetuned")
     out.add_argument("--logging_dir", type=str, default="logs", help="Tracker folder, inside output_dir.")
@@ -365,6 +397,20 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--proportion_empty_prompts must be in [0, 1], got {args.proportion_empty_prompts}")
     if args.push_to_hub and not args.hub_model_id:
         parser.error("--push_to_hub needs --hub_model_id")
+    if args.choice_model:
+        from eval.scorers import ALIASES, METRICS
+
+        if args.choice_model.lower() not in METRICS + tuple(ALIASES):
+            parser.error(f"--choice_model {args.choice_model}: not a scorer; choose from {', '.join(METRICS)} "
+                         f"(official aliases {', '.join(ALIASES)})")
+    if args.lora_alpha is None:
+        args.lora_alpha = args.lora_rank
+    if args.lora_rank < 1:
+        parser.error(f"--lora_rank must be >= 1, got {args.lora_rank}")
+    if not 0.0 <= args.ema_decay <= 1.0:
+        parser.error(f"--ema_decay must be in [0, 1], got {args.ema_decay}")
+    if args.shuffle_buffer_size < 1:
+        parser.error(f"--shuffle_buffer_size must be >= 1, got {args.shuffle_buffer_size}")
     return args
 
 
@@ -375,31 +421,109 @@ PAIR_COLUMNS = ("jpg_0", "jpg_1", "label_0")
 
 
 def load_rows(args):
-    """The raw dataset split named by --dataset_name / --train_data_dir (hub id, folder, files or save_to_disk)."""
-    from datasets import DatasetDict, load_dataset, load_from_disk
+    """The raw dataset split named by --dataset_name / --train_data_dir: a hub id, a folder, files, a save_to_disk
+    folder, or WebDataset shards. Streams (--streaming, and shards always) are `datasets.IterableDataset`s whose
+    images stay undecoded bytes, so a resume can skip rows cheaply."""
+    from datasets import DatasetDict, IterableDataset, IterableDatasetDict, load_dataset, load_from_disk
 
     source = args.dataset_name or args.train_data_dir
     data_dir = args.train_data_dir if args.dataset_name else None
     path = Path(source)
-    if path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()):
+    shards = webdataset_shards(source, args.split)
+    if shards:
+        dataset = load_dataset("webdataset", data_files={args.split: shards}, split=args.split, streaming=True,
+                               cache_dir=args.cache_dir)
+    elif path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()):
         dataset = load_from_disk(str(path))  # a save_to_disk folder
     elif path.is_file() or any(ch in source for ch in "*?["):
         builder = "arrow" if source.endswith(".arrow") else "parquet"
-        dataset = load_dataset(builder, data_files=source, cache_dir=args.cache_dir)
+        dataset = load_dataset(builder, data_files=source, cache_dir=args.cache_dir, streaming=args.streaming)
     elif path.is_dir() or args.dataset_name:
-        dataset = load_dataset(source, args.dataset_config_name, cache_dir=args.cache_dir, data_dir=data_dir)
+        dataset = load_dataset(source, args.dataset_config_name, cache_dir=args.cache_dir, data_dir=data_dir,
+                               streaming=args.streaming)
     else:
         raise FileNotFoundError(f"--train_data_dir {source}: no such folder")
-    if isinstance(dataset, DatasetDict):
+    if isinstance(dataset, (DatasetDict, IterableDatasetDict)):
         if args.split not in dataset:
             raise ValueError(f"{source} has no split {args.split!r} (it has {list(dataset)}); pass --split NAME")
         dataset = dataset[args.split]
+    if args.streaming and not isinstance(dataset, IterableDataset):
+        dataset = dataset.to_iterable_dataset()  # a save_to_disk folder is local already; stream it all the same
+    if isinstance(dataset, IterableDataset):
+        dataset = pickapic_columns(dataset.decode(False))
     return dataset
 
 
+def expand_braces(pattern: str) -> list[str]:
+    """WebDataset's shard notation: 'pairs-{000..002}.tar' -> pairs-000.tar, pairs-001.tar, pairs-002.tar; {a,b} lists."""
+    match = re.search(r"\{([^{}]*)\}", pattern)
+    if not match:
+        return [pattern]
+    body, head, tail = match.group(1), pattern[: match.start()], pattern[match.end():]
+    if re.fullmatch(r"\d+\.\.\d+", body):
+        low, high = body.split("..")
+        options = [str(i).zfill(len(low)) for i in range(int(low), int(high) + 1)]
+    else:
+        options = body.split(",")
+    return [name for option in options for name in expand_braces(head + option + tail)]
+
+
+def webdataset_shards(source: str, split: str) -> list[str]:
+    """The .tar shards `source` names (a folder of shards, a glob, a {000..099} range, or URLs), else [].
+
+    In a folder, shards named after splits (train-00000.tar, test_unique-00000.tar) are filtered by `split`;
+    unnamed ones (00012.tar, as in the Pick-a-Pic v2 mirror) are all taken.
+    """
+    path = Path(source)
+    if path.is_dir():
+        files = [p for p in path.rglob("*") if p.is_file() and not p.name.startswith(".")]
+        tars = sorted(p for p in files if p.suffix == ".tar")
+        if not tars or any(p.suffix in (".parquet", ".arrow") for p in files):
+            return []
+        named = [p for p in tars if re.match(rf"{re.escape(split)}(?![A-Za-z_])", p.name)]
+        if not named and any(p.name[0].isalpha() for p in tars):
+            raise ValueError(f"{source} has no shard for split {split!r} (its shards: {', '.join(p.name for p in tars[:4])}, ...); "
+                             f"pass --split NAME")
+        return [str(p) for p in named or tars]
+    if not re.search(r"\.tar\b", source):
+        return []
+    shards = []
+    for name in expand_braces(source):
+        shards += [name] if "://" in name else sorted(glob.glob(name))
+    if not shards:
+        raise FileNotFoundError(f"--dataset_name {source}: no .tar shard matches (give a folder, a glob or a {{000..099}} range)")
+    return shards
+
+
+def pickapic_columns(rows):
+    """Pick-a-Pic column names for WebDataset fields, which are named `<column>.<extension>` (the v2 mirror's shards hold
+    jpg_0.jpg, jpg_1.jpg, label_0.txt, label_1.txt and original_prompt.txt): the extension is dropped, `original_prompt`
+    is the caption when there is no `caption` field, and labels stored as text become numbers."""
+    from datasets import Value
+
+    if rows.column_names is None:
+        raise ValueError("the streamed dataset does not declare its columns; train.py needs jpg_0, jpg_1, label_0 and a caption")
+    renames = {name: name.split(".")[0] for name in rows.column_names if "." in name}
+    names = {renames.get(name, name) for name in rows.column_names}
+    if "caption" not in names and "original_prompt" in names:
+        renames[next(k for k in rows.column_names if renames.get(k, k) == "original_prompt")] = "caption"
+    rows = rows.rename_columns(renames) if renames else rows
+    for name in ("label_0", "label_1", "caption"):
+        if name in rows.column_names and rows.features[name] == Value("binary"):
+            raise ValueError(f"the shards' {name} field is raw bytes: WebDataset decodes text by extension, so store it "
+                             f"as <key>.{'original_prompt' if name == 'caption' else name}.txt")
+    for label in ("label_0", "label_1"):
+        if label in rows.column_names and rows.features[label] != Value("float64"):
+            rows = rows.cast_column(label, Value("float64"))
+    return rows
+
+
 def filter_rows(rows, args, is_main: bool):
-    """Drop ties by label value (not by the dataset's name), optionally keep Dreamlike pairs, then subsample."""
+    """Drop ties by label value (not by the dataset's name), optionally keep Dreamlike pairs, then subsample.
+
+    A stream is filtered lazily as it is read; --max_train_samples then keeps its first N pairs (no random access)."""
     import numpy as np
+    from datasets import IterableDataset
 
     needed = list(PAIR_COLUMNS) + [args.caption_column]
     if args.dreamlike_pairs_only:
@@ -411,6 +535,15 @@ def filter_rows(rows, args, is_main: bool):
             f"columns jpg_0, jpg_1, label_0 and a caption column (--caption_column)"
         )
     rows = rows.select_columns(needed)
+    if isinstance(rows, IterableDataset):
+        rows = rows.filter(lambda label: label in (0, 1), input_columns="label_0")
+        if args.dreamlike_pairs_only:
+            rows = rows.filter(lambda a, b: "dream" in a and "dream" in b, input_columns=["model_0", "model_1"])
+        if args.max_train_samples is not None:
+            rows = rows.take(args.max_train_samples)
+        if is_main:
+            logger.info("Streaming: split decisions (label 0.5) are dropped as the rows are read")
+        return rows
     labels = np.asarray(rows["label_0"], dtype=np.float64)
     decided = np.flatnonzero((labels == 0) | (labels == 1))
     if is_main:
@@ -446,14 +579,16 @@ class PairDataset(torch.utils.data.Dataset):
     Keys come from `EpochSampler` as (seed, epoch, index); every random choice (crop, flips, caption dropout) is drawn
     from a generator seeded by that key, so a batch is the same whichever worker decodes it and after a resume.
     An undecodable image skips its row: the next decodable row takes its place and the skip is counted.
+    With --choice_model the pair keeps the dataset order (jpg_0, jpg_1) and the example also carries the two decoded
+    images, the full caption and the human label, for the scorer that picks the winner in the training step.
     """
 
     def __init__(self, rows, args):
         self.rows, self.resolution = rows, args.resolution
         self.random_crop, self.hflip = args.random_crop, not args.no_hflip
         self.proportion_empty_prompts, self.caption_column = args.proportion_empty_prompts, args.caption_column
-        self.winner_only = args.train_method == "sft"
-        self.keep_order = bool(args.choice_model)  # the choice model decides the winner in the step
+        self.for_scorer = bool(args.choice_model)
+        self.winner_only = args.train_method == "sft" and not self.for_scorer  # SFT + scorer: the step picks the winner
 
     def __len__(self):
         return len(self.rows)
@@ -474,31 +609,39 @@ class PairDataset(torch.utils.data.Dataset):
         return TF.normalize(TF.to_tensor(image), [0.5], [0.5])
 
     def __getitem__(self, key):
+        index, n = key[2], len(self.rows)
+        return self.example(key, (self.rows[(index + offset) % n] for offset in range(n)))
+
+    def example(self, key, candidates) -> dict:
+        """The example for `key` = (seed, epoch, position) from the first row of `candidates` (the keyed row, then the
+        rows standing in for it) whose two images decode."""
         seed, epoch, index = key
         rng = random.Random(f"{seed}-{epoch}-{index}")
         skipped = 0
-        for offset in range(len(self.rows)):
-            row = self.rows[(index + offset) % len(self.rows)]
+        for row in candidates:
             try:
                 images = [decode_image(row["jpg_0"]), decode_image(row["jpg_1"])]
                 break
             except Exception as error:  # noqa: BLE001 - any undecodable image skips the row, the run goes on
                 skipped += 1
-                logger.debug(f"row {(index + offset) % len(self.rows)}: undecodable image skipped ({error})")
+                logger.debug(f"{key}: undecodable image skipped ({error})")
         else:
-            raise RuntimeError("no image in the dataset could be decoded; check the jpg_0/jpg_1 columns")
-        if row["label_0"] == 0 and not self.keep_order:
+            raise RuntimeError(f"no image from row {index} on could be decoded; check the jpg_0/jpg_1 columns")
+        if row["label_0"] == 0 and not self.for_scorer:
             images.reverse()  # winner first
-        caption = row[self.caption_column]
+        caption = full_caption = row[self.caption_column]
         if not isinstance(caption, str):  # a list of captions: pick one
-            caption = rng.choice(list(caption))
+            caption = full_caption = rng.choice(list(caption))
         if rng.random() < self.proportion_empty_prompts:
             caption = ""
         if self.winner_only:
             pixels = self.transform(images[0], rng)
         else:
             pixels = torch.cat([self.transform(image, rng) for image in images])
-        return {"pixel_values": pixels, "caption": caption, "skipped": skipped}
+        example = {"pixel_values": pixels, "caption": caption, "skipped": skipped}
+        if self.for_scorer:
+            example.update(images=images, prompt=full_caption, label_0=float(row["label_0"]))
+        return example
 
 
 class EpochSampler(torch.utils.data.Sampler):
@@ -527,8 +670,95 @@ class EpochSampler(torch.utils.data.Sampler):
         self.seed = state["seed"]
 
 
+class PairStream(torch.utils.data.IterableDataset):
+    """PairDataset's examples from a stream (--streaming, WebDataset shards), with exact resume and no random access.
+
+    Per epoch the filtered rows form one sequence (shuffled by a buffer seeded with (seed, epoch) when `shuffle`).
+    From `start` on, row p belongs to batch g = (p - start) // B, and batch g to process g % W, as accelerate deals
+    out map-style batches; a round of W batches is used only when it is complete, so every process gets the same
+    number of batches. Each process and each of its DataLoader workers reads the whole sequence but decodes only its
+    own batches (worker w of n takes every n-th). Examples are keyed (seed, epoch, p), so without shuffling a stream
+    gives exactly PairDataset's pairs, and an undecodable row is replaced by the next one, as there.
+
+    The state saved in checkpoints is (seed, epoch, position): `position` is where the next round starts, set by the
+    training loop from the batches it has used; a resumed epoch starts there, skipping the used rows undecoded.
+    """
+
+    def __init__(self, rows, args, seed: int, shuffle: bool, rank: int = 0, world_size: int = 1):
+        self.rows, self.pairs = rows, PairDataset(None, args)
+        self.seed, self.shuffle, self.buffer_size = seed, shuffle, args.shuffle_buffer_size
+        self.batch_size, self.rank, self.world_size = args.train_batch_size, rank, world_size
+        self.epoch, self.start, self.position = 0, 0, 0
+
+    def ordered_rows(self):
+        """This epoch's rows, undecoded. `.iter` rather than `iter()`: datasets would split the shards among the
+        DataLoader workers, and here every worker needs the whole sequence."""
+        rows = self.rows
+        if self.shuffle:
+            rows = rows.shuffle(seed=self.seed, buffer_size=self.buffer_size)
+            rows.set_epoch(self.epoch)
+        for block in rows.iter(batch_size=64):
+            yield from (dict(zip(block, values)) for values in zip(*block.values()))
+
+    def __iter__(self):
+        worker = torch.utils.data.get_worker_info()
+        workers, worker_id = (worker.num_workers, worker.id) if worker else (1, 0)
+        rows = RowWindow(self.ordered_rows())
+        per_round = self.batch_size * self.world_size
+        for round_index in itertools.count():
+            round_start = self.start + round_index * per_round
+            rows.drop_before(round_start)
+            if rows.get(round_start + per_round - 1) is None:
+                return  # an incomplete last round is left out, on every process alike
+            if round_index % workers != worker_id:
+                continue
+            first = round_start + self.rank * self.batch_size
+            for position in range(first, first + self.batch_size):
+                # Stand-ins for an undecodable row: the rows after it, or at the very end of the stream the round's first rows.
+                later = itertools.takewhile(lambda row: row is not None, map(rows.get, itertools.count(position)))
+                earlier = map(rows.get, range(round_start, position))
+                example = self.pairs.example((self.seed, self.epoch, position), itertools.chain(later, earlier))
+                yield dict(example, stream_position=round_start + per_round)
+
+    def state_dict(self):
+        return {"seed": self.seed, "epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state):
+        if "position" not in state:
+            raise ValueError("the checkpoint comes from a run over a map-style (downloaded) dataset: resume it with the "
+                             "same data source, without --streaming")
+        self.seed, self.epoch, self.position = state["seed"], state["epoch"], state["position"]
+        self.start = self.position
+
+
+class RowWindow:
+    """Random access to a window of a row iterator: rows are read as `get` asks for them and kept until dropped."""
+
+    def __init__(self, rows):
+        self.rows, self.kept, self.first = iter(rows), collections.deque(), 0
+
+    def get(self, position: int):
+        """The row at `position` (not yet dropped), or None past the end."""
+        while self.first + len(self.kept) <= position:
+            row = next(self.rows, None)
+            if row is None:
+                return None
+            self.kept.append(row)
+        return self.kept[position - self.first]
+
+    def drop_before(self, position: int):
+        """Forget the rows before `position`, reading past (not decoding) any not read yet."""
+        while self.first < position:
+            if self.kept:
+                self.kept.popleft()
+            elif next(self.rows, None) is None:
+                return
+            self.first += 1
+
+
 class Collate:
-    """Stacks pixels and tokenises captions with each tokenizer (one for SD1.5, two for SDXL)."""
+    """Stacks pixels and tokenises captions with each tokenizer (one for SD1.5, two for SDXL); passes on the scorer's
+    inputs (images, prompt, label_0) and a stream's position when the examples carry them."""
 
     def __init__(self, tokenizers):
         self.tokenizers = tokenizers
@@ -544,8 +774,12 @@ class Collate:
             ids = tokenizer(captions, max_length=tokenizer.model_max_length, padding="max_length", truncation=True,
                             return_tensors="pt").input_ids
             batch["input_ids" if i == 0 else f"input_ids_{i + 1}"] = ids
+        if "images" in examples[0]:
+            batch.update(images=[e["images"] for e in examples], prompts=[e["prompt"] for e in examples],
+                         label_0=torch.tensor([e["label_0"] for e in examples]))
+        if "stream_position" in examples[0]:
+            batch["stream_position"] = max(e["stream_position"] for e in examples)
         return batch
-
 
 # ----------------------------------------------------------------------------------------------------------------
 # Models
@@ -587,23 +821,116 @@ def sdxl_time_ids(batch_size: int, resolution: int, device, dtype) -> torch.Tens
     return torch.tensor([resolution, resolution, 0, 0, resolution, resolution], device=device, dtype=dtype).repeat(batch_size, 1)
 
 
+def add_lora(unet, args, dtype):
+    """Freeze the UNet in `dtype` and add trainable fp32 LoRA adapters (peft, through diffusers' integration).
+
+    B starts at zero, so the adapted UNet starts as the base. The adapters are drawn under their own seed (--seed), so a
+    LoRA run sees the same noise and timesteps as a full fine-tuning run with the same seed.
+    """
+    from peft import LoraConfig
+
+    unet.requires_grad_(False)
+    torch.nn.Module.to(unet, dtype=dtype)  # torch's own: diffusers' override warns about fp32 modules the UNet lacks
+    targets = [name.strip() for name in args.lora_target_modules.split(",") if name.strip()]
+    config = LoraConfig(r=args.lora_rank, lora_alpha=args.lora_alpha, init_lora_weights="gaussian", target_modules=targets)
+    with torch.random.fork_rng(devices=[]):
+        if args.seed is not None:
+            torch.manual_seed(args.seed)
+        unet.add_adapter(config)
+    for _, param in trainable_parameters(unet):
+        param.data = param.data.float()
+
+
+@contextlib.contextmanager
+def adapters_disabled(unet):
+    """Inside, the LoRA UNet is its base model: the reference of a LoRA run, with no second UNet in memory."""
+    unet.disable_adapters()
+    try:
+        yield unet
+    finally:
+        unet.enable_adapters()
+
+
+def trainable_parameters(unet) -> list:
+    return [(name, param) for name, param in unet.named_parameters() if param.requires_grad]
+
+
 def unet_state_dict(unet) -> dict:
     return {k: v.detach().cpu().contiguous() for k, v in unet.state_dict().items()}
 
 
-def save_unet(unet, folder: Path, formats=("safetensors", "pth")):
-    """The UNet weights as `unet.safetensors` and/or `unet.pth` (a plain state dict: the released checkpoints' format).
+def trained_state(unet, ema=None) -> dict:
+    """What training changes, on the CPU: the UNet's state dict, or for a LoRA UNet its adapters in diffusers' format
+    (what `pipeline.load_lora_weights` reads). With `ema`, its moving averages stand in for the trained values."""
+    state = unet.state_dict()
+    if ema is not None:
+        state.update({name: average for (name, _), average in zip(trainable_parameters(unet), ema.shadow_params)})
+    if getattr(unet, "peft_config", None):
+        from diffusers.utils import convert_state_dict_to_diffusers
+        from peft.utils import get_peft_model_state_dict
+
+        state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, state_dict=state))
+    return {k: v.detach().cpu().contiguous() for k, v in state.items()}
+
+
+def save_unet(unet, folder: Path, formats=("safetensors", "pth"), name: str = "unet", state: dict | None = None):
+    """The UNet weights as `<name>.safetensors` and/or `<name>.pth` (a plain state dict: the released checkpoints' format).
 
     Each file is written under a temporary name and renamed, so a crash never leaves a truncated file behind.
     """
     from safetensors.torch import save_file
 
-    state = unet_state_dict(unet)
+    state = unet_state_dict(unet) if state is None else state
     for fmt in formats:
-        final = folder / f"unet.{fmt}"
-        tmp = folder / f".unet.{fmt}.tmp"
+        final = folder / f"{name}.{fmt}"
+        tmp = folder / f".{name}.{fmt}.tmp"
         save_file(state, str(tmp)) if fmt == "safetensors" else torch.save(state, tmp)
         os.replace(tmp, final)
+
+
+LORA_WEIGHTS = "pytorch_lora_weights"  # diffusers' file name; load_lora_weights(folder) finds it
+
+
+def save_weights(unet, folder: Path, args, ema=None, formats=("safetensors", "pth")):
+    """What training changed, into `folder`: unet.safetensors/.pth, or with LoRA pytorch_lora_weights.safetensors
+    (+ adapter config as metadata); with `ema`, the moving average beside it as unet_ema.* or pytorch_lora_weights_ema.*."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    for suffix, average in [("", None)] + ([("_ema", ema)] if ema is not None else []):
+        state = trained_state(unet, average)
+        if not args.use_lora:
+            save_unet(None, folder, formats, name=f"unet{suffix}", state=state)
+            continue
+        tmp = f".{LORA_WEIGHTS}{suffix}.safetensors.tmp"
+        pipeline_class = StableDiffusionXLPipeline if args.sdxl else StableDiffusionPipeline
+        pipeline_class.save_lora_weights(folder, unet_lora_layers=state, weight_name=tmp,
+                                         unet_lora_adapter_metadata=unet.peft_config["default"].to_dict())
+        os.replace(folder / tmp, folder / f"{LORA_WEIGHTS}{suffix}.safetensors")
+
+
+def load_weights(unet, folder: Path, args, ema=None):
+    """The inverse of `save_weights`, for a resume. The EMA file is read first, through the model into the average."""
+    from safetensors.torch import load_file
+
+    def load(suffix):
+        if not args.use_lora:
+            unet.load_state_dict(load_file(str(folder / f"unet{suffix}.safetensors")))
+            return
+        from diffusers.utils import convert_unet_state_dict_to_peft
+        from peft.utils import set_peft_model_state_dict
+
+        state = load_file(str(folder / f"{LORA_WEIGHTS}{suffix}.safetensors"))
+        state = convert_unet_state_dict_to_peft({k.removeprefix("unet."): v for k, v in state.items()})
+        result = set_peft_model_state_dict(unet, state, adapter_name="default")
+        missing = [k for k in result.missing_keys if "lora_" in k]
+        if result.unexpected_keys or missing:
+            raise RuntimeError(f"{folder}: the adapter does not fit this UNet (--lora_rank/--lora_target_modules changed?): "
+                               f"{(result.unexpected_keys + missing)[:3]}")
+
+    if ema is not None:
+        load("_ema")
+        ema.shadow_params = [param.detach().clone() for _, param in trainable_parameters(unet)]
+    load("")
 
 
 def find_checkpoint(output_dir: Path, spec: str) -> Path | None:
@@ -633,10 +960,11 @@ def prune_checkpoints(output_dir: Path, keep: int):
 def main(argv=None):
     args = parse_args(argv)
 
+    import datasets
     import numpy as np
     from accelerate import Accelerator
     from accelerate.logging import get_logger
-    from accelerate.utils import ProjectConfiguration, set_seed
+    from accelerate.utils import ProjectConfiguration, send_to_device, set_seed
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from diffusers.optimization import get_scheduler
     from tqdm.auto import tqdm
@@ -688,7 +1016,11 @@ def main(argv=None):
     unet_source = dict(pretrained_model_name_or_path=args.unet_init or base, subfolder="unet",
                        revision=None if args.unet_init else revision)
     unet = UNet2DConditionModel.from_pretrained(**unet_source)  # fp32 master weights
-    ref_unet = UNet2DConditionModel.from_pretrained(**unet_source, torch_dtype=weight_dtype) if preference else None
+    ref_unet = None
+    if args.use_lora:  # base frozen in weight_dtype, fp32 adapters; the reference is the base (adapters_disabled)
+        add_lora(unet, args, weight_dtype)
+    elif preference:
+        ref_unet = UNet2DConditionModel.from_pretrained(**unet_source, torch_dtype=weight_dtype)
 
     frozen = [vae, *text_encoders] + ([ref_unet] if ref_unet is not None else [])
     for module in frozen:
@@ -701,16 +1033,17 @@ def main(argv=None):
         unet.enable_gradient_checkpointing()
     unet.train()
 
-    # Checkpoints hold the UNet as unet.safetensors (a plain state dict the eval scripts read), not accelerate's default.
+    # Checkpoints hold the UNet as unet.safetensors (a plain state dict the eval scripts read), not accelerate's default;
+    # with LoRA the adapter file, and with EMA the average beside it (save_weights).
+    ema = None
+
     def save_model_hook(models, weights, folder):
         if accelerator.is_main_process:
-            save_unet(accelerator.unwrap_model(models[0]), Path(folder), formats=("safetensors",))
+            save_weights(accelerator.unwrap_model(models[0]), Path(folder), args, ema, formats=("safetensors",))
         weights.clear()
 
     def load_model_hook(models, folder):
-        from safetensors.torch import load_file
-
-        accelerator.unwrap_model(models[0]).load_state_dict(load_file(str(Path(folder) / "unet.safetensors")))
+        load_weights(accelerator.unwrap_model(models[0]), Path(folder), args, ema)
         models.clear()
 
     accelerator.register_save_state_pre_hook(save_model_hook)
@@ -719,7 +1052,7 @@ def main(argv=None):
     # Optimizer
     if args.scale_lr:
         args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
-    params = [p for p in unet.parameters() if p.requires_grad]
+    params = [p for _, p in trainable_parameters(unet)]
     if args.use_adafactor:
         from transformers.optimization import Adafactor
 
@@ -740,32 +1073,59 @@ def main(argv=None):
     # Data
     with accelerator.main_process_first():
         rows = filter_rows(load_rows(args), args, accelerator.is_main_process)
-    dataset = PairDataset(rows, args)
     data_seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
-    sampler = EpochSampler(len(dataset), data_seed, shuffle=args.split == "train")
-    dataloader = torch.utils.data.DataLoader(
-        dataset, sampler=sampler, batch_size=args.train_batch_size, drop_last=True, collate_fn=Collate(tokenizers),
-        num_workers=args.dataloader_num_workers, pin_memory=torch.cuda.is_available(),
-        persistent_workers=args.dataloader_num_workers > 0,
-        generator=torch.Generator().manual_seed(data_seed),  # worker seeds must not draw from the global RNG (resume)
-    )
-    relabel = None
-    if args.choice_model:
-        from eval.scorers import load_scorer
+    stream = None
+    if isinstance(rows, datasets.IterableDataset):  # --streaming or WebDataset shards: PairStream shards by rank itself
+        stream = PairStream(rows, args, data_seed, shuffle=args.split == "train",
+                            rank=accelerator.process_index, world_size=accelerator.num_processes)
+        dataloader = torch.utils.data.DataLoader(
+            stream, batch_size=args.train_batch_size, collate_fn=Collate(tokenizers),
+            num_workers=args.dataloader_num_workers, pin_memory=torch.cuda.is_available(),
+            generator=torch.Generator().manual_seed(data_seed),  # worker seeds must not draw from the global RNG (resume)
+        )  # no persistent workers: every epoch they must see the stream's new epoch and start
+    else:
+        dataset = PairDataset(rows, args)
+        sampler = EpochSampler(len(dataset), data_seed, shuffle=args.split == "train")
+        dataloader = torch.utils.data.DataLoader(
+            dataset, sampler=sampler, batch_size=args.train_batch_size, drop_last=True, collate_fn=Collate(tokenizers),
+            num_workers=args.dataloader_num_workers, pin_memory=torch.cuda.is_available(),
+            persistent_workers=args.dataloader_num_workers > 0,
+            generator=torch.Generator().manual_seed(data_seed),  # worker seeds must not draw from the global RNG (resume)
+        )
+    choice_scorer = load_choice_model(args, accelerator.device) if args.choice_model else None
 
-        relabel = load_scorer(args.choice_model, device=accelerator.device)
-
-    unet, optimizer, dataloader = accelerator.prepare(unet, optimizer, dataloader)
-    updates_per_epoch = math.ceil(len(dataloader) / args.gradient_accumulation_steps)  # per process, after sharding
-    if updates_per_epoch == 0:
-        raise ValueError(f"{len(dataset)} pairs make no full batch of {args.train_batch_size} per process; lower --train_batch_size")
-    args.num_train_epochs = math.ceil(args.max_train_steps / updates_per_epoch)
+    if stream is None:
+        unet, optimizer, dataloader = accelerator.prepare(unet, optimizer, dataloader)
+        updates_per_epoch = math.ceil(len(dataloader) / args.gradient_accumulation_steps)  # per process, after sharding
+        if updates_per_epoch == 0:
+            raise ValueError(f"{len(dataset)} pairs make no full batch of {args.train_batch_size} per process; lower --train_batch_size")
+        args.num_train_epochs = math.ceil(args.max_train_steps / updates_per_epoch)
+    else:  # a stream's length is unknown until it ends: epochs run until --max_train_steps
+        unet, optimizer = accelerator.prepare(unet, optimizer)
+        args.num_train_epochs = sys.maxsize
     lr_scheduler = accelerator.prepare(get_scheduler(
         args.lr_scheduler, optimizer=optimizer,
         num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,  # accelerate steps it once per process
         num_training_steps=args.max_train_steps * accelerator.num_processes,
     ))
-    accelerator.register_for_checkpointing(sampler)
+    accelerator.register_for_checkpointing(sampler if stream is None else stream)
+    if args.use_ema:  # diffusers' EMA of the trained parameters, on the training device
+        from diffusers.training_utils import EMAModel
+
+        ema = EMAModel(params, decay=args.ema_decay, update_after_step=args.ema_update_after_step,
+                       use_ema_warmup=args.ema_power is not None, power=args.ema_power or 2 / 3)
+        ema.to(accelerator.device)
+        accelerator.register_for_checkpointing(SimpleNamespace(  # its step count; its weights travel as files
+            state_dict=lambda: {k: v for k, v in ema.state_dict().items() if k != "shadow_params"},
+            load_state_dict=ema.load_state_dict))
+    if args.use_lora:
+        lora_unet = accelerator.unwrap_model(unet)
+
+        def reference(*inputs, **kwargs):
+            with adapters_disabled(lora_unet):
+                return lora_unet(*inputs, **kwargs)
+    else:
+        reference = ref_unet
 
     if accelerator.is_main_process:
         config = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()}
@@ -773,8 +1133,8 @@ def main(argv=None):
 
     total_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     logger.info("***** Running training *****")
-    logger.info(f"  Num examples = {len(dataset)}")
-    logger.info(f"  Num Epochs = {args.num_train_epochs}")
+    logger.info(f"  Num examples = {'streamed' if stream else len(dataset)}")
+    logger.info(f"  Num Epochs = {'until the last step' if stream else args.num_train_epochs}")
     logger.info(f"  Instantaneous batch size per device = {args.train_batch_size}")
     logger.info(f"  Total train batch size (w. parallel, distributed & accumulation) = {total_batch}")
     logger.info(f"  Gradient Accumulation steps = {args.gradient_accumulation_steps}")
@@ -789,9 +1149,14 @@ def main(argv=None):
         accelerator.print(f"Resuming from checkpoint {checkpoint}")
         accelerator.load_state(str(checkpoint))
         global_step = int(checkpoint.name.split("-")[-1])
-        first_epoch = global_step // updates_per_epoch
-        if not args.hard_skip_resume:
-            skip_batches = (global_step - first_epoch * updates_per_epoch) * args.gradient_accumulation_steps
+        if stream is not None:  # the checkpoint restored its epoch and position: the used rows are skipped undecoded
+            first_epoch = stream.epoch
+            if args.hard_skip_resume:
+                stream.start = 0
+        else:
+            first_epoch = global_step // updates_per_epoch
+            if not args.hard_skip_resume:
+                skip_batches = (global_step - first_epoch * updates_per_epoch) * args.gradient_accumulation_steps
 
     def save_checkpoint(step: int):
         """Every rank writes its state into a temporary folder, which is then renamed: a checkpoint is whole or absent."""
@@ -825,15 +1190,23 @@ def main(argv=None):
     for epoch in range(first_epoch, args.num_train_epochs):
         if global_step >= args.max_train_steps:  # resuming a finished run: nothing left to train
             break
-        sampler.epoch = epoch
-        epoch_loader = dataloader
-        if epoch == first_epoch and skip_batches:
-            epoch_loader = accelerator.skip_first_batches(dataloader, skip_batches)
+        if stream is not None:
+            if epoch != first_epoch:
+                stream.start = stream.position = 0
+            stream.epoch = epoch
+            epoch_loader = (send_to_device(batch, accelerator.device) for batch in dataloader)
+        else:
+            sampler.epoch = epoch
+            epoch_loader = dataloader
+            if epoch == first_epoch and skip_batches:
+                epoch_loader = accelerator.skip_first_batches(dataloader, skip_batches)
         for batch in epoch_loader:
             with accelerator.accumulate(unet):
                 pixels = batch["pixel_values"].to(accelerator.device, dtype=weight_dtype)
-                if relabel is not None:
-                    pixels = relabel_pairs(relabel, batch, pixels)
+                if choice_scorer is not None:  # AI feedback: the scorer's preferred image goes first
+                    pixels, relabelled = relabel_pairs(choice_scorer, batch, pixels)
+                    if not preference:
+                        pixels = pixels[:, :3]  # SFT on the scorer's winner
                 if preference:  # (B, 6, H, W) -> (2B, 3, H, W), winners first
                     pixels = torch.cat(pixels.chunk(2, dim=1))
                 with torch.no_grad():
@@ -877,7 +1250,7 @@ def main(argv=None):
                 if preference:
                     with torch.no_grad():
                         ref_added = added
-                        ref_pred = ref_unet(noisy.to(weight_dtype), timesteps, cond, added_cond_kwargs=ref_added).sample
+                        ref_pred = reference(noisy.to(weight_dtype), timesteps, cond, added_cond_kwargs=ref_added).sample
                     scale = 1.0
                     if args.use_winner_preserving:
                         scale = winner_preserving_scale(model_pred, target, args.winner_preserving_mu,
@@ -920,11 +1293,18 @@ def main(argv=None):
                 last = step_metrics  # official: the *_unaccumulated, diff and lambda metrics of the last micro-batch
             for name, value in weight_metrics.items():
                 weight_history.setdefault(name, []).append(value)
+            if choice_scorer is not None:
+                sums["relabelled_fraction"] = sums.get("relabelled_fraction", 0) + \
+                    relabelled.float().mean() / args.gradient_accumulation_steps
             skipped_images += int(batch["skipped"])
+            if stream is not None:
+                stream.position = batch["stream_position"]  # saved with the next checkpoint
 
             if accelerator.sync_gradients:
                 global_step += 1
                 progress.update(1)
+                if ema is not None and not bad:
+                    ema.step(params)
                 if bad:
                     skipped_updates += 1
                     nonfinite_in_a_row += 1
@@ -945,6 +1325,8 @@ def main(argv=None):
                 for name, values in weight_history.items():  # over the update's micro-batches, then over ranks
                     values = torch.stack(values)
                     logs[name] = values.amin() if name.endswith("_min") else values.amax() if name.endswith("_max") else values.mean()
+                if choice_scorer is not None:
+                    logs["relabelled_fraction"] = sums["relabelled_fraction"]
                 names = list(logs)
                 values = accelerator.gather(torch.stack([logs[k].float() for k in names]).unsqueeze(0))
                 is_min = torch.tensor([k.endswith("_min") for k in names], device=values.device)
@@ -972,6 +1354,9 @@ def main(argv=None):
                     save_checkpoint(global_step)
                 if global_step >= args.max_train_steps:
                     break
+        if stream is not None and stream.position == 0:
+            raise ValueError(f"the stream gave no full batch of {args.train_batch_size} pairs per process "
+                             f"({accelerator.num_processes} processes); check the dataset, its filters and --train_batch_size")
 
     accelerator.wait_for_everyone()
     if accelerator.num_processes > 1:  # DDP keeps replicas equal; check it rather than assume it
@@ -985,8 +1370,9 @@ def main(argv=None):
         if skipped_images:
             logger.warning(f"{skipped_images} undecodable images were skipped (their rows replaced by the next row)")
         final_unet = accelerator.unwrap_model(unet)
-        save_unet(final_unet, output_dir)
-        logger.info(f"Saved {output_dir / 'unet.safetensors'} and {output_dir / 'unet.pth'}")
+        save_weights(final_unet, output_dir, args, ema)
+        logger.info(f"Saved {'the LoRA adapter ' + LORA_WEIGHTS + '.safetensors' if args.use_lora else 'unet.safetensors and unet.pth'}"
+                    f"{' (and the EMA beside it)' if ema is not None else ''} in {output_dir}")
         if args.save_pipeline:
             save_pipeline(args, final_unet, output_dir)
         if args.push_to_hub:
@@ -1000,21 +1386,53 @@ def main(argv=None):
     return global_step
 
 
+def load_choice_model(args, device):
+    """The --choice_model scorer (eval.scorers, any of the five metrics), with --choice_model_path/_config options."""
+    from eval.scorers import load_scorer
+
+    options = {}
+    if args.choice_model_config:
+        text = args.choice_model_config
+        if Path(text).is_file():
+            text = Path(text).read_text()
+        try:
+            options = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"--choice_model_config is neither a JSON object nor a .json file: {error}") from error
+        if not isinstance(options, dict):
+            raise ValueError(f"--choice_model_config must be a JSON object of load_scorer options, got {text!r}")
+    if args.choice_model_path:
+        options["model_path"] = args.choice_model_path
+    return load_scorer(args.choice_model, device=args.choice_model_device or device,
+                       batch_size=args.choice_model_batch_size, **options)
+
+
 def relabel_pairs(scorer, batch, pixels):
-    """AI feedback: put the image the scorer prefers first. Ties keep the dataset order. Placeholder until the
-    choice-model issue lands: the dataset then hands over the decoded images (see README)."""
-    raise NotImplementedError("--choice_model is not implemented yet")
+    """AI feedback (the official --choice_model, fixed: any scorer, any batch size). The pairs come in dataset order
+    (jpg_0, jpg_1) with their decoded images; a pair is swapped where the scorer ranks jpg_1 above jpg_0, so the
+    preferred image goes first and ties keep the dataset order. Returns the pixels and, per pair, whether the scorer's
+    winner differs from the human one (label_0)."""
+    scores = scorer.score([prompt for prompt in batch["prompts"] for _ in range(2)],
+                          [image for pair in batch["images"] for image in pair])
+    scores = torch.tensor(scores, dtype=torch.float64).view(-1, 2)
+    swap = (scores[:, 1] > scores[:, 0]).to(pixels.device)
+    swapped = torch.cat([pixels[:, 3:], pixels[:, :3]], dim=1)
+    pixels = torch.where(swap.view(-1, 1, 1, 1), swapped, pixels)
+    return pixels, swap != (batch["label_0"].to(pixels.device) == 0)
 
 
 def save_pipeline(args, unet, output_dir: Path):
     """The full diffusers pipeline: trained UNet (fp32) and the frozen parts reloaded in their original precision
     (the official saved bf16 copies of the SD1.5 VAE/text encoder, SPEC B4, and saved SDXL twice, B3)."""
-    from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
 
     pipeline_class = StableDiffusionXLPipeline if args.sdxl else StableDiffusionPipeline
     extra = {}
     if args.pretrained_vae_model_name_or_path:
         extra["vae"] = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path)
+    if args.use_lora:  # the base UNet in fp32; the adapter file is already in output_dir (pipeline.load_lora_weights)
+        unet = UNet2DConditionModel.from_pretrained(args.unet_init or args.pretrained_model_name_or_path, subfolder="unet",
+                                                    revision=None if args.unet_init else args.revision)
     pipeline = pipeline_class.from_pretrained(args.pretrained_model_name_or_path, unet=unet, revision=args.revision, **extra)
     pipeline.save_pretrained(output_dir)
 

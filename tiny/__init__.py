@@ -6,18 +6,21 @@ same folder layout as its real counterpart, so the real loading code (`from_pret
     from tiny import build_sd15, build_sdxl, build_pickapic
     build_sd15("work/tiny-sd15")                 # diffusers folder: unet/ vae/ text_encoder/ tokenizer/ scheduler/
     build_pickapic("work/pickapic", n_pairs=64)  # Pick-a-Pic v2 schema as parquet: train/ and test_unique/ splits
+    build_pickapic_webdataset("work/pickapic-wds")  # the same rows as WebDataset shards (the v2 mirror's layout)
     build_tiny_scorers("work/scorers")           # {metric: load_scorer kwargs} for the five eval metrics
 """
 
 from tiny.diffusion import build_clip_tokenizer, build_sd15, build_sdxl
 from tiny.scorers import build_tiny_scorers
-from tiny.data import ATTRIBUTE_COLOURS, SHAPES, build_pickapic, colour_score, draw_shape, toy_captions
+from tiny.data import (ATTRIBUTE_COLOURS, SHAPES, build_pickapic, build_pickapic_webdataset, colour_score, draw_shape,
+                       toy_captions)
 
 __all__ = [
     "ATTRIBUTE_COLOURS",
     "SHAPES",
     "build_clip_tokenizer",
     "build_pickapic",
+    "build_pickapic_webdataset",
     "build_sd15",
     "build_sdxl",
     "build_tiny_scorers",

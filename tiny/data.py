@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import os
 import random
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -106,3 +107,35 @@ def build_pickapic(
     ):
         pq.write_table(pa.Table.from_pylist(rows), data_dir / f"{split}-00000-of-00001.parquet")
     return Path(out_dir)
+
+
+def build_pickapic_webdataset(
+    out_dir: str | os.PathLike, n_pairs: int = 64, seed: int = 0, tie_fraction: float = 0.1, corrupt: int = 1,
+    sizes: tuple[int, int] = (28, 56), n_test: int = 8, shard_size: int = 16,
+) -> Path:
+    """The rows of `build_pickapic` (same arguments, same rows) as WebDataset shards `<out_dir>/<split>-NNNNN.tar`.
+
+    Each pair is one sample in the layout of the Pick-a-Pic v2 mirror (sayakpaul/pickapic_v2_webdataset):
+    `<key>.jpg_0.jpg`, `<key>.jpg_1.jpg` (the encoded images), `<key>.label_0.txt`, `<key>.label_1.txt` ("1.0", "0.0"
+    or "0.5") and `<key>.original_prompt.txt` (the caption), plus `<key>.model_0.txt` / `<key>.model_1.txt`.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for split, rows in (
+        ("train", _rows(n_pairs, seed, tie_fraction, corrupt, sizes)),
+        ("test_unique", _rows(n_test, seed + 1, 0.0, 0, sizes)),
+    ):
+        for shard, start in enumerate(range(0, len(rows), shard_size)):
+            with tarfile.open(out_dir / f"{split}-{shard:05d}.tar", "w") as tar:
+                for index, row in enumerate(rows[start : start + shard_size], start):
+                    fields = {
+                        "jpg_0.jpg": row["jpg_0"], "jpg_1.jpg": row["jpg_1"],
+                        "label_0.txt": str(row["label_0"]).encode(), "label_1.txt": str(row["label_1"]).encode(),
+                        "original_prompt.txt": row["caption"].encode(),
+                        "model_0.txt": row["model_0"].encode(), "model_1.txt": row["model_1"].encode(),
+                    }
+                    for field, data in fields.items():
+                        member = tarfile.TarInfo(f"{index:06d}.{field}")
+                        member.size = len(data)
+                        tar.addfile(member, io.BytesIO(data))
+    return out_dir
