@@ -104,14 +104,15 @@ def test_lora_reference_is_the_base_unet(tiny_sd15, pickapic, tmp_path):
     assert full[0]["model_mse_unaccumulated"] == lora[0]["model_mse_unaccumulated"]  # both start at the base
 
 
-def test_lora_sdxl_with_dmpo_safeguard_and_saved_pipeline(tiny_sdxl, pickapic, tmp_path):
+def test_lora_sdxl_with_dmpo_safeguard_importance_and_saved_pipeline(tiny_sdxl, pickapic, tmp_path):
     from diffusers import StableDiffusionXLPipeline
 
     run_train(tiny_sdxl, pickapic, tmp_path, "--use_lora", "--train_method", "dmpo", "--dmpo_alpha", "0.01",
               "--use_winner_preserving", "--winner_preserving_mu", "0.6", "--winner_preserving_granularity", "sample",
-              "--save_pipeline", sdxl=True)
+              "--importance_weighting", "full", "--timestep_range", "100", "900", "--save_pipeline", sdxl=True)
     logged = metrics(tmp_path)
     assert 0.0 <= logged[-1]["avg_lose_l_scale"] <= 1.0
+    assert all(0 < m["is_weight_min"] <= m["is_weight_mean"] <= m["is_weight_max"] <= 1 for m in logged)
     pipe = StableDiffusionXLPipeline.from_pretrained(tmp_path)  # the base pipeline, saved beside the adapter
     base = base_unet(tiny_sdxl)
     assert all(torch.equal(v, base[k]) for k, v in pipe.unet.state_dict().items())
