@@ -53,6 +53,7 @@ RUNS = {  # name -> (label, extra train.py arguments)
     "sdpo": ("Diffusion-DPO + safeguard", ["--use_winner_preserving"]),
 }
 COLOUR = "Colour"  # the toy metric's name in tables and charts
+MODEL_NAMES = {"base": "base (SFT)", **{run: label for run, (label, _) in RUNS.items()}}
 
 
 @dataclass
@@ -73,9 +74,10 @@ class Settings:
     sample_steps: int = 20  # Euler steps
     cfg: float = 3.0  # guidance in the official formula eps_c + cfg (eps_c - eps_u)
     n_bootstrap: int = 2000
+    seed: int = 0  # train.py --seed of the three runs (models and data stay the same)
 
 
-QUICK = dict(pairs=16, vae_steps=2, base_steps=2, base_batch=4, pref_steps=3, pref_batch=2, seeds=2, sample_steps=2,
+QUICK = dict(pairs=16, vae_steps=2, base_steps=2, base_batch=4, pref_steps=3, pref_batch=2, seeds=1, sample_steps=2,
              n_bootstrap=100)
 
 
@@ -161,22 +163,24 @@ def build(work: Path, settings: Settings) -> dict:
     prompts = work / "toy.json"  # the prompt-file format of prompts/*.json
     prompts.write_text(json.dumps([{"prompt": c, "raw_image_path": "", "metadata": {}} for c in toy_captions()], indent=1))
     scorers = build_tiny_scorers(work / "scorers")
+    scorer_config = work / "scorers" / "scorer_config.json"  # for the eval CLIs: --scorer_config FILE
+    scorer_config.write_text(json.dumps(scorers, indent=1))
     return {"model": model, "base_data": base_data, "pref_data": pref_data, "prompts": prompts, "scorers": scorers,
-            "vae": vae}
+            "scorer_config": scorer_config, "vae": vae}
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # 3-4. Training: train.main in child processes (one thread each, in parallel), progress read from their metrics.jsonl
 
 
-def train_argv(model: Path, data: Path, output_dir: Path, *extra: str) -> list[str]:
+def train_argv(model: Path, data: Path, output_dir: Path, seed: int, *extra: str) -> list[str]:
     return ["--pretrained_model_name_or_path", str(model), "--dataset_name", str(data), "--output_dir", str(output_dir),
-            "--resolution", str(RESOLUTION), "--mixed_precision", "no", "--seed", "0", "--report_to", "none",
+            "--resolution", str(RESOLUTION), "--mixed_precision", "no", "--seed", str(seed), "--report_to", "none",
             "--checkpointing_steps", "1000000", "--resume_from_checkpoint", "none", *extra]
 
 
 def base_argv(paths: dict, work: Path, s: Settings) -> list[str]:
-    return train_argv(paths["model"], paths["base_data"], work / "base", "--train_method", "sft",
+    return train_argv(paths["model"], paths["base_data"], work / "base", s.seed, "--train_method", "sft",
                       "--train_batch_size", str(s.base_batch), "--max_train_steps", str(s.base_steps),
                       "--learning_rate", str(s.base_lr), "--lr_warmup_steps", str(min(20, s.base_steps // 10)),
                       "--save_pipeline")  # the pipeline folder gives --unet_init its unet/
@@ -184,7 +188,7 @@ def base_argv(paths: dict, work: Path, s: Settings) -> list[str]:
 
 def preference_argv(paths: dict, work: Path, s: Settings, run: str) -> list[str]:
     extra = RUNS[run][1] + (["--winner_preserving_mu", str(s.mu)] if "--use_winner_preserving" in RUNS[run][1] else [])
-    return train_argv(paths["model"], paths["pref_data"], work / run, "--unet_init", str(work / "base"),
+    return train_argv(paths["model"], paths["pref_data"], work / run, s.seed, "--unet_init", str(work / "base"),
                       "--train_method", "diffusion-dpo", "--beta_dpo", str(s.beta),
                       "--train_batch_size", str(s.pref_batch), "--max_train_steps", str(s.pref_steps),
                       "--learning_rate", str(s.pref_lr), "--lr_warmup_steps", str(min(10, s.pref_steps // 10)), *extra)
@@ -304,10 +308,11 @@ def evaluate(paths: dict, work: Path, s: Settings, log_file: Path) -> dict:
     from eval.score import score_manifests
     from eval.scorers import load_scorer
 
-    models = {"base": work / "base", **{run: work / run for run in RUNS}}
+    # unet.pth: the file train.py writes and scripts/eval/test_sd15.sh takes (the released checkpoints' format)
+    models = {name: work / name / "unet.pth" for name in MODEL_NAMES}
     manifests = {}
     for name, unet in models.items():
-        say(f"generating {s.seeds} seeds x 4 captions with {name}")
+        say(f"generating {s.seeds} seeds x 4 captions with {MODEL_NAMES[name]} ({unet.relative_to(work)})")
         with into_log(log_file):
             manifests[name] = generate_images(paths, unet, work / "generations" / name, s)
 
@@ -446,27 +451,30 @@ def plot_win_rates(ab: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def plot_samples(manifests: dict[str, str], path: Path, max_seeds: int = 8) -> None:
-    """Rows: models; columns: the four captions for the first seeds (the same noise in every row)."""
+def plot_samples(manifests: dict[str, str], path: Path, max_seeds: int = 6) -> None:
+    """One panel per model: a row per caption, a column per seed (every panel's column k starts from the same noise)."""
     import matplotlib.pyplot as plt
     from PIL import Image
 
-    grids = {}
-    for name, manifest in manifests.items():
+    from tiny import SHAPES
+
+    fig, axes = plt.subplots(1, len(manifests), figsize=(3.4 * len(manifests), 3.0), squeeze=False)
+    for ax, (name, manifest) in zip(axes[0], manifests.items()):
         entries = [e for e in json.loads(Path(manifest).read_text()) if e["metadata"]["seed"] < max_seeds]
-        tiles = [np.asarray(Image.open(e["gen_image_path"]).convert("RGB")) for e in entries]
-        pad = lambda t: np.pad(t, ((1, 1), (1, 1), (0, 0)), constant_values=255)  # noqa: E731
-        grids[name] = np.concatenate([pad(t) for t in tiles], axis=1)
-    fig, axes = plt.subplots(len(grids), 1, figsize=(min(2 + 0.55 * len(tiles), 20), 1.3 * len(grids) + 0.6))
-    for ax, (name, grid) in zip(np.atleast_1d(axes), grids.items()):
-        ax.imshow(grid, interpolation="nearest")
+        captions = list(dict.fromkeys(e["prompt"] for e in entries))
+        rows = []
+        for caption in captions:
+            tiles = [np.asarray(Image.open(e["gen_image_path"]).convert("RGB")) for e in entries if e["prompt"] == caption]
+            rows.append(np.concatenate([np.pad(t, ((1, 1), (1, 1), (0, 0)), constant_values=255) for t in tiles], axis=1))
+        ax.imshow(np.concatenate(rows, axis=0), interpolation="nearest")
+        ax.set_title(MODEL_NAMES[name], fontsize=9)
         ax.set_xticks([])
-        ax.set_yticks([])
-        ax.set_ylabel({"base": "base (SFT)", **{r: RUNS[r][0] for r in RUNS}}[name].replace(" + ", "\n+ "), fontsize=8)
-    fig.suptitle("Samples: per seed the four captions (circle, square, triangle, cross); same noise in every row",
-                 fontsize=9)
+        tile = rows[0].shape[0]
+        ax.set_yticks([tile * (i + 0.5) for i in range(len(captions))],
+                      [next((s for s in SHAPES if s in c), c) for c in captions], fontsize=8)
+        ax.set_xlabel(f"seeds 0-{len(rows[0][0]) // (RESOLUTION + 2) - 1}", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=130)
     plt.close(fig)
 
 
@@ -516,12 +524,14 @@ def verdicts(results: dict, figure1: dict) -> dict:
 
 
 def write_report(out: Path, s: Settings, paths: dict, results: dict, figure1: dict, verdict: dict,
-                 timings: dict, machine: dict, commands: dict) -> None:
+                 timings: dict, machine: dict, commands: dict, quick: bool) -> None:
     absolute, ab = results["absolute"], results["ab"]
-    names = {"base": "base (SFT)", **{r: RUNS[r][0] for r in RUNS}}
+    names = MODEL_NAMES
     tiny_metrics = ["PickScore", "HPSv2", "AesScore", "CLIPScore", "ImageReward"]
     lines = [
         "# Demo report: a toy colour preference, Diffusion-DPO with and without the safeguard", "",
+        *(["**Quick mode (`--quick`): a smoke test of every stage with a few steps each; the numbers below mean "
+           "nothing.**", ""] if quick else []),
         f"Run on {machine['cpus']} CPU cores ({machine['threads']} torch thread per process; load average "
         f"{machine['load_before']} before, {machine['load_after']} after), torch {machine['torch']}, "
         f"{timings['total']:.0f} s in all. Settings below; regenerate with `bash scripts/demo.sh`.", "",
@@ -572,9 +582,18 @@ def write_report(out: Path, s: Settings, paths: dict, results: dict, figure1: di
               f"MSE {paths['vae']['reconstruction_mse']:.4f}). Data: {s.pairs} pairs per set.", "",
               "| setting | value |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in asdict(s).items()]
-    lines += ["", "Commands (`python train.py ...`, run from the repository root):", ""]
+    lines += ["", "Training commands (`python train.py ...`, from the repository root):", ""]
     for name, argv in commands.items():
         lines += [f"- {name}: `python train.py {' '.join(argv)}`"]
+    work, runs = out / "work", list(RUNS)
+    manifest = lambda name: work / "generations" / name / f"toy_{s.seeds}seeds.json"  # noqa: E731
+    lines += ["", "The same evaluation with the project's scripts, on a trained model's `unet.pth` (the official eval "
+              "protocol's script, pointed at the tiny model and the toy prompts), and as an A/B run:", "", "```bash",
+              f"PRETRAIN={paths['model']} SIZE={RESOLUTION} STEP={s.sample_steps} CFG={s.cfg} PROMPTS_DIR={work} "
+              f"PROMPT_GROUPS=toy SCORE_ARGS=\"--scorer_config {paths['scorer_config']}\" \\",
+              f"  bash scripts/eval/test_sd15.sh {work / runs[0] / 'unet.pth'}",
+              f"bash scripts/eval/test_vs.sh --json_a {manifest(runs[0])} --json_b {manifest('base')} "
+              f"--label_a {runs[0]} --label_b base --scorer_config {paths['scorer_config']}", "```"]
     lines += ["", "Wall time per stage (s): " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()), "",
               f"Everything else (models, data, runs with their `metrics.jsonl` and `train.log`, images, manifests, "
               f"eval outputs, `eval.log`) is under `{out.name}/work/`.", ""]
@@ -635,7 +654,7 @@ def main(argv=None) -> Path:
     lap("report")
     timings["total"] = time.time() - start
     machine["load_after"] = load_average()
-    write_report(out, s, paths, results, figure1, verdict, timings, machine, commands)
+    write_report(out, s, paths, results, figure1, verdict, timings, machine, commands, args.quick)
     summary = {"settings": asdict(s), "quick": args.quick, "machine": machine, "timings_s": timings,
                "verdicts": verdict, "figure1": figure1, "vae": paths["vae"],
                "absolute": {k: {m: v for m, v in a.items() if m != "colour_scores"} for k, a in results["absolute"].items()},
