@@ -31,7 +31,7 @@ import random
 import shutil
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -56,25 +56,29 @@ COLOUR = "Colour"  # the toy metric's name in tables and charts
 MODEL_NAMES = {"base": "base (SFT)", **{run: label for run, (label, _) in RUNS.items()}}
 
 
+def setting(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class Settings:
     """Defaults: the full demo. `--quick` shrinks every loop to a smoke test (seconds, meaningless numbers)."""
 
-    pairs: int = 256  # pairs in each toy set
-    vae_steps: int = 200  # autoencoder fitting steps (batch 16)
-    base_steps: int = 200  # SFT steps of the base model
-    base_batch: int = 16
-    base_lr: float = 1e-3
-    pref_steps: int = 120  # Diffusion-DPO steps of each run
-    pref_batch: int = 8  # pairs per step
-    pref_lr: float = 1e-4
-    beta: float = 1000.0  # toy-scale beta (5000 on SD1.5; see docs/demo.md)
-    mu: float = 0.9  # safeguard mu of the shipped SD1.5 Diffusion-DPO script
-    seeds: int = 12  # generation seeds; every seed gives one image per caption
-    sample_steps: int = 20  # Euler steps
-    cfg: float = 3.0  # guidance in the official formula eps_c + cfg (eps_c - eps_u)
-    n_bootstrap: int = 2000
-    seed: int = 0  # train.py --seed of the three runs (models and data stay the same)
+    pairs: int = setting(256, "pairs in each toy set")
+    vae_steps: int = setting(200, "autoencoder fitting steps (batch 16)")
+    base_steps: int = setting(200, "SFT steps of the base model")
+    base_batch: int = setting(16, "SFT batch size")
+    base_lr: float = setting(1e-3, "SFT learning rate")
+    pref_steps: int = setting(120, "Diffusion-DPO steps of each run")
+    pref_batch: int = setting(8, "Diffusion-DPO pairs per step")
+    pref_lr: float = setting(1e-4, "Diffusion-DPO learning rate")
+    beta: float = setting(1000.0, "Diffusion-DPO beta at toy scale (5000 on SD1.5; see docs/demo.md)")
+    mu: float = setting(0.9, "safeguard mu (the shipped SD1.5 Diffusion-DPO value)")
+    seeds: int = setting(12, "generation seeds; every seed gives one image per caption")
+    sample_steps: int = setting(20, "Euler steps of generation")
+    cfg: float = setting(3.0, "guidance scale in the official formula eps_c + cfg (eps_c - eps_u)")
+    n_bootstrap: int = setting(2000, "bootstrap resamples of the win-rate intervals")
+    seed: int = setting(0, "train.py --seed of the three runs (the tiny model and data stay the same)")
 
 
 QUICK = dict(pairs=16, vae_steps=2, base_steps=2, base_batch=4, pref_steps=3, pref_batch=2, seeds=1, sample_steps=2,
@@ -90,21 +94,23 @@ def say(message: str) -> None:
 
 
 def parse_args(argv=None) -> tuple[argparse.Namespace, Settings]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output_dir", default=str(REPO / "demo_output"),
-                        help="Where the report goes (replaced if it exists); the models, data and runs go to its work/.")
-    parser.add_argument("--quick", action="store_true", help="A smoke test of every stage in seconds (numbers meaningless).")
+                        help="where the report goes (replaced if it exists; models, data and runs go to its work/); "
+                             "default <repo>/demo_output")
+    parser.add_argument("--quick", action="store_true", help="a smoke test of every stage in seconds (numbers meaningless)")
     parser.add_argument("--threads", type=int, default=1,
-                        help="Torch threads per process. Tiny models run best on one; the two runs train in parallel.")
-    defaults = Settings()
-    for name, value in asdict(defaults).items():
-        parser.add_argument(f"--{name}", type=type(value), default=None, help=f"(default {value}; see Settings)")
+                        help="torch threads per process; tiny models run best on one, and the two runs train in "
+                             "parallel; default 1")
+    for f in fields(Settings):
+        quick = f" (--quick: {QUICK[f.name]})" if f.name in QUICK else ""
+        parser.add_argument(f"--{f.name}", type=type(f.default), default=None,
+                            help=f"{f.metadata['help']}; default {f.default}{quick}")
     args = parser.parse_args(argv)
     settings = Settings(**QUICK) if args.quick else Settings()
-    for name in asdict(defaults):
-        if getattr(args, name) is not None:
-            setattr(settings, name, getattr(args, name))
+    for f in fields(Settings):
+        if getattr(args, f.name) is not None:
+            setattr(settings, f.name, getattr(args, f.name))
     return args, settings
 
 
@@ -136,10 +142,10 @@ def fit_autoencoder(model_dir: Path, steps: int, seed: int = 0) -> dict:
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-    with torch.no_grad():
-        held_out = images[:256]
-        latents = vae.encode(held_out).latent_dist.sample(generator)
-        mse = (vae.decode(latents).sample - held_out).pow(2).mean().item()
+    with torch.no_grad():  # reconstruction error and latent scale on 256 of the images
+        check = images[:256]
+        latents = vae.encode(check).latent_dist.sample(generator)
+        mse = (vae.decode(latents).sample - check).pow(2).mean().item()
     vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
     vae.save_pretrained(model_dir / "vae")
     return {"steps": steps, "reconstruction_mse": mse, "scaling_factor": float(1.0 / latents.std())}
@@ -161,7 +167,8 @@ def build(work: Path, settings: Settings) -> dict:
                                label_noise=0.5)
     pref_data = build_pickapic(work / "data-pref", n_pairs=settings.pairs, seed=1, tie_fraction=0.0, corrupt=0)
     prompts = work / "toy.json"  # the prompt-file format of prompts/*.json
-    prompts.write_text(json.dumps([{"prompt": c, "raw_image_path": "", "metadata": {}} for c in toy_captions()], indent=1))
+    prompts.write_text(json.dumps([{"prompt": c, "gen_image_path": "", "raw_image_path": "", "metadata": {}}
+                                   for c in toy_captions()], indent=1))
     scorers = build_tiny_scorers(work / "scorers")
     scorer_config = work / "scorers" / "scorer_config.json"  # for the eval CLIs: --scorer_config FILE
     scorer_config.write_text(json.dumps(scorers, indent=1))
@@ -214,8 +221,8 @@ def _train_child(argv: list[str], log_path: str, threads: int) -> None:
         sys.stderr.flush()
 
 
-def train_in_parallel(jobs: dict[str, list[str]], steps: int, threads: int) -> None:
-    """Run train.main(argv) for every job at once, each in its own process, with one progress bar per job.
+def run_training(jobs: dict[str, list[str]], steps: int, threads: int) -> None:
+    """Run train.main(argv) for every job at once (in parallel), each in its own process, with a progress bar each.
 
     Processes are forked where the OS allows it, so a child starts with the libraries this process already imported
     (seconds saved per run); elsewhere they are spawned. Each run's own console output goes to <output_dir>/train.log.
@@ -303,7 +310,7 @@ def into_log(log_file: Path):
 
 def evaluate(paths: dict, work: Path, s: Settings, log_file: Path) -> dict:
     """Generate, score and compare; eval's own console output goes to `log_file`. Returns the numbers for the report."""
-    from eval.compare import compare_manifests, win_stats
+    from eval.compare import PAIR_FILES, compare_manifests, win_stats
     from eval.manifest import pair_items, read_manifest, score_items
     from eval.score import score_manifests
     from eval.scorers import load_scorer
@@ -339,9 +346,7 @@ def evaluate(paths: dict, work: Path, s: Settings, log_file: Path) -> dict:
                                   n_bootstrap=s.n_bootstrap)
             (outdir / "pair_colour.json").write_text(json.dumps({"model_a": run, "model_b": "base", **colour_ab}, indent=2))
             per_metric = {COLOUR: colour_ab}
-            for metric, fname in (("PickScore", "pair_pickscore.json"), ("HPSv2", "pair_hpsv2.json"),
-                                  ("Aesthetics", "pair_aesthetics.json"), ("CLIP", "pair_clip.json"),
-                                  ("ImageReward", "pair_imagereward.json")):
+            for metric, fname in PAIR_FILES.values():  # what compare_manifests wrote, one file per tiny metric
                 pair = json.loads((outdir / fname).read_text())
                 per_metric[metric] = {k: pair[k] for k in colour_ab if k in pair}
             results["ab"][run] = {"dir": str(outdir), "metrics": per_metric,
@@ -619,26 +624,30 @@ def main(argv=None) -> Path:
     quiet_libraries()
     out = Path(args.output_dir).resolve()
     if out.exists():
+        if any(out.iterdir()) and not (out / "work").is_dir():
+            raise DemoError(f"{out} exists and is not a demo output folder (no work/ inside); the demo replaces its "
+                            f"output folder, so pass a new or a previous demo's --output_dir")
         shutil.rmtree(out)
     work = out / "work"
     work.mkdir(parents=True)
     machine = {"cpus": os.cpu_count(), "threads": args.threads, "torch": torch.__version__,
                "python": platform.python_version(), "load_before": load_average()}
     timings, start = {}, time.time()
+    last = start
 
-    def lap(stage: str, since: list[float] = [start]) -> None:  # noqa: B006 - a running clock
-        timings[stage] = time.time() - since[0]
-        since[0] = time.time()
+    def lap(stage: str) -> None:
+        nonlocal last
+        timings[stage], last = time.time() - last, time.time()
 
     say(f"building the tiny model, its autoencoder and the toy data under {work}")
     paths = build(work, s)
     lap("build")
     commands = {"base": base_argv(paths, work, s), **{run: preference_argv(paths, work, s, run) for run in RUNS}}
     say(f"training the base model: SFT on both colours, {s.base_steps} steps")
-    train_in_parallel({"base": commands["base"]}, s.base_steps, args.threads)
+    run_training({"base": commands["base"]}, s.base_steps, args.threads)
     lap("base")
     say(f"training {' and '.join(RUNS[r][0] for r in RUNS)} from the base, {s.pref_steps} steps each, in parallel")
-    train_in_parallel({run: commands[run] for run in RUNS}, s.pref_steps, args.threads)
+    run_training({run: commands[run] for run in RUNS}, s.pref_steps, args.threads)
     lap("preference")
     results = evaluate(paths, work, s, work / "eval.log")
     lap("evaluation")
@@ -665,6 +674,8 @@ def main(argv=None) -> Path:
     for run in RUNS:
         say(verdict[f"{run}_preference"])
     say(verdict["figure1"])
+    if args.quick:
+        say("quick mode: every stage ran, but with a few steps each the numbers above mean nothing")
     say(f"done in {timings['total']:.0f} s: the report is {out / 'report.md'}")
     return out
 
