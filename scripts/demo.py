@@ -7,8 +7,9 @@
 Everything is built here, offline, on the CPU, with the project's own code:
   1. model  - the tiny SD1.5-like pipeline (tiny.build_sd15: 32 px, VAE factor 4, random weights); its VAE is then
               fitted to toy images for a few seconds, because a random VAE decodes every latent to noise.
-  2. data   - two toy Pick-a-Pic sets (tiny.build_pickapic): one shape per caption; the preferred image is warm-coloured,
-              the rejected one cool. The base set's labels are random (label_noise 0.5), so it teaches both colours.
+  2. data   - two toy Pick-a-Pic sets (tiny.build_pickapic): one shape per caption; the preferred image is
+              warm-coloured, the rejected one cool. The base set's labels are random (label_noise 0.5), so it teaches
+              both colours.
   3. base   - train.py --train_method sft on the base set: generations become shapes, about half warm, half cool.
   4. train  - train.py Diffusion-DPO from the base, plain and with the safeguard (--use_winner_preserving), in parallel.
   5. eval   - eval.generate for the four captions x N seeds (the same seeds for every model, so images pair up);
@@ -25,6 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import os
 import platform
 import random
@@ -98,7 +100,8 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, Settings]:
     parser.add_argument("--output_dir", default=str(REPO / "demo_output"),
                         help="where the report goes (replaced if it exists; models, data and runs go to its work/); "
                              "default <repo>/demo_output")
-    parser.add_argument("--quick", action="store_true", help="a smoke test of every stage in seconds (numbers meaningless)")
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke test of every stage in seconds (numbers meaningless)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads per process; tiny models run best on one, and the two runs train in "
                              "parallel; default 1")
@@ -169,7 +172,12 @@ def build(work: Path, settings: Settings) -> dict:
     prompts = work / "toy.json"  # the prompt-file format of prompts/*.json
     prompts.write_text(json.dumps([{"prompt": c, "gen_image_path": "", "raw_image_path": "", "metadata": {}}
                                    for c in toy_captions()], indent=1))
-    scorers = build_tiny_scorers(work / "scorers")
+    root_logger, level = logging.getLogger(), logging.getLogger().level
+    root_logger.setLevel(logging.ERROR)  # open_clip warns, rightly, that the tiny scorer models are random
+    try:
+        scorers = build_tiny_scorers(work / "scorers")
+    finally:
+        root_logger.setLevel(level)
     scorer_config = work / "scorers" / "scorer_config.json"  # for the eval CLIs: --scorer_config FILE
     scorer_config.write_text(json.dumps(scorers, indent=1))
     return {"model": model, "base_data": base_data, "pref_data": pref_data, "prompts": prompts, "scorers": scorers,
@@ -341,10 +349,12 @@ def evaluate(paths: dict, work: Path, s: Settings, log_file: Path) -> dict:
             outdir = work / "compare" / f"{run}_vs_base"
             summary = compare_manifests(manifests[run], manifests["base"], scorers, run, "base", outdir,
                                         n_bootstrap=s.n_bootstrap)
-            pairs = pair_items(read_manifest(manifests[run], strict=False), read_manifest(manifests["base"], strict=False))
+            pairs = pair_items(read_manifest(manifests[run], strict=False),
+                               read_manifest(manifests["base"], strict=False))
             colour_ab = win_stats(score_items(colour, pairs.a, 64), score_items(colour, pairs.b, 64),
                                   n_bootstrap=s.n_bootstrap)
-            (outdir / "pair_colour.json").write_text(json.dumps({"model_a": run, "model_b": "base", **colour_ab}, indent=2))
+            pair_file = outdir / "pair_colour.json"
+            pair_file.write_text(json.dumps({"model_a": run, "model_b": "base", **colour_ab}, indent=2))
             per_metric = {COLOUR: colour_ab}
             for metric, fname in PAIR_FILES.values():  # what compare_manifests wrote, one file per tiny metric
                 pair = json.loads((outdir / fname).read_text())
@@ -408,7 +418,7 @@ def plot_training_curves(runs: dict[str, list[dict]], base: list[dict], path: Pa
 
 
 def plot_figure1(runs: dict[str, list[dict]], path: Path) -> None:
-    """The paper's Figure 1 at toy scale: winner and loser error relative to the reference, the two runs side by side."""
+    """The paper's Figure 1 at toy scale: winner's and loser's error relative to the reference, runs side by side."""
     import matplotlib.pyplot as plt
 
     window = max(1, len(next(iter(runs.values()))) // 15)
@@ -469,8 +479,10 @@ def plot_samples(manifests: dict[str, str], path: Path, max_seeds: int = 6) -> N
         captions = list(dict.fromkeys(e["prompt"] for e in entries))
         rows = []
         for caption in captions:
-            tiles = [np.asarray(Image.open(e["gen_image_path"]).convert("RGB")) for e in entries if e["prompt"] == caption]
-            rows.append(np.concatenate([np.pad(t, ((1, 1), (1, 1), (0, 0)), constant_values=255) for t in tiles], axis=1))
+            tiles = [np.asarray(Image.open(e["gen_image_path"]).convert("RGB"))
+                     for e in entries if e["prompt"] == caption]
+            framed = [np.pad(t, ((1, 1), (1, 1), (0, 0)), constant_values=255) for t in tiles]
+            rows.append(np.concatenate(framed, axis=1))
         ax.imshow(np.concatenate(rows, axis=0), interpolation="nearest")
         ax.set_title(MODEL_NAMES[name], fontsize=9)
         ax.set_xticks([])
@@ -501,7 +513,9 @@ def verdicts(results: dict, figure1: dict) -> dict:
     out = {}
     for run in RUNS:
         mine, ab = results["absolute"][run], results["ab"][run]["metrics"][COLOUR]
-        learned = mine[COLOUR] > base[COLOUR] and ab["win_rate_a_over_b"] > 0.5 and (ab["sign_test_p_value"] or 1) < 0.05
+        p_value = ab["sign_test_p_value"]
+        significant = p_value is not None and p_value < 0.05
+        learned = mine[COLOUR] > base[COLOUR] and ab["win_rate_a_over_b"] > 0.5 and significant
         out[f"{run}_learned"] = learned
         out[f"{run}_preference"] = (
             f"{RUNS[run][0]}: colour score {base[COLOUR]:+.3f} (base) -> {mine[COLOUR]:+.3f}; warm images "
@@ -540,9 +554,10 @@ def write_report(out: Path, s: Settings, paths: dict, results: dict, figure1: di
         f"Run on {machine['cpus']} CPU cores ({machine['threads']} torch thread per process; load average "
         f"{machine['load_before']} before, {machine['load_after']} after), torch {machine['torch']}, "
         f"{timings['total']:.0f} s in all. Settings below; regenerate with `bash scripts/demo.sh`.", "",
-        "The task: one shape per caption (\"a circle on a plain background\", ...). In every training pair the preferred "
-        "image paints the shape in a warm colour, the rejected one in a cool colour. The base model was fine-tuned "
-        "(SFT) on pairs with random labels, so it paints both; Diffusion-DPO should move it to warm colours. "
+        "The task: one shape per caption (\"a circle on a plain background\", ...). In every training pair the "
+        "preferred image paints the shape in a warm colour, the rejected one in a cool colour. The base model was "
+        "fine-tuned (SFT) on pairs with random labels, so it paints both; Diffusion-DPO should move it to warm "
+        "colours. "
         "`Colour` = mean red minus mean blue of an image (`tiny.colour_score`, > 0 is warm).", "",
         "## Was the preference learned?", "",
         "| model | colour score (mean +- sd) | warm images | colour win rate over the base [95% CI], sign test |",
@@ -553,8 +568,8 @@ def write_report(out: Path, s: Settings, paths: dict, results: dict, figure1: di
         lines.append(f"| {names[name]} | {a[COLOUR]:+.3f} +- {a['colour_sd']:.3f} | {percent(a['warm_fraction'])} "
                      f"| {cell} |")
     n = absolute["base"]["n"]
-    lines += ["", f"{n} images per model ({s.seeds} seeds x 4 captions; a seed's four images share their noise, so they "
-              "are not independent samples).", ""]
+    lines += ["", f"{n} images per model ({s.seeds} seeds x 4 captions; a seed's four images share their noise, so "
+              "they are not independent samples).", ""]
     lines += [f"- {verdict[f'{run}_preference']}" for run in RUNS]
     lines += ["", "## Figure 1 at toy scale", "",
               "The paper's Figure 1: under plain Diffusion-DPO the winner's denoising error relative to the reference "
@@ -564,8 +579,8 @@ def write_report(out: Path, s: Settings, paths: dict, results: dict, figure1: di
               "steps with winner > 0 | lambda (mean of last 25%) |", "|---|---|---|---|---|"]
     for run, f in figure1.items():
         w, l, lam = f["avg_win_diff_loss"], f["avg_lose_diff_loss"], f["avg_lose_l_scale"]
-        lines.append(f"| {RUNS[run][0]} | {w['first']:+.4f} / {w['last']:+.4f} | {l['first']:+.4f} / {l['last']:+.4f} | "
-                     f"{percent(w['fraction_above_zero'])} | {lam['last']:.3f} |")
+        lines.append(f"| {RUNS[run][0]} | {w['first']:+.4f} / {w['last']:+.4f} | {l['first']:+.4f} / {l['last']:+.4f} "
+                     f"| {percent(w['fraction_above_zero'])} | {lam['last']:.3f} |")
     lines += ["", verdict["figure1"], "", "![Figure 1 at toy scale](figure1.png)", "",
               "## Training curves", "", "![training curves](training_curves.png)", "",
               "## A/B against the base, every metric", "",
@@ -666,7 +681,8 @@ def main(argv=None) -> Path:
     write_report(out, s, paths, results, figure1, verdict, timings, machine, commands, args.quick)
     summary = {"settings": asdict(s), "quick": args.quick, "machine": machine, "timings_s": timings,
                "verdicts": verdict, "figure1": figure1, "vae": paths["vae"],
-               "absolute": {k: {m: v for m, v in a.items() if m != "colour_scores"} for k, a in results["absolute"].items()},
+               "absolute": {name: {k: v for k, v in numbers.items() if k != "colour_scores"}
+                            for name, numbers in results["absolute"].items()},
                "ab": results["ab"]}
     (out / "results.json").write_text(json.dumps(summary, indent=2))
 

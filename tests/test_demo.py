@@ -91,14 +91,21 @@ def test_phase_means_and_smoothing():
 
 
 def _figure1(dpo_win, sdpo_win):
-    summary = lambda last, frac=0.5: {"first": 0.0, "last": last, "max": max(last, 0.0), "fraction_above_zero": frac}  # noqa: E731
+    def summary(last):
+        return {"first": 0.0, "last": last, "max": max(last, 0.0), "fraction_above_zero": 0.5}
+
     return {"dpo": {"avg_win_diff_loss": summary(dpo_win), "avg_lose_diff_loss": summary(0.3)},
             "sdpo": {"avg_win_diff_loss": summary(sdpo_win), "avg_lose_diff_loss": summary(0.05)}}
 
 
 def _results(dpo_colour, p_value):
-    ab = lambda rate: {"Colour": {"win_rate_a_over_b": rate, "win_rate_ci95": [rate - 0.1, rate], "sign_test_p_value": p_value}}  # noqa: E731
-    absolute = lambda c: {"Colour": c, "warm_fraction": 0.5}  # noqa: E731
+    def ab(rate):
+        stats = {"win_rate_a_over_b": rate, "win_rate_ci95": [rate - 0.1, rate], "sign_test_p_value": p_value}
+        return {"Colour": stats}
+
+    def absolute(colour):
+        return {"Colour": colour, "warm_fraction": 0.5}
+
     return {"absolute": {"base": absolute(0.0), "dpo": absolute(dpo_colour), "sdpo": absolute(0.2)},
             "ab": {"dpo": {"metrics": ab(0.9 if dpo_colour > 0 else 0.4)}, "sdpo": {"metrics": ab(0.9)}}}
 
@@ -122,11 +129,13 @@ def test_a_trained_unet_pth_feeds_the_eval_script(quick_run):
     work = out / "work"
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "OMP_NUM_THREADS": "1",
            "PRETRAIN": str(work / "model"), "SIZE": "32", "STEP": "2", "CFG": "3.0", "PROMPTS_DIR": str(work),
-           "PROMPT_GROUPS": "toy", "SCORE_ARGS": f"--metrics clip --scorer_config {work / 'scorers' / 'scorer_config.json'}"}
+           "PROMPT_GROUPS": "toy",
+           "SCORE_ARGS": f"--metrics clip --scorer_config {work / 'scorers' / 'scorer_config.json'}"}
     done = subprocess.run(["bash", str(REPO / "scripts" / "eval" / "test_sd15.sh"), "work/dpo/unet.pth"], cwd=out,
                           env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert (work / "dpo" / "toy_seed0_32x32_2s_3.0cfg.json").is_file()
     finals = [line.split() for line in done.stdout.splitlines() if line.startswith("FinalResults")]
     assert [(f[1], f[3]) for f in finals] == [("CLIPScore", "toy")]  # one tiny metric: the chain, not the scorers
-    assert "PRETRAIN=" in (out / "report.md").read_text() and "scripts/eval/test_sd15.sh" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "PRETRAIN=" in report and "bash scripts/eval/test_sd15.sh" in report

@@ -56,7 +56,7 @@ def _vae(seed: int, scaling_factor: float, factor: int = 2):
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
-    # n down blocks compress 2^(n-1)x: two by default (the real VAE compresses 8x; code reads the factor from the config).
+    # n down blocks compress 2^(n-1)x; two by default (the real VAE: 8x; code reads the factor from the config).
     blocks = int(math.log2(factor)) + 1
     if 2 ** (blocks - 1) != factor:
         raise ValueError(f"vae_factor must be a power of two, got {factor}")

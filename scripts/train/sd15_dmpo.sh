@@ -5,9 +5,10 @@
 #   bash scripts/train/sd15_dmpo.sh [extra train.py arguments]
 #   e.g. --dataset_name /data/pickapic_v2 (a local copy), --max_train_steps 10, --output_dir DIR
 #
-# Writes output/sd15-dmpo/ under the repository: checkpoint-500 ... checkpoint-2000/, unet.safetensors and unet.pth
-# (the final UNet), metrics.jsonl and logs/ (tensorboard). Then: bash scripts/eval/test_sd15.sh output/sd15-dmpo/unet.pth
-# Environment: NUM_PROCESSES, ACCELERATE_ARGS, CPU=1, SAFEGUARD=0, PYTHON, ACCELERATE (see scripts/train/_launch.sh).
+# Writes output/sd15-dmpo/ in the repository: checkpoint-500 ... checkpoint-2000/, the final UNet as
+# unet.safetensors and unet.pth, metrics.jsonl and logs/ (tensorboard). Evaluate it with
+#   bash scripts/eval/test_sd15.sh output/sd15-dmpo/unet.pth
+# Environment: NUM_PROCESSES, ACCELERATE_ARGS, CPU=1, SAFEGUARD=0, PYTHON, ACCELERATE (scripts/train/_launch.sh).
 # Effective batch 8 x 32 x processes pairs (2048 on 8 GPUs, the paper's); --scale_lr multiplies the learning rate
 # by the same factor.
 set -euo pipefail
