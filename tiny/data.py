@@ -62,7 +62,7 @@ def _jpeg(image) -> bytes:
     return buffer.getvalue()
 
 
-def _rows(n_pairs: int, seed: int, tie_fraction: float, corrupt: int, sizes: tuple[int, int]):
+def _rows(n_pairs: int, seed: int, tie_fraction: float, corrupt: int, sizes: tuple[int, int], label_noise: float = 0.0):
     rng = random.Random(seed)
     captions = toy_captions()
     rows = []
@@ -75,6 +75,8 @@ def _rows(n_pairs: int, seed: int, tie_fraction: float, corrupt: int, sizes: tup
         winner_first = rng.random() < 0.5
         images = (preferred, rejected) if winner_first else (rejected, preferred)
         label_0 = 0.5 if is_tie else (1.0 if winner_first else 0.0)
+        if label_noise and not is_tie and rng.random() < label_noise:
+            label_0 = 1.0 - label_0  # the label points at the cool image
         model_0, model_1 = rng.choice(GENERATORS), rng.choice(GENERATORS)
         rows.append({
             "are_different": True, "caption": captions[shape_index], "has_label": True,
@@ -90,11 +92,13 @@ def _rows(n_pairs: int, seed: int, tie_fraction: float, corrupt: int, sizes: tup
 
 def build_pickapic(
     out_dir: str | os.PathLike, n_pairs: int = 64, seed: int = 0, tie_fraction: float = 0.1, corrupt: int = 1,
-    sizes: tuple[int, int] = (28, 56), n_test: int = 8,
+    sizes: tuple[int, int] = (28, 56), n_test: int = 8, label_noise: float = 0.0,
 ) -> Path:
     """Write `<out_dir>/data/{train,test_unique}-00000-of-00001.parquet` in the Pick-a-Pic v2 schema.
 
     `load_dataset(out_dir)` then finds both splits, as it does for a local copy of the real dataset.
+    `label_noise`: fraction of the decided training pairs whose label prefers the cool image; at 0.5 the labels carry
+    no preference, so SFT on the "winners" sees both colours equally often (the demo's base model).
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -102,7 +106,7 @@ def build_pickapic(
     data_dir = Path(out_dir) / "data"
     data_dir.mkdir(parents=True, exist_ok=True)
     for split, rows in (
-        ("train", _rows(n_pairs, seed, tie_fraction, corrupt, sizes)),
+        ("train", _rows(n_pairs, seed, tie_fraction, corrupt, sizes, label_noise)),
         ("test_unique", _rows(n_test, seed + 1, 0.0, 0, sizes)),
     ):
         pq.write_table(pa.Table.from_pylist(rows), data_dir / f"{split}-00000-of-00001.parquet")

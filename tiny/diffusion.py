@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 import os
 from pathlib import Path
 
@@ -51,15 +52,18 @@ def _text_encoder(hidden: int, with_projection: bool, seed: int):
     return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config)
 
 
-def _vae(seed: int, scaling_factor: float):
+def _vae(seed: int, scaling_factor: float, factor: int = 2):
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
-    # Two down blocks: 2x spatial compression (the real VAE compresses 8x; code reads the factor from the config).
+    # n down blocks compress 2^(n-1)x; two by default (the real VAE: 8x; code reads the factor from the config).
+    blocks = int(math.log2(factor)) + 1
+    if 2 ** (blocks - 1) != factor:
+        raise ValueError(f"vae_factor must be a power of two, got {factor}")
     return AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32), layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-        norm_num_groups=8, sample_size=32, scaling_factor=scaling_factor,
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 32, 32)[:blocks],
+        layers_per_block=1, down_block_types=("DownEncoderBlock2D",) * blocks,
+        up_block_types=("UpDecoderBlock2D",) * blocks, norm_num_groups=8, sample_size=32, scaling_factor=scaling_factor,
     )
 
 
@@ -75,17 +79,20 @@ def _unet(seed: int, sample_size: int, cross_attention_dim: int, **extra):
     )
 
 
-def build_sd15(out_dir: str | os.PathLike, resolution: int = 32, seed: int = 0) -> Path:
-    """A tiny StableDiffusionPipeline folder. Like the real SD1.5 repo, its scheduler/ holds a PNDM config."""
+def build_sd15(out_dir: str | os.PathLike, resolution: int = 32, seed: int = 0, vae_factor: int = 2) -> Path:
+    """A tiny StableDiffusionPipeline folder. Like the real SD1.5 repo, its scheduler/ holds a PNDM config.
+
+    `vae_factor` (a power of two) is the VAE's spatial compression: latents are resolution / vae_factor pixels wide.
+    """
     from diffusers import PNDMScheduler, StableDiffusionPipeline
 
     out_dir = Path(out_dir)
-    vae = _vae(seed + 1, scaling_factor=0.18215)
+    vae = _vae(seed + 1, scaling_factor=0.18215, factor=vae_factor)
     pipe = StableDiffusionPipeline(
         vae=vae,
         text_encoder=_text_encoder(32, with_projection=False, seed=seed + 2),
         tokenizer=build_clip_tokenizer(out_dir / "tokenizer"),
-        unet=_unet(seed + 3, resolution // 2, cross_attention_dim=32),
+        unet=_unet(seed + 3, resolution // vae_factor, cross_attention_dim=32),
         scheduler=PNDMScheduler(**_SCHEDULE, skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )

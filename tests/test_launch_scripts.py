@@ -1,0 +1,155 @@
+"""scripts/train/*.sh: the shipped settings (SPEC Part B §5.1) reach train.py, extra arguments pass through, GPUs are
+counted, and without a GPU the script says how to run on the CPU. `accelerate` and `python` are stubs on PATH that
+record their arguments; train.py's own parser then checks every flag."""
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+import train
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPTS = REPO / "scripts" / "train"
+
+COMMON = {
+    "--dataset_name": "yuvalkirstain/pickapic_v2", "--train_batch_size": "8", "--gradient_accumulation_steps": "32",
+    "--dataloader_num_workers": "16", "--max_train_steps": "2000", "--lr_scheduler": "constant_with_warmup",
+    "--lr_warmup_steps": "500", "--checkpointing_steps": "500", "--mixed_precision": "bf16", "--allow_tf32": True,
+    "--scale_lr": True, "--use_winner_preserving": True,
+}
+SD15 = {"--pretrained_model_name_or_path": "stable-diffusion-v1-5/stable-diffusion-v1-5", "--learning_rate": "1e-8"}
+SDXL = {"--pretrained_model_name_or_path": "stabilityai/stable-diffusion-xl-base-1.0", "--sdxl": True,
+        "--pretrained_vae_model_name_or_path": "madebyollin/sdxl-vae-fp16-fix", "--learning_rate": "1e-9",
+        "--use_adafactor": True, "--gradient_checkpointing": True}
+SHIPPED = {  # script -> (base, method, beta, mu, dmpo_alpha)
+    "sd15_diffusion_dpo": (SD15, "diffusion-dpo", "5000", "0.9", None),
+    "sd15_dspo": (SD15, "dspo", "0.001", "0.2", None),
+    "sd15_dmpo": (SD15, "dmpo", "2000", "0.9", "0.01"),
+    "sdxl_diffusion_dpo": (SDXL, "diffusion-dpo", "5000", "0.6", None),
+    "sdxl_dspo": (SDXL, "dspo", "5000", "0.6", None),
+    "sdxl_dmpo": (SDXL, "dmpo", "6000", "0.6", "0.01"),
+}
+
+
+@pytest.fixture
+def stubs(tmp_path):
+    """A bin folder with `accelerate` (records its argv as JSON) and `python` (prints $STUB_GPUS for the GPU count)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "accelerate").write_text(
+        "#!/usr/bin/env bash\n"
+        "printf '%s\\0' \"$@\" > \"$STUB_ARGV\"\n")
+    (bin_dir / "python").write_text("#!/usr/bin/env bash\necho \"${STUB_GPUS:-0}\"\n")
+    for stub in bin_dir.iterdir():
+        stub.chmod(0o755)
+    return bin_dir
+
+
+def launch(script, stubs, tmp_path, *extra, gpus=8, **env):
+    """Run scripts/train/<script>.sh from tmp_path; return (completed process, accelerate argv or None)."""
+    argv_file = tmp_path / "argv"
+    argv_file.unlink(missing_ok=True)
+    full_env = {**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}", "STUB_ARGV": str(argv_file),
+                "STUB_GPUS": str(gpus), "HF_HOME": str(tmp_path / "hf"), **env}
+    for key in ("NUM_GPUS", "NUM_PROCESSES", "ACCELERATE_ARGS", "CPU", "SAFEGUARD", "PYTHON", "ACCELERATE"):
+        if key not in env:
+            full_env.pop(key, None)
+    done = subprocess.run(["bash", str(SCRIPTS / f"{script}.sh"), *extra], cwd=tmp_path, env=full_env,
+                          capture_output=True, text=True)
+    argv = argv_file.read_text().split("\0")[:-1] if argv_file.exists() else None
+    return done, argv
+
+
+def split(argv):
+    """accelerate argv -> (launch options, train.py arguments)."""
+    assert argv[0] == "launch"
+    index = argv.index(str(REPO / "train.py"))
+    return argv[1:index], argv[index + 1:]
+
+
+def options(args):
+    """`--flag value` / `--flag` pairs, the last occurrence winning (as argparse)."""
+    found, i = {}, 0
+    while i < len(args):
+        if i + 1 < len(args) and not args[i + 1].startswith("--"):
+            found[args[i]] = args[i + 1]
+            i += 2
+        else:
+            found[args[i]] = True
+            i += 1
+    return found
+
+
+@pytest.mark.parametrize("script", sorted(SHIPPED))
+def test_shipped_settings_and_pass_through(script, stubs, tmp_path):
+    base, method, beta, mu, alpha = SHIPPED[script]
+    done, argv = launch(script, stubs, tmp_path, "--dataset_name", "/local/pickapic", "--max_train_steps", "10", gpus=8)
+    assert done.returncode == 0, done.stderr
+    launch_options, train_args = split(argv)
+    assert launch_options == ["--num_processes", "8"]
+    assert train_args[-4:] == ["--dataset_name", "/local/pickapic", "--max_train_steps", "10"]  # extra args come last
+
+    shipped = options(train_args[:-4])
+    expected = {**COMMON, **base, "--train_method": method, "--beta_dpo": beta, "--winner_preserving_mu": mu,
+                "--output_dir": str(REPO / "output" / script.replace("_", "-"))}
+    if alpha:
+        expected["--dmpo_alpha"] = alpha
+    assert shipped == expected
+
+    parsed = train.parse_args(train_args)  # every flag exists in train.py; the extra ones won
+    assert parsed.dataset_name == "/local/pickapic" and parsed.max_train_steps == 10
+    assert parsed.use_winner_preserving and parsed.scale_lr and parsed.allow_tf32
+    assert parsed.resolution == (1024 if base is SDXL else 512)
+    assert parsed.max_grad_norm == 1.0  # SDXL keeps the global clipping the official run had (B6)
+
+
+def test_processes_follow_the_gpus_and_overrides(stubs, tmp_path):
+    _, argv = launch("sd15_diffusion_dpo", stubs, tmp_path, gpus=2)
+    assert split(argv)[0] == ["--num_processes", "2"]
+    _, argv = launch("sd15_diffusion_dpo", stubs, tmp_path, gpus=2, NUM_PROCESSES="16",
+                     ACCELERATE_ARGS="--num_machines 2 --machine_rank 1")
+    assert split(argv)[0] == ["--num_processes", "16", "--num_machines", "2", "--machine_rank", "1"]
+    config = tmp_path / "hf" / "accelerate" / "default_config.yaml"  # `accelerate config` wrote one: it decides
+    config.parent.mkdir(parents=True)
+    config.write_text("num_processes: 16\n")
+    done, argv = launch("sd15_diffusion_dpo", stubs, tmp_path, gpus=8)
+    assert split(argv)[0] == [] and "accelerate config" in done.stdout
+
+
+def test_no_gpu_says_how_to_run_on_cpu(stubs, tmp_path):
+    done, argv = launch("sdxl_dspo", stubs, tmp_path, gpus=0)
+    assert done.returncode == 1 and argv is None
+    assert "No GPU found" in done.stderr
+    assert "CPU=1 bash scripts/train/sdxl_dspo.sh --max_train_steps 10 --mixed_precision no" in done.stderr
+
+    done, argv = launch("sdxl_dspo", stubs, tmp_path, "--mixed_precision", "no", gpus=0, CPU="1")
+    assert done.returncode == 0, done.stderr
+    launch_options, train_args = split(argv)
+    assert launch_options == ["--cpu", "--num_processes", "1"]
+    assert train.parse_args(train_args).mixed_precision == "no"
+
+
+def test_safeguard_off(stubs, tmp_path):
+    _, argv = launch("sd15_dmpo", stubs, tmp_path, SAFEGUARD="0")
+    shipped = options(split(argv)[1])
+    assert "--use_winner_preserving" not in shipped and "--winner_preserving_mu" not in shipped
+    assert shipped["--dmpo_alpha"] == "0.01" and shipped["--beta_dpo"] == "2000"
+    assert shipped["--output_dir"].endswith("output/sd15-dmpo-no-safeguard")
+
+
+def test_missing_tools_are_named(stubs, tmp_path):
+    done, _ = launch("sd15_dspo", stubs, tmp_path, ACCELERATE="no-such-accelerate")
+    assert done.returncode == 1 and "'no-such-accelerate' not found" in done.stderr
+    (stubs / "broken").write_text("#!/usr/bin/env bash\nexit 1\n")
+    (stubs / "broken").chmod(0o755)
+    done, _ = launch("sd15_dspo", stubs, tmp_path, PYTHON="broken")
+    assert done.returncode == 1 and "cannot import torch" in done.stderr
+    done = subprocess.run(["bash", str(SCRIPTS / "_launch.sh")], capture_output=True, text=True)
+    assert done.returncode == 2 and "sourced by the training scripts" in done.stderr
+
+
+def test_every_script_is_tested():
+    """Six scripts, {sd15, sdxl} x {diffusion_dpo, dspo, dmpo}, and no other."""
+    assert sorted(p.stem for p in SCRIPTS.glob("*.sh") if not p.stem.startswith("_")) == sorted(SHIPPED)
