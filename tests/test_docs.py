@@ -21,4 +21,4 @@ def test_quick_start_scripts_exist():
     readme = (REPO / "README.md").read_text()
     for script in ("scripts/demo.sh", "scripts/test.sh"):
         assert f"bash {script}" in readme
-    assert (REPO / "scripts" / "test.sh").exists()
+    assert (REPO / "scripts" / "test.sh").exists() and (REPO / "scripts" / "demo.sh").exists()
