@@ -315,6 +315,12 @@ def build_parser() -> argparse.ArgumentParser:
     optim.add_argument("--local_rank", type=int, default=-1, help="Accepted for compatibility; accelerate sets ranks.")
     optim.add_argument("--enable_xformers", action="store_true", help="xFormers attention in the policy UNet (PyTorch SDPA otherwise).")
 
+    speed = parser.add_argument_group("speed (off by default: each changes results by rounding; docs/benchmarks.md)")
+    speed.add_argument("--fused_adam", action="store_true", help="The fused AdamW kernel (CPU and CUDA).")
+    speed.add_argument("--channels_last", action="store_true", help="Channels-last (NHWC) memory format for the UNets and the VAE.")
+    speed.add_argument("--torch_compile", action="store_true",
+                       help="torch.compile the policy and reference UNets (minutes of compilation first).")
+
     pref = parser.add_argument_group("preference objective")
     pref.add_argument("--train_method", type=str, default="diffusion-dpo", choices=list(METHODS))
     pref.add_argument("--beta_dpo", type=float, default=5000, help="beta: the margin is -(beta/2) times the loss difference.")
@@ -411,6 +417,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--ema_decay must be in [0, 1], got {args.ema_decay}")
     if args.shuffle_buffer_size < 1:
         parser.error(f"--shuffle_buffer_size must be >= 1, got {args.shuffle_buffer_size}")
+    if args.fused_adam and (args.use_8bit_adam or args.use_adafactor):
+        parser.error("--fused_adam is for torch's AdamW; drop it with --use_8bit_adam or --use_adafactor")
     return args
 
 
@@ -855,6 +863,38 @@ def trainable_parameters(unet) -> list:
     return [(name, param) for name, param in unet.named_parameters() if param.requires_grad]
 
 
+def make_optimizer(args, params):
+    """AdamW (the official default), bitsandbytes 8-bit AdamW, or Adafactor with the official SDXL settings."""
+    if args.use_adafactor:
+        from transformers.optimization import Adafactor
+
+        return Adafactor(params, lr=args.learning_rate, weight_decay=args.adam_weight_decay, clip_threshold=1.0,
+                         scale_parameter=False, relative_step=False)
+    if args.use_8bit_adam:
+        try:
+            import bitsandbytes as bnb
+        except ImportError as error:
+            raise ImportError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from error
+        optimizer_class = bnb.optim.AdamW8bit
+    else:
+        optimizer_class = torch.optim.AdamW
+    extra = {"fused": True} if args.fused_adam else {}
+    return optimizer_class(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                           weight_decay=args.adam_weight_decay, eps=args.adam_epsilon, **extra)
+
+
+def apply_speed_options(args, unet, ref_unet, vae):
+    """--channels_last and --torch_compile, in place. `Module.compile` keeps the module and its state-dict keys."""
+    if args.channels_last:
+        for module in (unet, ref_unet, vae):
+            if module is not None:
+                module.to(memory_format=torch.channels_last)
+    if args.torch_compile:
+        for module in (unet, ref_unet):
+            if module is not None:
+                module.compile()
+
+
 def unet_state_dict(unet) -> dict:
     return {k: v.detach().cpu().contiguous() for k, v in unet.state_dict().items()}
 
@@ -955,6 +995,94 @@ def prune_checkpoints(output_dir: Path, keep: int):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# The training step
+
+
+def compute_loss(args, batch, unet, reference, vae, text_encoders, alphas_cumprod, weight_dtype,
+                 log_weight_coefficients=None, choice_scorer=None):
+    """One micro-batch, pixels to loss: the training step that `main` runs (and benchmarks/bench_train.py times).
+
+    Encodes images and captions with the frozen VAE and text encoders, noises the latents (winner i and loser i
+    share noise and timestep), runs the policy and the frozen reference, applies the importance weights, the
+    safeguard and the loss of --train_method. `reference(x_t, t, cond, added_cond_kwargs=...)` is the frozen reference
+    UNet (with LoRA: the policy with its adapters disabled); `log_weight_coefficients`
+    (importance_log_weight_coefficients) is needed with --importance_weighting; `choice_scorer` relabels the pairs
+    (--choice_model). Returns (loss, step metrics, importance-weight metrics, relabelled pairs or None), all device
+    tensors: no host synchronisation here (except the scorer's, with --choice_model); the caller reads them when it logs.
+    """
+    preference = args.train_method in PREFERENCE_METHODS
+    pixels = batch["pixel_values"].to(vae.device, dtype=weight_dtype)
+    relabelled = None
+    if choice_scorer is not None:  # AI feedback: the scorer's preferred image goes first
+        pixels, relabelled = relabel_pairs(choice_scorer, batch, pixels)
+        if not preference:
+            pixels = pixels[:, :3]  # SFT on the scorer's winner
+    if preference:  # (B, 6, H, W) -> (2B, 3, H, W), winners first
+        pixels = torch.cat(pixels.chunk(2, dim=1))
+    with torch.inference_mode():  # frozen, never differentiated: faster than no_grad, same values (benchmarks/RESULTS.md)
+        latents = vae.encode(pixels).latent_dist.sample().float() * vae.config.scaling_factor
+    with torch.no_grad():  # not inference_mode: the policy's cross-attention saves these for its backward
+        prompt_embeds, pooled = encode_prompts(batch, text_encoders, args.sdxl)
+
+    # Noise and timesteps; winner i and loser i share both (official pair sharing).
+    pairs = latents.shape[0] // 2 if preference else latents.shape[0]
+    noise = torch.randn(pairs, *latents.shape[1:], device=latents.device)
+    if args.noise_offset:
+        noise += args.noise_offset * torch.randn(pairs, latents.shape[1], 1, 1, device=latents.device)
+    timesteps = torch.randint(args.timestep_range[0], args.timestep_range[1] + 1, (pairs,), device=latents.device)
+    noise_in = noise
+    if args.input_perturbation:  # perturb after sharing, so winner and loser get the same noise (B5)
+        noise_in = noise + args.input_perturbation * torch.randn_like(noise)
+    if preference:
+        noise, noise_in, timesteps = noise.repeat(2, 1, 1, 1), noise_in.repeat(2, 1, 1, 1), timesteps.repeat(2)
+        prompt_embeds = prompt_embeds.repeat(2, 1, 1)
+        pooled = pooled.repeat(2, 1) if pooled is not None else None
+    abar = alphas_cumprod[timesteps].view(-1, 1, 1, 1)
+    noisy = abar.sqrt() * latents + (1 - abar).sqrt() * noise_in  # DDPM q(x_t | x_0) in fp32
+    added = None
+    if args.sdxl:
+        added = {"text_embeds": pooled.to(weight_dtype),
+                 "time_ids": sdxl_time_ids(noisy.shape[0], args.resolution, noisy.device, weight_dtype)}
+    cond = prompt_embeds.to(weight_dtype)
+
+    model_pred = unet(noisy, timesteps, cond, added_cond_kwargs=added).sample.float()
+    target = noise
+    pair_weight, weight_metrics = None, {}
+    if args.importance_weighting != "none":  # from the noise that made x_t, so q is the true posterior
+        log_weight = log_importance_weight(model_pred, noise_in, timesteps, log_weight_coefficients)
+        if preference:  # a pair's weight: the geometric mean of its winner's and its loser's
+            win_log_weight, lose_log_weight = log_weight.chunk(2)
+            log_weight = 0.5 * (win_log_weight + lose_log_weight)
+        pair_weight = importance_weights(log_weight, args.importance_weighting, args.is_mask_below,
+                                         args.is_clip_min, args.is_clip_max)
+        raw_weight = log_weight.exp()
+        weight_metrics = {"is_weight_mean": raw_weight.mean(), "is_weight_min": raw_weight.min(),
+                          "is_weight_max": raw_weight.max(), "is_masked_fraction": (pair_weight == 0).float().mean()}
+    if preference:
+        with torch.inference_mode():  # as the VAE: faster than no_grad, same values
+            ref_pred = reference(noisy.to(weight_dtype), timesteps, cond, added_cond_kwargs=added).sample
+        scale = 1.0
+        if args.use_winner_preserving:
+            scale = winner_preserving_scale(model_pred, target, args.winner_preserving_mu,
+                                            args.winner_preserving_granularity)
+        loss, stats = preference_loss(args.train_method, model_pred, ref_pred, target, args.beta_dpo,
+                                      dmpo_alpha=args.dmpo_alpha, sdxl=args.sdxl, loser_scale=scale,
+                                      pair_weight=pair_weight)
+        step_metrics = {
+            "model_mse": 0.5 * (stats["model_win_loss"].mean() + stats["model_lose_loss"].mean()),
+            "ref_mse": 0.5 * (stats["ref_win_loss"].mean() + stats["ref_lose_loss"].mean()),
+            "implicit_acc": stats["implicit_acc"],
+            "win_diff": (stats["model_win_loss"] - stats["ref_win_loss"]).mean(),
+            "lose_diff": (stats["model_lose_loss"] - stats["ref_lose_loss"]).mean(),
+            "lose_l_scale": torch.as_tensor(scale, device=loss.device, dtype=torch.float32).mean(),
+        }
+    else:
+        loss = sft_loss(model_pred, target, sample_weight=pair_weight)
+        step_metrics = {}
+    return loss, step_metrics, weight_metrics, relabelled
+
+
+# ----------------------------------------------------------------------------------------------------------------
 
 
 def main(argv=None):
@@ -1032,6 +1160,7 @@ def main(argv=None):
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train()
+    apply_speed_options(args, unet, ref_unet, vae)
 
     # Checkpoints hold the UNet as unet.safetensors (a plain state dict the eval scripts read), not accelerate's default;
     # with LoRA the adapter file, and with EMA the average beside it (save_weights).
@@ -1053,22 +1182,7 @@ def main(argv=None):
     if args.scale_lr:
         args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
     params = [p for _, p in trainable_parameters(unet)]
-    if args.use_adafactor:
-        from transformers.optimization import Adafactor
-
-        optimizer = Adafactor(params, lr=args.learning_rate, weight_decay=args.adam_weight_decay, clip_threshold=1.0,
-                              scale_parameter=False, relative_step=False)
-    else:
-        if args.use_8bit_adam:
-            try:
-                import bitsandbytes as bnb
-            except ImportError as error:
-                raise ImportError("--use_8bit_adam needs bitsandbytes: pip install bitsandbytes") from error
-            optimizer_class = bnb.optim.AdamW8bit
-        else:
-            optimizer_class = torch.optim.AdamW
-        optimizer = optimizer_class(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
-                                    weight_decay=args.adam_weight_decay, eps=args.adam_epsilon)
+    optimizer = make_optimizer(args, params)
 
     # Data
     with accelerator.main_process_first():
@@ -1202,74 +1316,9 @@ def main(argv=None):
                 epoch_loader = accelerator.skip_first_batches(dataloader, skip_batches)
         for batch in epoch_loader:
             with accelerator.accumulate(unet):
-                pixels = batch["pixel_values"].to(accelerator.device, dtype=weight_dtype)
-                if choice_scorer is not None:  # AI feedback: the scorer's preferred image goes first
-                    pixels, relabelled = relabel_pairs(choice_scorer, batch, pixels)
-                    if not preference:
-                        pixels = pixels[:, :3]  # SFT on the scorer's winner
-                if preference:  # (B, 6, H, W) -> (2B, 3, H, W), winners first
-                    pixels = torch.cat(pixels.chunk(2, dim=1))
-                with torch.no_grad():
-                    latents = vae.encode(pixels).latent_dist.sample().float() * vae.config.scaling_factor
-                    prompt_embeds, pooled = encode_prompts(batch, text_encoders, args.sdxl)
-
-                # Noise and timesteps; winner i and loser i share both (official pair sharing).
-                pairs = latents.shape[0] // 2 if preference else latents.shape[0]
-                noise = torch.randn(pairs, *latents.shape[1:], device=latents.device)
-                if args.noise_offset:
-                    noise += args.noise_offset * torch.randn(pairs, latents.shape[1], 1, 1, device=latents.device)
-                timesteps = torch.randint(args.timestep_range[0], args.timestep_range[1] + 1, (pairs,), device=latents.device)
-                noise_in = noise
-                if args.input_perturbation:  # perturb after sharing, so winner and loser get the same noise (B5)
-                    noise_in = noise + args.input_perturbation * torch.randn_like(noise)
-                if preference:
-                    noise, noise_in, timesteps = noise.repeat(2, 1, 1, 1), noise_in.repeat(2, 1, 1, 1), timesteps.repeat(2)
-                    prompt_embeds = prompt_embeds.repeat(2, 1, 1)
-                    pooled = pooled.repeat(2, 1) if pooled is not None else None
-                abar = alphas_cumprod[timesteps].view(-1, 1, 1, 1)
-                noisy = abar.sqrt() * latents + (1 - abar).sqrt() * noise_in  # DDPM q(x_t | x_0) in fp32
-                added = None
-                if args.sdxl:
-                    added = {"text_embeds": pooled.to(weight_dtype),
-                             "time_ids": sdxl_time_ids(noisy.shape[0], args.resolution, noisy.device, weight_dtype)}
-                cond = prompt_embeds.to(weight_dtype)
-
-                model_pred = unet(noisy, timesteps, cond, added_cond_kwargs=added).sample.float()
-                target = noise
-                pair_weight, weight_metrics = None, {}
-                if args.importance_weighting != "none":  # from the noise that made x_t, so q is the true posterior
-                    log_weight = log_importance_weight(model_pred, noise_in, timesteps, log_weight_coefficients)
-                    if preference:  # a pair's weight: the geometric mean of its winner's and its loser's
-                        win_log_weight, lose_log_weight = log_weight.chunk(2)
-                        log_weight = 0.5 * (win_log_weight + lose_log_weight)
-                    pair_weight = importance_weights(log_weight, args.importance_weighting, args.is_mask_below,
-                                                     args.is_clip_min, args.is_clip_max)
-                    raw_weight = log_weight.exp()
-                    weight_metrics = {"is_weight_mean": raw_weight.mean(), "is_weight_min": raw_weight.min(),
-                                      "is_weight_max": raw_weight.max(), "is_masked_fraction": (pair_weight == 0).float().mean()}
-                if preference:
-                    with torch.no_grad():
-                        ref_added = added
-                        ref_pred = reference(noisy.to(weight_dtype), timesteps, cond, added_cond_kwargs=ref_added).sample
-                    scale = 1.0
-                    if args.use_winner_preserving:
-                        scale = winner_preserving_scale(model_pred, target, args.winner_preserving_mu,
-                                                        args.winner_preserving_granularity)
-                    loss, stats = preference_loss(args.train_method, model_pred, ref_pred, target, args.beta_dpo,
-                                                  dmpo_alpha=args.dmpo_alpha, sdxl=args.sdxl, loser_scale=scale,
-                                                  pair_weight=pair_weight)
-                    step_metrics = {
-                        "model_mse": 0.5 * (stats["model_win_loss"].mean() + stats["model_lose_loss"].mean()),
-                        "ref_mse": 0.5 * (stats["ref_win_loss"].mean() + stats["ref_lose_loss"].mean()),
-                        "implicit_acc": stats["implicit_acc"],
-                        "win_diff": (stats["model_win_loss"] - stats["ref_win_loss"]).mean(),
-                        "lose_diff": (stats["model_lose_loss"] - stats["ref_lose_loss"]).mean(),
-                        "lose_l_scale": torch.as_tensor(scale, device=loss.device, dtype=torch.float32).mean(),
-                    }
-                else:
-                    loss = sft_loss(model_pred, target, sample_weight=pair_weight)
-                    step_metrics = {}
-
+                loss, step_metrics, weight_metrics, relabelled = compute_loss(
+                    args, batch, unet, reference, vae, text_encoders, alphas_cumprod, weight_dtype,
+                    log_weight_coefficients, choice_scorer)
                 finite = torch.isfinite(loss)
                 bad_update = torch.maximum(bad_update, (~finite).float())
                 loss = torch.where(finite, loss, torch.zeros_like(loss))  # a bad micro-batch contributes nothing
@@ -1296,7 +1345,7 @@ def main(argv=None):
             if choice_scorer is not None:
                 sums["relabelled_fraction"] = sums.get("relabelled_fraction", 0) + \
                     relabelled.float().mean() / args.gradient_accumulation_steps
-            skipped_images += int(batch["skipped"])
+            skipped_images = skipped_images + batch["skipped"]  # a device tensor: read when logging, not here
             if stream is not None:
                 stream.position = batch["stream_position"]  # saved with the next checkpoint
 
@@ -1333,7 +1382,7 @@ def main(argv=None):
                 is_max = torch.tensor([k.endswith("_max") for k in names], device=values.device)
                 values = torch.where(is_min, values.amin(0), torch.where(is_max, values.amax(0), values.mean(0)))
                 logs = dict(zip(names, values.tolist()))
-                logs.update(lr=lr_scheduler.get_last_lr()[0], skipped_updates=skipped_updates, skipped_images=skipped_images)
+                logs.update(lr=lr_scheduler.get_last_lr()[0], skipped_updates=skipped_updates, skipped_images=int(skipped_images))
                 accelerator.log(logs, step=global_step)
                 if accelerator.is_main_process:
                     with open(metrics_file, "a") as f:
@@ -1367,8 +1416,8 @@ def main(argv=None):
             raise RuntimeError(f"the ranks ended with different UNet weights (checksums {checksums.tolist()})")
         logger.info(f"all {accelerator.num_processes} ranks hold identical UNet weights (checksum {checksum[0, 0].item():.6f})")
     if accelerator.is_main_process:
-        if skipped_images:
-            logger.warning(f"{skipped_images} undecodable images were skipped (their rows replaced by the next row)")
+        if int(skipped_images):
+            logger.warning(f"{int(skipped_images)} undecodable images were skipped (their rows replaced by the next row)")
         final_unet = accelerator.unwrap_model(unet)
         save_weights(final_unet, output_dir, args, ema)
         logger.info(f"Saved {'the LoRA adapter ' + LORA_WEIGHTS + '.safetensors' if args.use_lora else 'unet.safetensors and unet.pth'}"
