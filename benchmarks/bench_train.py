@@ -135,20 +135,38 @@ class Bench:
         base = "tiny" if config == "tiny-sdxl" else config
         self.resolution = resolution or RESOLUTION[base]
         probe = train_args(config, "diffusion-dpo", False, 1, precision, self.resolution, flags)
+        untimed = [flag for flag in ("use_ema", "choice_model") if getattr(probe, flag)]
+        if untimed:
+            raise SystemExit(f"bench_train.py does not time --{', --'.join(untimed)} (work outside train.compute_loss); "
+                             "leave it out")
         self.accelerator = Accelerator(cpu=self.device.type == "cpu", mixed_precision=precision,
                                        gradient_accumulation_steps=probe.gradient_accumulation_steps)
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
-        models = build(base, self.device, self.weight_dtype, sdxl_tiny=config == "tiny-sdxl")
+        models = build(base, self.device, self.weight_dtype, reference=not probe.use_lora,
+                       sdxl_tiny=config == "tiny-sdxl")
         self.vae, self.text_encoders, self.tokenizers = models.vae, models.text_encoders, models.tokenizers
         self.ref_unet, self.alphas_cumprod = models.ref_unet, models.alphas_cumprod
         self.noise_scheduler = DDPMScheduler(**SCHEDULE)
         self.log_weight_coefficients = train.importance_log_weight_coefficients(self.noise_scheduler).to(self.device)
-        unet = models.unet
+        unet = models.unet  # from here on as main() sets it up
+        if probe.use_lora:
+            train.add_lora(unet, probe, self.weight_dtype)
+        if probe.enable_xformers:
+            unet.enable_xformers_memory_efficient_attention()
         if probe.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
-        train.apply_speed_options(probe, unet, self.ref_unet, self.vae)  # as main(): --channels_last, --torch_compile
-        optimizer = train.make_optimizer(probe, [p for p in unet.parameters() if p.requires_grad])
+        train.apply_speed_options(probe, unet, self.ref_unet, self.vae)
+        optimizer = train.make_optimizer(probe, [p for _, p in train.trainable_parameters(unet)])
         self.unet, self.optimizer = self.accelerator.prepare(unet, optimizer)
+        self.reference = self.ref_unet
+        if probe.use_lora:  # the reference is the policy with its adapters disabled
+            lora_unet = self.accelerator.unwrap_model(self.unet)
+
+            def reference(*inputs, **kwargs):
+                with train.adapters_disabled(lora_unet):
+                    return lora_unet(*inputs, **kwargs)
+
+            self.reference = reference
         self.vae_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
 
     def step_fn(self, args, batch, kind: str):
@@ -160,13 +178,12 @@ class Bench:
         def step():
             with accelerator.accumulate(unet):
                 if kind == "ours":
-                    loss, _, _ = train.compute_loss(args, batch, unet, self.ref_unet, self.vae, self.text_encoders,
-                                                    self.alphas_cumprod, self.weight_dtype,
-                                                    log_weight_coefficients=self.log_weight_coefficients)
+                    loss, *_ = train.compute_loss(args, batch, unet, self.reference, self.vae, self.text_encoders,
+                                                  self.alphas_cumprod, self.weight_dtype, self.log_weight_coefficients)
                     finite = torch.isfinite(loss)  # main's non-finite guard
                     loss = torch.where(finite, loss, torch.zeros_like(loss))
                 else:
-                    loss, _ = official_compute_loss(args, batch, unet, self.ref_unet, self.vae, self.text_encoders,
+                    loss, _ = official_compute_loss(args, batch, unet, self.reference, self.vae, self.text_encoders,
                                                     self.noise_scheduler, self.weight_dtype, accelerator, self.tokenizers)
                     finite = None
                 accelerator.backward(loss)
@@ -193,6 +210,7 @@ class Bench:
         return statistics.median(timed(fn, self.device, repeats, warmup=5))
 
     def parts(self) -> dict:
+        """The timed modules. With --use_lora the reference is the policy module, so policy_forward holds both."""
         parts = {"vae_encode": self.vae.encoder, "policy_forward": self.accelerator.unwrap_model(self.unet)}
         if self.ref_unet is not None:
             parts["reference_forward"] = self.ref_unet
@@ -261,7 +279,15 @@ def meta_flops(config: str, method: str, safeguard: bool, batch: int, precision:
     base = "tiny" if config == "tiny-sdxl" else config
     args = train_args(config, method, safeguard, batch, precision, resolution or RESOLUTION[base], flags)
     weight_dtype = torch.float32  # the count does not depend on it, and without accelerate there is no autocast
-    models = build(base, "meta", weight_dtype, reference=method != "sft", sdxl_tiny=config == "tiny-sdxl")
+    models = build(base, "meta", weight_dtype, reference=method != "sft" and not args.use_lora,
+                   sdxl_tiny=config == "tiny-sdxl")
+    reference = models.ref_unet
+    if args.use_lora:
+        train.add_lora(models.unet, args, weight_dtype)
+
+        def reference(*inputs, **kwargs):
+            with train.adapters_disabled(models.unet):
+                return models.unet(*inputs, **kwargs)
     if args.gradient_checkpointing:  # the recomputed forwards count in the backward
         models.unet.enable_gradient_checkpointing()
     coefficients = train.importance_log_weight_coefficients(DDPMScheduler(**SCHEDULE)).to("meta")
@@ -272,8 +298,8 @@ def meta_flops(config: str, method: str, safeguard: bool, batch: int, precision:
     batch_ = {k: v.to("meta") if torch.is_tensor(v) else v for k, v in batch_.items()}
 
     def step():
-        loss, _, _ = train.compute_loss(args, batch_, models.unet, models.ref_unet, models.vae, models.text_encoders,
-                                        models.alphas_cumprod, weight_dtype, log_weight_coefficients=coefficients)
+        loss, *_ = train.compute_loss(args, batch_, models.unet, reference, models.vae, models.text_encoders,
+                                      models.alphas_cumprod, weight_dtype, coefficients)
         loss.backward()
 
     from torch.utils.flop_counter import FlopCounterMode

@@ -104,15 +104,38 @@ def test_the_step_reads_nothing_on_the_host(tiny_bench, method, monkeypatch):
     coefficients = train.importance_log_weight_coefficients(DDPMScheduler(**SCHEDULE))
     batch = bench_train.synthetic_batch(args, models.tokenizers, "cpu", torch.Generator().manual_seed(0))
     refuse_host_reads(monkeypatch)
-    loss, step_metrics, weight_metrics = train.compute_loss(
+    loss, step_metrics, weight_metrics, relabelled = train.compute_loss(
         args, batch, models.unet, models.ref_unet, models.vae, models.text_encoders, models.alphas_cumprod,
-        torch.float32, log_weight_coefficients=coefficients)
+        torch.float32, coefficients)
     loss.backward()
     monkeypatch.undo()
     assert torch.isfinite(loss) and all(torch.isfinite(v) for v in [*step_metrics.values(), *weight_metrics.values()])
-    assert weight_metrics  # the importance weights ran too
+    assert weight_metrics and relabelled is None  # the importance weights ran too
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in models.unet.parameters())
     models.unet.zero_grad(set_to_none=True)
+
+
+def test_the_lora_step_reads_nothing_on_the_host(tiny_bench, monkeypatch):
+    """With --use_lora the reference is the policy with its adapters disabled (train.adapters_disabled)."""
+    import copy
+
+    models = tiny_bench
+    args = step_args(models, "diffusion-dpo", "--use_lora", "--lora_rank", "2")
+    unet = copy.deepcopy(models.unet)
+    train.add_lora(unet, args, torch.float32)
+
+    def reference(*inputs, **kwargs):
+        with train.adapters_disabled(unet):
+            return unet(*inputs, **kwargs)
+
+    batch = bench_train.synthetic_batch(args, models.tokenizers, "cpu", torch.Generator().manual_seed(0))
+    refuse_host_reads(monkeypatch)
+    loss, *_ = train.compute_loss(args, batch, unet, reference, models.vae, models.text_encoders, models.alphas_cumprod,
+                                  torch.float32)
+    loss.backward()
+    monkeypatch.undo()
+    assert torch.isfinite(loss)
+    assert all(p.grad is not None for _, p in train.trainable_parameters(unet))
 
 
 def test_the_guard_catches_the_official_steps_host_reads(tiny_bench, monkeypatch):
