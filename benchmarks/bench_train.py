@@ -6,15 +6,17 @@
     python benchmarks/bench_train.py --config sdxl --flops meta                                  # FLOPs only, any machine
 
 The step is train.compute_loss (pixels -> VAE and text encoders -> shared noise and timesteps -> policy and reference
--> safeguard -> loss) followed by the update main() makes (backward, clip, optimizer step; one host read per update
-for the non-finite guard). Models are `tiny`, or the real SD1.5 / SDXL architectures with random weights
-(benchmarks/models.py); the batch is random pixels with real captions, already on the device (data loading is
-benchmarks/bench_data.py). Any other argument is a train.py flag and is parsed by train.parse_args, so speed options
-(`--channels_last`, `--torch_compile`, `--gradient_checkpointing`, `--use_adafactor`, ...) are timed exactly as
-train.py applies them.
+-> importance weights, safeguard -> loss) followed by the update main() makes (backward, clip, optimizer step; one host
+read per update for the non-finite guard). Models are `tiny`/`tiny-sdxl`, or the real SD1.5 / SDXL architectures with
+random weights (benchmarks/models.py); the batch is random pixels with real captions, already on the device (data
+loading is benchmarks/bench_data.py). Any other argument is a train.py flag, parsed by train.parse_args and set up as
+main() sets it up (train.make_optimizer, train.add_lora, train.apply_speed_options), so `--channels_last`,
+`--torch_compile`, `--gradient_checkpointing`, `--use_adafactor`, `--use_lora`, `--importance_weighting`, ... are timed
+as train.py runs them. `--use_ema` and `--choice_model` work outside the step and are refused.
 
 `--step official` times benchmarks/official_step.py instead: the official implementation's choices (bf16 reference
-losses, lambda by an autograd pass, per-micro-step host reads). `--step both` reports ours/official.
+losses, lambda by an autograd pass, per-micro-step host reads). `--step both` reports ours/official. `--variants`
+compares sets of train.py flags. Everything compared is timed interleaved, on the same batch.
 
 Step time is the median of --steps timed steps after --warmup. Peak memory is torch.cuda.max_memory_allocated on
 GPU, the process's peak resident set (VmHWM, reset per record) on CPU. `lambda_s` is the time of
