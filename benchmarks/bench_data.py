@@ -86,16 +86,20 @@ def measure(args, dataset, tokenizers, workers: int) -> dict:
 
 
 def run(args) -> list[dict]:
+    quiet_libraries()
+    with tempfile.TemporaryDirectory(prefix="bench-data-") as folder:  # the parquet, its arrow cache, the tokenizer
+        return measure_all(args, Path(folder))
+
+
+def measure_all(args, folder: Path) -> list[dict]:
     from tiny import build_clip_tokenizer, build_pickapic
 
-    quiet_libraries()
-    folder = Path(tempfile.mkdtemp(prefix="bench-data-"))
     data = args.data
     if data is None:
         data = build_pickapic(folder / "pickapic", n_pairs=args.pairs, sizes=tuple(args.image_size), corrupt=0)
     targs = train.parse_args(["--pretrained_model_name_or_path", "<none>", "--dataset_name", str(data),
-                              "--resolution", str(args.resolution), "--train_batch_size", str(args.batch)]
-                             + (["--sdxl"] if args.sdxl else []))
+                              "--resolution", str(args.resolution), "--train_batch_size", str(args.batch),
+                              "--cache_dir", str(folder / "cache")] + (["--sdxl"] if args.sdxl else []))
     dataset = train.PairDataset(train.filter_rows(train.load_rows(targs), targs, is_main=False), targs)
     tokenizer = build_clip_tokenizer(folder / "tokenizer")
     tokenizers = [tokenizer, tokenizer] if args.sdxl else [tokenizer]

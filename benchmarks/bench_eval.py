@@ -68,7 +68,7 @@ def parse_args(argv=None):
 # Generation
 
 
-def generation_models(config: str, device, dtype, pretrain_path=None):
+def generation_models(config: str, device, dtype, folder: Path, pretrain_path=None):
     """eval.generate.Models for `config`: loaded by eval.generate itself from a pipeline folder (tiny, or
     --pretrain_path), or assembled from the real architectures with random weights (benchmarks/models.py)."""
     from diffusers import EulerDiscreteScheduler
@@ -80,8 +80,8 @@ def generation_models(config: str, device, dtype, pretrain_path=None):
         if not pretrain_path:
             from tiny import build_sd15
 
-            pretrain_path = str(build_sd15(Path(tempfile.mkdtemp(prefix="bench-gen-")) / "tiny-sd15"))
-        prompt_file = Path(tempfile.mkdtemp(prefix="bench-gen-")) / "prompts.json"  # resolve_args wants one
+            pretrain_path = str(build_sd15(folder / "tiny-sd15"))
+        prompt_file = folder / "prompts.json"  # resolve_args wants one
         prompt_file.write_text(json.dumps([{"prompt": p} for p in PROMPTS]))
         gargs = generate.parse_args(["--pretrain_path", pretrain_path, "--output_path", str(prompt_file.parent),
                                      "--test_json", str(prompt_file)])
@@ -93,12 +93,12 @@ def generation_models(config: str, device, dtype, pretrain_path=None):
                            [e.to(dtype) for e in models.text_encoders], models.sdxl, torch.device(device), dtype)
 
 
-def bench_generation(args, config: str) -> list[dict]:
+def bench_generation(args, config: str, folder: Path) -> list[dict]:
     from eval import generate
 
     device = torch.device(args.device)
     dtype = generate.DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
-    models = generation_models(config, device, dtype, args.pretrain_path)
+    models = generation_models(config, device, dtype, folder, args.pretrain_path)
     size = args.size or {"tiny": 32, "sd15": 512, "sdxl": 1024}[config]
     gargs = generate.parse_args(["--steps", str(args.steps), "--height", str(size), "--width", str(size)])
     uncond = generate.encode(models, [""])
@@ -126,14 +126,14 @@ def score_images(n: int, size: int):
     return [draw_shape(SHAPES[i % len(SHAPES)], colours[i % 2], (size, size), rng) for i in range(n)]
 
 
-def bench_scorers(args) -> list[dict]:
+def bench_scorers(args, folder: Path) -> list[dict]:
     from eval.scorers import load_scorer
 
     kwargs = {name: {} for name in args.scorers}
     if args.scorer_weights == "tiny":
         from tiny import build_tiny_scorers
 
-        kwargs = build_tiny_scorers(Path(tempfile.mkdtemp(prefix="bench-scorers-")))
+        kwargs = build_tiny_scorers(folder / "scorers")
     images = score_images(args.score_images, args.image_size)
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(len(images))]
     records = []
@@ -156,9 +156,10 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     common = common_fields(args.device, command)
     records = []
-    for config in args.generate:
-        records += bench_generation(args, config)
-    records += bench_scorers(args) if args.scorers else []
+    with tempfile.TemporaryDirectory(prefix="bench-eval-") as folder:  # tiny pipeline and scorers, prompt file
+        for config in args.generate:
+            records += bench_generation(args, config, Path(folder))
+        records += bench_scorers(args, Path(folder)) if args.scorers else []
     records = [{**r, **common} for r in records]
     if args.json:
         print(json.dumps(records, indent=1))

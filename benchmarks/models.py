@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
@@ -72,8 +71,8 @@ def _tokenizers(sdxl: bool) -> list:
     """The real CLIP BPE tokenizer (tiny.build_clip_tokenizer writes OpenAI's vocabulary), once per text encoder."""
     from tiny import build_clip_tokenizer
 
-    folder = Path(tempfile.mkdtemp(prefix="bench-tokenizer-"))
-    tokenizer = build_clip_tokenizer(folder)
+    with tempfile.TemporaryDirectory(prefix="bench-tokenizer-") as folder:
+        tokenizer = build_clip_tokenizer(folder)  # held in memory once built
     return [tokenizer, copy.deepcopy(tokenizer)] if sdxl else [tokenizer]
 
 
@@ -103,14 +102,14 @@ def _tiny(device, weight_dtype, sdxl: bool):
 
     from tiny import build_sd15, build_sdxl
 
-    folder = Path(tempfile.mkdtemp(prefix="bench-tiny-"))
-    (build_sdxl if sdxl else build_sd15)(folder)
-    unet = _cast(UNet2DConditionModel.from_pretrained(folder, subfolder="unet"), device=device)
-    vae = _cast(AutoencoderKL.from_pretrained(folder, subfolder="vae"), weight_dtype, device)
-    text_encoders = [CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", torch_dtype=weight_dtype).to(device)]
-    if sdxl:
-        text_encoders.append(CLIPTextModelWithProjection.from_pretrained(
-            folder, subfolder="text_encoder_2", torch_dtype=weight_dtype).to(device))
+    with tempfile.TemporaryDirectory(prefix="bench-tiny-") as folder:  # loaded into memory, then removed
+        (build_sdxl if sdxl else build_sd15)(folder)
+        unet = _cast(UNet2DConditionModel.from_pretrained(folder, subfolder="unet"), device=device)
+        vae = _cast(AutoencoderKL.from_pretrained(folder, subfolder="vae"), weight_dtype, device)
+        text_encoders = [CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", torch_dtype=weight_dtype).to(device)]
+        if sdxl:
+            text_encoders.append(CLIPTextModelWithProjection.from_pretrained(
+                folder, subfolder="text_encoder_2", torch_dtype=weight_dtype).to(device))
     return unet, vae, text_encoders
 
 

@@ -14,8 +14,10 @@ $PY benchmarks/bench_train.py --config tiny --method diffusion-dpo --safeguard b
 $PY benchmarks/bench_train.py --config tiny-sdxl --method diffusion-dpo dspo --safeguard both --batch 2 --step both --steps 30 --warmup 5 $T > $OUT/cpu-tiny-sdxl.json
 $PY benchmarks/bench_train.py --config tiny --method diffusion-dpo --safeguard on --batch 2 --steps 60 --warmup 5 \
     --variants default fused_adam channels_last fused_adam,channels_last $T > $OUT/cpu-tiny-speed-flags.json
-TORCHINDUCTOR_CACHE_DIR=$(mktemp -d) $PY benchmarks/bench_train.py --config tiny --method diffusion-dpo --safeguard on \
+INDUCTOR=$(mktemp -d)  # an empty compile cache, so the first step shows the full compilation time
+TORCHINDUCTOR_CACHE_DIR=$INDUCTOR $PY benchmarks/bench_train.py --config tiny --method diffusion-dpo --safeguard on \
     --batch 2 --steps 40 --warmup 5 --variants default torch_compile $T > $OUT/cpu-tiny-torch-compile.json
+rm -rf "$INDUCTOR"
 $PY benchmarks/bench_train.py --config tiny --method diffusion-dpo --safeguard on --batch 2 --steps 20 --breakdown \
     --variants default fused_adam $T > $OUT/cpu-tiny-breakdown.json
 $PY benchmarks/bench_modules.py --config tiny --batch 2 --repeats 100 --rounds 3 $T > $OUT/cpu-tiny-modules.json
