@@ -1,4 +1,5 @@
-# Sourced by the six scripts beside it, which set NAME (the run name) and ARGS (the shipped train.py arguments).
+# Sourced by the six scripts beside it, which set NAME (the run name) and ARGS (their own shipped train.py
+# arguments; the settings common to all six are COMMON_ARGS below).
 # Runs `accelerate launch [--num_processes N] train.py --output_dir <repo>/output/NAME ARGS... "$@"`: arguments given
 # to the script come last, so they add to or override the shipped ones (argparse keeps the last value).
 #
@@ -75,8 +76,15 @@ EOF
 fi
 read -r -a EXTRA_LAUNCH <<< "${ACCELERATE_ARGS:-}"
 
+# Shipped settings common to all six scripts (SPEC Part B §5.1); each script adds its model, objective and lr.
+COMMON_ARGS=(
+    --dataset_name yuvalkirstain/pickapic_v2 --dataloader_num_workers 16
+    --train_batch_size 8 --gradient_accumulation_steps 32
+    --max_train_steps 2000 --lr_scheduler constant_with_warmup --lr_warmup_steps 500 --checkpointing_steps 500
+    --mixed_precision bf16 --allow_tf32
+)
 COMMAND=("$ACCELERATE" launch "${LAUNCH[@]}" "${EXTRA_LAUNCH[@]}" "$REPO/train.py" --output_dir "$REPO/output/$NAME"
-         "${ARGS[@]}" "$@")
+         "${COMMON_ARGS[@]}" "${ARGS[@]}" "$@")
 echo ">>> $NAME: $PROCESSES; effective batch = train_batch_size x gradient_accumulation_steps x processes"
 echo ">>> ${COMMAND[*]}"
 exec "${COMMAND[@]}"

@@ -16,12 +16,8 @@ set -euo pipefail
 NAME=sd15-diffusion-dpo
 ARGS=(
     --pretrained_model_name_or_path stable-diffusion-v1-5/stable-diffusion-v1-5
-    --dataset_name yuvalkirstain/pickapic_v2 --dataloader_num_workers 16
     --train_method diffusion-dpo --beta_dpo 5000
     --use_winner_preserving --winner_preserving_mu 0.9
     --learning_rate 1e-8 --scale_lr
-    --train_batch_size 8 --gradient_accumulation_steps 32
-    --max_train_steps 2000 --lr_scheduler constant_with_warmup --lr_warmup_steps 500 --checkpointing_steps 500
-    --mixed_precision bf16 --allow_tf32
 )
 source "$(dirname "${BASH_SOURCE[0]}")/_launch.sh"

@@ -17,14 +17,10 @@ NAME=sdxl-dmpo
 ARGS=(
     --pretrained_model_name_or_path stabilityai/stable-diffusion-xl-base-1.0 --sdxl
     --pretrained_vae_model_name_or_path madebyollin/sdxl-vae-fp16-fix
-    --dataset_name yuvalkirstain/pickapic_v2 --dataloader_num_workers 16
     --train_method dmpo --beta_dpo 6000
     --dmpo_alpha 0.01
     --use_winner_preserving --winner_preserving_mu 0.6
     --learning_rate 1e-9 --scale_lr
     --use_adafactor --gradient_checkpointing  # the official code forced both for SDXL; explicit here (B6)
-    --train_batch_size 8 --gradient_accumulation_steps 32
-    --max_train_steps 2000 --lr_scheduler constant_with_warmup --lr_warmup_steps 500 --checkpointing_steps 500
-    --mixed_precision bf16 --allow_tf32
 )
 source "$(dirname "${BASH_SOURCE[0]}")/_launch.sh"
