@@ -32,17 +32,20 @@ import random
 import re
 import shutil
 import sys
+import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
+
+import checkpoints
 
 logger = logging.getLogger("train")
 
 PREFERENCE_METHODS = ("diffusion-dpo", "dspo", "dmpo")
 METHODS = PREFERENCE_METHODS + ("sft",)
 DEFAULT_MAX_NONFINITE = 10
+OPTIMIZERS = ("adamw", "adafactor", "adamw8bit")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -291,13 +294,18 @@ def build_parser() -> argparse.ArgumentParser:
     optim.add_argument("--num_train_epochs", type=int, default=100, help="Recomputed from --max_train_steps when that is set.")
     optim.add_argument("--max_train_steps", type=int, default=2000, help="Optimizer steps.")
     optim.add_argument("--gradient_accumulation_steps", type=int, default=1, help="Micro-batches per optimizer step.")
-    optim.add_argument("--gradient_checkpointing", action="store_true", help="Gradient checkpointing in the policy UNet.")
+    optim.add_argument("--gradient_checkpointing", action="store_true", default=None,
+                       help="Gradient checkpointing in the policy UNet (default: on with --sdxl, as the official, else off).")
+    optim.add_argument("--no_gradient_checkpointing", dest="gradient_checkpointing", action="store_false",
+                       help="No gradient checkpointing, even with --sdxl.")
     optim.add_argument("--learning_rate", type=float, default=1e-8, help="Base learning rate (before --scale_lr).")
     optim.add_argument("--scale_lr", action="store_true", help="lr *= gradient_accumulation_steps * train_batch_size * num_processes.")
     optim.add_argument("--lr_scheduler", type=str, default="constant_with_warmup", help="diffusers get_scheduler name.")
     optim.add_argument("--lr_warmup_steps", type=int, default=500, help="Warmup in optimizer steps.")
-    optim.add_argument("--use_adafactor", action="store_true", help="Adafactor instead of AdamW (the shipped SDXL setting).")
-    optim.add_argument("--use_8bit_adam", action="store_true", help="bitsandbytes 8-bit AdamW.")
+    optim.add_argument("--optimizer", type=str, default=None, choices=list(OPTIMIZERS),
+                       help="Default: adafactor with --sdxl (the official code forces it), else adamw.")
+    optim.add_argument("--use_adafactor", action="store_true", help="Same as --optimizer adafactor (official flag).")
+    optim.add_argument("--use_8bit_adam", action="store_true", help="Same as --optimizer adamw8bit (bitsandbytes 8-bit AdamW).")
     optim.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls and convolutions on Ampere+ GPUs.")
     optim.add_argument("--adam_beta1", type=float, default=0.9)
     optim.add_argument("--adam_beta2", type=float, default=0.999)
@@ -417,9 +425,49 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--ema_decay must be in [0, 1], got {args.ema_decay}")
     if args.shuffle_buffer_size < 1:
         parser.error(f"--shuffle_buffer_size must be >= 1, got {args.shuffle_buffer_size}")
-    if args.fused_adam and (args.use_8bit_adam or args.use_adafactor):
-        parser.error("--fused_adam is for torch's AdamW; drop it with --use_8bit_adam or --use_adafactor")
+    check_numbers(parser, args)
+    resolve_optimizer(parser, args)
+    if args.fused_adam and args.optimizer != "adamw":
+        parser.error(f"--fused_adam is for torch's AdamW; drop it with --optimizer {args.optimizer}")
     return args
+
+
+def check_numbers(parser, args):
+    """Values that would fail (or silently misbehave) only after the models have loaded, refused up front."""
+    at_least_one = ["train_batch_size", "gradient_accumulation_steps", "max_train_steps", "checkpointing_steps",
+                    "max_nonfinite_steps", "num_train_epochs"]
+    for name in at_least_one:
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
+        parser.error(f"--checkpoints_total_limit must be >= 1 (it would delete the checkpoint just written), got "
+                     f"{args.checkpoints_total_limit}; leave it out to keep every checkpoint")
+    if args.resolution < 8 or args.resolution % 8:
+        parser.error(f"--resolution must be a positive multiple of 8 (the VAE downsamples by 8), got {args.resolution}")
+    if not args.beta_dpo > 0:
+        parser.error(f"--beta_dpo must be > 0, got {args.beta_dpo}")
+    if not 0.0 <= args.dmpo_alpha < 1.0:
+        parser.error(f"--dmpo_alpha must be in [0, 1) (the target probability is 1 - alpha), got {args.dmpo_alpha}")
+    if args.dataloader_num_workers < 0:
+        parser.error(f"--dataloader_num_workers must be >= 0, got {args.dataloader_num_workers}")
+    for parent in [Path(args.output_dir).absolute(), *Path(args.output_dir).absolute().parents]:
+        if parent.exists():
+            if not parent.is_dir():
+                parser.error(f"--output_dir {args.output_dir}: {parent} is a file, not a folder; choose another --output_dir")
+            break
+
+
+def resolve_optimizer(parser, args):
+    """--optimizer, or the official flags; with --sdxl and neither, the official behaviour (Adafactor, checkpointing)."""
+    chosen = {name for name, flag in [("adafactor", args.use_adafactor), ("adamw8bit", args.use_8bit_adam)] if flag}
+    if args.optimizer:
+        chosen.add(args.optimizer)
+    if len(chosen) > 1:
+        parser.error(f"choose one optimizer, got {' and '.join(sorted(chosen))} (--optimizer, --use_adafactor, --use_8bit_adam)")
+    args.optimizer = chosen.pop() if chosen else ("adafactor" if args.sdxl else "adamw")
+    args.use_adafactor, args.use_8bit_adam = args.optimizer == "adafactor", args.optimizer == "adamw8bit"
+    if args.gradient_checkpointing is None:
+        args.gradient_checkpointing = args.sdxl
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -431,22 +479,45 @@ PAIR_COLUMNS = ("jpg_0", "jpg_1", "label_0")
 def load_rows(args):
     """The raw dataset split named by --dataset_name / --train_data_dir: a hub id, a folder, files, a save_to_disk
     folder, or WebDataset shards. Streams (--streaming, and shards always) are `datasets.IterableDataset`s whose
-    images stay undecoded bytes, so a resume can skip rows cheaply."""
+    images stay undecoded bytes, so a resume can skip rows cheaply. A folder (and a hub id offline, through its
+    snapshot in the Hugging Face cache) is read one split at a time: the other splits are never converted."""
     from datasets import DatasetDict, IterableDataset, IterableDatasetDict, load_dataset, load_from_disk
 
     source = args.dataset_name or args.train_data_dir
     data_dir = args.train_data_dir if args.dataset_name else None
     path = Path(source)
     shards = webdataset_shards(source, args.split)
+    if not shards and args.dataset_name and not path.exists() and not any(ch in source for ch in "*?[") and hub_offline():
+        path = dataset_snapshot(source)
+        source = str(path)
+    described = source
     if shards:
+        described = f"{len(shards)} WebDataset shards ({shards[0]}{', ...' if len(shards) > 1 else ''})"
         dataset = load_dataset("webdataset", data_files={args.split: shards}, split=args.split, streaming=True,
                                cache_dir=args.cache_dir)
     elif path.is_dir() and ((path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists()):
         dataset = load_from_disk(str(path))  # a save_to_disk folder
     elif path.is_file() or any(ch in source for ch in "*?["):
         builder = "arrow" if source.endswith(".arrow") else "parquet"
-        dataset = load_dataset(builder, data_files=source, cache_dir=args.cache_dir, streaming=args.streaming)
-    elif path.is_dir() or args.dataset_name:
+        files = sorted(glob.glob(source)) if any(ch in source for ch in "*?[") else [source]
+        if not files:
+            raise FileNotFoundError(f"--dataset_name {source}: no file matches")
+        check_not_empty(files)
+        described = f"{len(files)} {builder} files ({files[0]}{', ...' if len(files) > 1 else ''})"
+        dataset = load_dataset(builder, data_files={args.split: files}, split=args.split, cache_dir=args.cache_dir,
+                               streaming=args.streaming)
+    elif path.is_dir():
+        folder = path / data_dir if data_dir else path
+        builder, files = split_files(folder, args.split)
+        if files:
+            check_not_empty(files)
+            described = f"{source}: {len(files)} {builder} files of split {args.split} ({Path(files[0]).name}, ...)"
+            dataset = load_dataset(builder, data_files={args.split: files}, split=args.split, cache_dir=args.cache_dir,
+                                   streaming=args.streaming)
+        else:  # a layout we do not recognise (a loading script, a README with configs): let datasets decide
+            dataset = load_dataset(str(path), args.dataset_config_name, cache_dir=args.cache_dir, data_dir=data_dir,
+                                   split=args.split, streaming=args.streaming)
+    elif args.dataset_name:
         dataset = load_dataset(source, args.dataset_config_name, cache_dir=args.cache_dir, data_dir=data_dir,
                                streaming=args.streaming)
     else:
@@ -459,7 +530,66 @@ def load_rows(args):
         dataset = dataset.to_iterable_dataset()  # a save_to_disk folder is local already; stream it all the same
     if isinstance(dataset, IterableDataset):
         dataset = pickapic_columns(dataset.decode(False))
+    args.resolved_dataset = described  # for the run's description (training_config.json)
     return dataset
+
+
+def hub_offline() -> bool:
+    return any(os.environ.get(name, "").upper() in ("1", "ON", "YES", "TRUE") for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+
+
+def dataset_snapshot(repo_id: str) -> Path:
+    """A dataset hub id, offline: its snapshot folder in the Hugging Face cache (as `hf download --repo-type dataset`
+    lays it out), read from then on as a local folder. datasets' own offline mode looks only in its own cache."""
+    from huggingface_hub import constants, snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id, repo_type="dataset", local_files_only=True))
+    except Exception as error:  # noqa: BLE001 - any failure means: not in the cache
+        raise FileNotFoundError(
+            f"--dataset_name {repo_id}: not in the Hugging Face cache ({constants.HF_HUB_CACHE}) and the hub is offline "
+            f"(HF_HUB_OFFLINE=1). Download it once with network access (hf download --repo-type dataset {repo_id}), "
+            f"or pass --dataset_name a local folder of parquet files ({type(error).__name__})") from None
+
+
+DATA_EXTENSIONS = {".parquet": "parquet", ".arrow": "arrow"}
+
+
+def split_files(folder: Path, split: str) -> tuple[str | None, list[str]]:
+    """The parquet/arrow files of `split` in a dataset folder, by datasets' own naming conventions
+    (data/train-00000-of-00001.parquet, train/*.parquet, ...), so only that split is loaded. ([] if none: then datasets
+    decides, e.g. for a README that declares configs.)"""
+    from datasets.data_files import DataFilesList, get_data_patterns
+
+    readme = folder / "README.md"
+    if readme.is_file() and re.search(r"^configs:", readme.read_text(errors="ignore"), re.MULTILINE):
+        return None, []
+    try:
+        patterns = {str(name): value for name, value in get_data_patterns(str(folder)).items()}
+    except Exception:  # noqa: BLE001 - no recognisable data files
+        return None, []
+    if split not in patterns:
+        if any(Path(p).suffix in DATA_EXTENSIONS for p in map(str, folder.rglob("*"))):
+            raise ValueError(f"{folder} has no files for split {split!r} (it has {', '.join(patterns)}); pass --split NAME")
+        return None, []
+    files = sorted(str(f) for f in DataFilesList.from_patterns(patterns[split], base_path=str(folder)))
+    builders = {DATA_EXTENSIONS.get(Path(f).suffix) for f in files}
+    if len(builders) != 1 or None in builders:
+        return None, []
+    return builders.pop(), files
+
+
+def check_not_empty(files: list[str]):
+    """datasets fails on a file with no rows with a generic message; name the file instead."""
+    import pyarrow.parquet as pq
+
+    empty = [f for f in files if f.endswith(".parquet") and pq.ParquetFile(f).metadata.num_rows == 0]
+    if empty and len(empty) == len(files):
+        raise ValueError(f"{empty[0]}{f' (and {len(empty) - 1} more)' if len(empty) > 1 else ''}: the parquet file holds "
+                         f"no rows; check the export that wrote it")
+    if empty:
+        logger.warning(f"{len(empty)} parquet files hold no rows and are left out, e.g. {empty[0]}")
+        files[:] = [f for f in files if f not in empty]
 
 
 def expand_braces(pattern: str) -> list[str]:
@@ -506,7 +636,7 @@ def webdataset_shards(source: str, split: str) -> list[str]:
 def pickapic_columns(rows):
     """Pick-a-Pic column names for WebDataset fields, which are named `<column>.<extension>` (the v2 mirror's shards hold
     jpg_0.jpg, jpg_1.jpg, label_0.txt, label_1.txt and original_prompt.txt): the extension is dropped, `original_prompt`
-    is the caption when there is no `caption` field, and labels stored as text become numbers."""
+    is the caption when there is no `caption` field."""
     from datasets import Value
 
     if rows.column_names is None:
@@ -520,10 +650,7 @@ def pickapic_columns(rows):
         if name in rows.column_names and rows.features[name] == Value("binary"):
             raise ValueError(f"the shards' {name} field is raw bytes: WebDataset decodes text by extension, so store it "
                              f"as <key>.{'original_prompt' if name == 'caption' else name}.txt")
-    for label in ("label_0", "label_1"):
-        if label in rows.column_names and rows.features[label] != Value("float64"):
-            rows = rows.cast_column(label, Value("float64"))
-    return rows
+    return rows  # label_0 becomes a number in numeric_labels, as for every source
 
 
 def filter_rows(rows, args, is_main: bool):
@@ -542,9 +669,9 @@ def filter_rows(rows, args, is_main: bool):
             f"the dataset has no column {', '.join(missing)} (it has {rows.column_names}); train.py needs the Pick-a-Pic "
             f"columns jpg_0, jpg_1, label_0 and a caption column (--caption_column)"
         )
-    rows = rows.select_columns(needed)
+    rows = numeric_labels(rows.select_columns(needed))
     if isinstance(rows, IterableDataset):
-        rows = rows.filter(lambda label: label in (0, 1), input_columns="label_0")
+        rows = rows.filter(LabelFilter(), input_columns="label_0")
         if args.dreamlike_pairs_only:
             rows = rows.filter(lambda a, b: "dream" in a and "dream" in b, input_columns=["model_0", "model_1"])
         if args.max_train_samples is not None:
@@ -552,10 +679,15 @@ def filter_rows(rows, args, is_main: bool):
         if is_main:
             logger.info("Streaming: split decisions (label 0.5) are dropped as the rows are read")
         return rows
-    labels = np.asarray(rows["label_0"], dtype=np.float64)
+    labels = np.asarray(rows["label_0"], dtype=np.float64)  # None -> nan
     decided = np.flatnonzero((labels == 0) | (labels == 1))
+    split_decisions = int((labels == 0.5).sum())
+    invalid = labels[(labels != 0) & (labels != 1) & (labels != 0.5)]
     if is_main:
-        logger.info(f"Eliminated {len(rows) - len(decided)}/{len(rows)} split decisions for Pick-a-pic")
+        logger.info(f"Eliminated {split_decisions}/{len(rows)} split decisions for Pick-a-pic")
+        if len(invalid):
+            logger.warning(f"Dropped {len(invalid)}/{len(rows)} rows whose label_0 is not 0, 0.5 or 1 "
+                           f"(e.g. {', '.join(map(str, sorted(set(invalid.tolist()), key=str)[:5]))})")
     rows = rows.select(decided)
     if args.dreamlike_pairs_only:
         keep = [i for i, (a, b) in enumerate(zip(rows["model_0"], rows["model_1"])) if "dream" in a and "dream" in b]
@@ -565,6 +697,54 @@ def filter_rows(rows, args, is_main: bool):
     if len(rows) == 0:
         raise ValueError("no training pairs left after dropping ties and filtering; check the dataset and filters")
     return rows
+
+
+def numeric_labels(rows):
+    """label_0 as float64 for every source, once, where rows are loaded: some exports store "0.0"/"1.0" as text, and a
+    text label compared with 0 would silently train the rejected image as the winner. Text that is not a number is
+    refused."""
+    from datasets import IterableDataset, Value
+
+    if rows.features is not None and rows.features["label_0"] == Value("float64"):
+        return rows
+    if isinstance(rows, IterableDataset):
+        return rows.map(lambda label: {"label_0": as_label(label)}, input_columns="label_0")
+    try:
+        return rows.cast_column("label_0", Value("float64"))
+    except Exception:  # noqa: BLE001 - find the offending value for the message
+        for value in rows["label_0"]:
+            as_label(value)
+        raise
+
+
+def as_label(value) -> float:
+    """A label as a float (None -> nan, dropped with the invalid labels); text must be a number."""
+    if value is None:
+        return math.nan
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"label_0 holds {value!r}, which is not a number; Pick-a-Pic labels are 0, 0.5 or 1 "
+                         f"(fix the dataset's label_0 column)") from None
+
+
+class LabelFilter:
+    """Keeps decided pairs (label_0 0 or 1) of a stream; warns (once per process) about labels other than 0, 0.5, 1."""
+
+    warned = False
+
+    def __call__(self, label) -> bool:
+        if label not in (0, 0.5, 1) and not LabelFilter.warned:
+            LabelFilter.warned = True
+            logger.warning(f"label_0 {label!r} is not 0, 0.5 or 1: such rows are dropped (warned once)")
+        return label in (0, 1)
+
+
+def valid_caption(value) -> bool:
+    """A caption is a string ("" included) or a non-empty list of strings (one is drawn per use)."""
+    if isinstance(value, str):
+        return True
+    return isinstance(value, (list, tuple)) and len(value) > 0 and all(isinstance(v, str) for v in value)
 
 
 def decode_image(value):
@@ -625,16 +805,18 @@ class PairDataset(torch.utils.data.Dataset):
         rows standing in for it) whose two images decode."""
         seed, epoch, index = key
         rng = random.Random(f"{seed}-{epoch}-{index}")
-        skipped = 0
-        for row in candidates:
+        for attempt, row in enumerate(candidates):
             try:
+                if not valid_caption(row[self.caption_column]):
+                    raise ValueError(f"unusable caption {row[self.caption_column]!r}")
                 images = [decode_image(row["jpg_0"]), decode_image(row["jpg_1"])]
                 break
-            except Exception as error:  # noqa: BLE001 - any undecodable image skips the row, the run goes on
-                skipped += 1
-                logger.debug(f"{key}: undecodable image skipped ({error})")
+            except Exception as error:  # noqa: BLE001 - an undecodable image or a bad caption skips the row, the run goes on
+                logger.debug(f"{key}: row skipped ({error})")
         else:
-            raise RuntimeError(f"no image from row {index} on could be decoded; check the jpg_0/jpg_1 columns")
+            raise RuntimeError(f"no row from row {index} on has two decodable images and a caption; check the "
+                               f"jpg_0/jpg_1 and {self.caption_column} columns")
+        skipped = int(attempt > 0)  # the keyed row itself was bad: counted once, by its own key, not by stand-ins
         if row["label_0"] == 0 and not self.for_scorer:
             images.reverse()  # winner first
         caption = full_caption = row[self.caption_column]
@@ -805,6 +987,12 @@ def load_tokenizer(path: str, subfolder: str, revision):
     except OSError as error:
         raise RuntimeError(f"cannot load the tokenizer of {path} ({subfolder}/): {error}. {fix}") from error
     if len(tokenizer.get_vocab()) <= len(tokenizer.all_special_tokens):
+        folder = Path(path) / subfolder
+        if Path(path).is_dir():
+            vocab = folder / "vocab.json"
+            problem = "is missing" if not vocab.is_file() else f"holds {vocab.stat().st_size} bytes"
+            raise RuntimeError(f"the tokenizer in {folder} loaded with an empty vocabulary: {vocab} {problem}. A CLIP "
+                               f"tokenizer needs vocab.json and merges.txt there; copy them from the original model.")
         raise RuntimeError(
             f"the tokenizer of {path} ({subfolder}/) loaded with an empty vocabulary: the model is neither a local "
             f"folder nor in the Hugging Face cache. {fix}"
@@ -865,12 +1053,12 @@ def trainable_parameters(unet) -> list:
 
 def make_optimizer(args, params):
     """AdamW (the official default), bitsandbytes 8-bit AdamW, or Adafactor with the official SDXL settings."""
-    if args.use_adafactor:
+    if args.optimizer == "adafactor":
         from transformers.optimization import Adafactor
 
         return Adafactor(params, lr=args.learning_rate, weight_decay=args.adam_weight_decay, clip_threshold=1.0,
                          scale_parameter=False, relative_step=False)
-    if args.use_8bit_adam:
+    if args.optimizer == "adamw8bit":
         try:
             import bitsandbytes as bnb
         except ImportError as error:
@@ -916,7 +1104,8 @@ def trained_state(unet, ema=None) -> dict:
 def save_unet(unet, folder: Path, formats=("safetensors", "pth"), name: str = "unet", state: dict | None = None):
     """The UNet weights as `<name>.safetensors` and/or `<name>.pth` (a plain state dict: the released checkpoints' format).
 
-    Each file is written under a temporary name and renamed, so a crash never leaves a truncated file behind.
+    Each file is written under a temporary name and renamed, so a crash never leaves a truncated file behind; its mode
+    follows the user's umask (safetensors alone would write 0600).
     """
     from safetensors.torch import save_file
 
@@ -925,6 +1114,7 @@ def save_unet(unet, folder: Path, formats=("safetensors", "pth"), name: str = "u
         final = folder / f"{name}.{fmt}"
         tmp = folder / f".{name}.{fmt}.tmp"
         save_file(state, str(tmp)) if fmt == "safetensors" else torch.save(state, tmp)
+        checkpoints.umask_mode(tmp)
         os.replace(tmp, final)
 
 
@@ -945,6 +1135,7 @@ def save_weights(unet, folder: Path, args, ema=None, formats=("safetensors", "pt
         pipeline_class = StableDiffusionXLPipeline if args.sdxl else StableDiffusionPipeline
         pipeline_class.save_lora_weights(folder, unet_lora_layers=state, weight_name=tmp,
                                          unet_lora_adapter_metadata=unet.peft_config["default"].to_dict())
+        checkpoints.umask_mode(folder / tmp)
         os.replace(folder / tmp, folder / f"{LORA_WEIGHTS}{suffix}.safetensors")
 
 
@@ -973,24 +1164,23 @@ def load_weights(unet, folder: Path, args, ema=None):
     load("")
 
 
-def find_checkpoint(output_dir: Path, spec: str) -> Path | None:
-    """`latest` -> the highest checkpoint-N in output_dir (None if there is none); a path or a name inside output_dir."""
-    if spec.lower() in ("", "none"):
-        return None
-    if spec == "latest":
-        found = sorted((p for p in output_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
-                       key=lambda p: int(p.name.split("-")[-1]))
-        return found[-1] if found else None
-    for candidate in (Path(spec), output_dir / Path(spec).name):
-        if candidate.is_dir():
-            return candidate
-    raise FileNotFoundError(f"--resume_from_checkpoint {spec}: no such checkpoint folder (looked in {output_dir} too)")
+def weight_file_names(args) -> list[str]:
+    """The weight files a checkpoint holds (save_weights with formats=("safetensors",))."""
+    name = LORA_WEIGHTS if args.use_lora else "unet"
+    return [f"{name}{suffix}.safetensors" for suffix in ([""] + (["_ema"] if args.use_ema else []))]
+
+
+def checkpoint_bytes(unet, optimizer, ema=None) -> int:
+    """About what a checkpoint writes: the trained weights (and their EMA) in fp32 plus the optimizer's state."""
+    trained = sum(p.numel() * 4 for _, p in trainable_parameters(unet))
+    optimizer_state = sum(v.numel() * v.element_size() for state in optimizer.state_dict()["state"].values()
+                          for v in state.values() if torch.is_tensor(v))
+    frozen_unet = 0 if getattr(unet, "peft_config", None) else sum(b.numel() * b.element_size() for b in unet.buffers())
+    return trained * (2 if ema is not None else 1) + optimizer_state + frozen_unet + 2**20
 
 
 def prune_checkpoints(output_dir: Path, keep: int):
-    found = sorted((p for p in output_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
-                   key=lambda p: int(p.name.split("-")[-1]))
-    for old in found[: max(len(found) - keep, 0)]:
+    for old in checkpoints.checkpoint_folders(output_dir)[: -keep]:
         shutil.rmtree(old)
 
 
@@ -1087,6 +1277,8 @@ def compute_loss(args, batch, unet, reference, vae, text_encoders, alphas_cumpro
 
 def main(argv=None):
     args = parse_args(argv)
+    requested = checkpoints.run_arguments(args)  # as given (main rescales the lr and recomputes the epochs)
+    started = time.time()
 
     import datasets
     import numpy as np
@@ -1121,6 +1313,24 @@ def main(argv=None):
         torch.backends.cudnn.allow_tf32 = True
     preference = args.train_method in PREFERENCE_METHODS
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+
+    # The checkpoint to resume from, chosen (and its files and arguments checked) before any model loads.
+    weight_files = weight_file_names(args)
+
+    def problems_of(folder):
+        return checkpoints.checkpoint_problems(folder, weight_files, accelerator.num_processes, accelerator.scaler is not None)
+
+    checkpoint = checkpoints.choose_checkpoint(output_dir, args.resume_from_checkpoint, problems_of)
+    resumed_state = None
+    if checkpoint is not None:
+        resumed_state = checkpoints.read_training_state(checkpoint)
+        if resumed_state["num_processes"] != accelerator.num_processes:
+            raise checkpoints.CheckpointError(
+                f"{checkpoint} was written by {resumed_state['num_processes']} processes and this run has "
+                f"{accelerator.num_processes}: the data order and the per-rank random states would differ. Resume with "
+                f"--num_processes {resumed_state['num_processes']}, or train into a new --output_dir")
+        for line in checkpoints.resumed_arguments(resumed_state["args"], requested):
+            logger.info(f"Changed since {checkpoint.name}: {line}")
 
     # Models: the frozen parts in weight_dtype, the policy UNet in fp32 under autocast, the reference a frozen copy.
     base, revision = args.pretrained_model_name_or_path, args.revision
@@ -1165,10 +1375,12 @@ def main(argv=None):
     # Checkpoints hold the UNet as unet.safetensors (a plain state dict the eval scripts read), not accelerate's default;
     # with LoRA the adapter file, and with EMA the average beside it (save_weights).
     ema = None
+    checkpoint_state = {}  # filled by save_checkpoint: what training_state.json records besides the weights
 
     def save_model_hook(models, weights, folder):
         if accelerator.is_main_process:
             save_weights(accelerator.unwrap_model(models[0]), Path(folder), args, ema, formats=("safetensors",))
+            checkpoints.write_json_atomic(Path(folder) / checkpoints.TRAINING_STATE, checkpoint_state)
         weights.clear()
 
     def load_model_hook(models, folder):
@@ -1222,16 +1434,13 @@ def main(argv=None):
         num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,  # accelerate steps it once per process
         num_training_steps=args.max_train_steps * accelerator.num_processes,
     ))
-    accelerator.register_for_checkpointing(sampler if stream is None else stream)
+    data_state = sampler if stream is None else stream  # its state travels in training_state.json, not as a pickle
     if args.use_ema:  # diffusers' EMA of the trained parameters, on the training device
         from diffusers.training_utils import EMAModel
 
         ema = EMAModel(params, decay=args.ema_decay, update_after_step=args.ema_update_after_step,
                        use_ema_warmup=args.ema_power is not None, power=args.ema_power or 2 / 3)
         ema.to(accelerator.device)
-        accelerator.register_for_checkpointing(SimpleNamespace(  # its step count; its weights travel as files
-            state_dict=lambda: {k: v for k, v in ema.state_dict().items() if k != "shadow_params"},
-            load_state_dict=ema.load_state_dict))
     if args.use_lora:
         lora_unet = accelerator.unwrap_model(unet)
 
@@ -1245,6 +1454,12 @@ def main(argv=None):
         config = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()}
         accelerator.init_trackers(args.tracker_project_name, config)
 
+    resolved = describe_run(args, requested, accelerator, weight_dtype, requested["learning_rate"])
+    for name, value in resolved.items():
+        logger.info(f"{name.replace('_', ' ').capitalize()}: {value}")
+    if accelerator.is_main_process:
+        checkpoints.write_json_atomic(output_dir / "training_config.json", {"arguments": requested, "resolved": resolved})
+
     total_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     logger.info("***** Running training *****")
     logger.info(f"  Num examples = {'streamed' if stream else len(dataset)}")
@@ -1257,12 +1472,17 @@ def main(argv=None):
     logger.info(f"  Timesteps {args.timestep_range[0]}..{args.timestep_range[1]}; importance weighting = {args.importance_weighting}")
 
     # Resume
-    global_step, first_epoch, skip_batches = 0, 0, 0
-    checkpoint = find_checkpoint(output_dir, args.resume_from_checkpoint)
+    metrics_file = output_dir / "metrics.jsonl"
+    global_step, first_epoch, skip_batches, skipped_rows_before = 0, 0, 0, 0
     if checkpoint is not None:
         accelerator.print(f"Resuming from checkpoint {checkpoint}")
         accelerator.load_state(str(checkpoint))
-        global_step = int(checkpoint.name.split("-")[-1])
+        data_state.load_state_dict(resumed_state["data"])
+        if ema is not None:
+            ema.load_state_dict(resumed_state["ema"])
+        global_step, skipped_rows_before = resumed_state["step"], resumed_state["skipped_rows"]
+        if accelerator.is_main_process:  # the steps logged after the checkpoint are logged again
+            checkpoints.truncate_metrics(metrics_file, global_step)
         if stream is not None:  # the checkpoint restored its epoch and position: the used rows are skipped undecoded
             first_epoch = stream.epoch
             if args.hard_skip_resume:
@@ -1273,13 +1493,35 @@ def main(argv=None):
                 skip_batches = (global_step - first_epoch * updates_per_epoch) * args.gradient_accumulation_steps
 
     def save_checkpoint(step: int):
-        """Every rank writes its state into a temporary folder, which is then renamed: a checkpoint is whole or absent."""
+        """Every rank writes its state into a temporary folder, which is then renamed: a checkpoint is whole or absent.
+        Free space is checked first; a write that fails for lack of space removes the partial folder and says so."""
         final = output_dir / f"checkpoint-{step}"
         tmp = output_dir / f".checkpoint-{step}.tmp"
+        previous = next(iter(reversed(checkpoints.checkpoint_folders(output_dir))), None)
+        previous = previous.name if previous is not None else None
+        checkpoint_state.clear()
+        checkpoint_state.update(
+            format=checkpoints.STATE_FORMAT, step=step, num_processes=accelerator.num_processes,
+            data=data_state.state_dict(), skipped_rows=skipped_rows_before + count_skipped(),
+            ema={k: v for k, v in ema.state_dict().items() if k != "shadow_params"} if ema is not None else None,
+            args=requested,
+        )
         if accelerator.is_main_process and tmp.exists():
             shutil.rmtree(tmp)
+        checkpoints.check_free_space(output_dir, checkpoint_bytes(unet, optimizer, ema), f"checkpoint-{step}", previous)
         accelerator.wait_for_everyone()
-        accelerator.save_state(str(tmp))
+        try:
+            accelerator.save_state(str(tmp))
+        except (OSError, RuntimeError) as error:
+            if not checkpoints.is_disk_full(error):
+                raise
+            written = checkpoints.newest_file(tmp)
+            shutil.rmtree(tmp, ignore_errors=True)
+            intact = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
+            raise OSError(error.errno if isinstance(error, OSError) else 28,
+                          f"no space left on {checkpoints.mount_point(output_dir)} while writing "
+                          f"{written or tmp}; {intact} (the partial checkpoint-{step} was removed). Free space and "
+                          f"run the same command again to resume") from None
         accelerator.wait_for_everyone()  # every rank reaches the barrier (fixes SPEC B2)
         if accelerator.is_main_process:
             if final.exists():
@@ -1290,7 +1532,6 @@ def main(argv=None):
             logger.info(f"Saved state to {final}")
         accelerator.wait_for_everyone()
 
-    metrics_file = output_dir / "metrics.jsonl"
     alphas_cumprod = noise_scheduler.alphas_cumprod.to(accelerator.device)
     log_weight_coefficients = importance_log_weight_coefficients(noise_scheduler).to(accelerator.device)
     progress = tqdm(range(args.max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process)
@@ -1298,8 +1539,12 @@ def main(argv=None):
     # Device-side accumulators between logging points: no host sync inside the step.
     zero = lambda: torch.zeros((), device=accelerator.device)  # noqa: E731
     sums, weight_history = {}, {}
-    bad_update, nonfinite_in_a_row, skipped_updates, skipped_images = zero(), 0, 0, 0
-    last = {}
+    bad_update, nonfinite_in_a_row, skipped_updates, skipped_rows = zero(), 0, 0, zero()
+    last, final_logs = {}, {}
+
+    def count_skipped() -> int:
+        """Rows skipped (undecodable image, unusable caption) by every rank since this process started."""
+        return int(accelerator.reduce(skipped_rows.clone(), reduction="sum").item())
 
     for epoch in range(first_epoch, args.num_train_epochs):
         if global_step >= args.max_train_steps:  # resuming a finished run: nothing left to train
@@ -1345,7 +1590,7 @@ def main(argv=None):
             if choice_scorer is not None:
                 sums["relabelled_fraction"] = sums.get("relabelled_fraction", 0) + \
                     relabelled.float().mean() / args.gradient_accumulation_steps
-            skipped_images = skipped_images + batch["skipped"]  # a device tensor: read when logging, not here
+            skipped_rows = skipped_rows + batch["skipped"].to(skipped_rows.device)  # read when logging, not here
             if stream is not None:
                 stream.position = batch["stream_position"]  # saved with the next checkpoint
 
@@ -1363,7 +1608,8 @@ def main(argv=None):
                     nonfinite_in_a_row = 0
                 bad_update = zero()
 
-                logs = {"train_loss": sums["train_loss"]}
+                # A skipped update has no loss: NaN here, null in metrics.jsonl (not the 0 its zeroed loss would give).
+                logs = {"train_loss": torch.full_like(sums["train_loss"], math.nan) if bad else sums["train_loss"]}
                 if preference:
                     logs.update({
                         "model_mse_unaccumulated": last["model_mse"], "ref_mse_unaccumulated": last["ref_mse"],
@@ -1382,11 +1628,13 @@ def main(argv=None):
                 is_max = torch.tensor([k.endswith("_max") for k in names], device=values.device)
                 values = torch.where(is_min, values.amin(0), torch.where(is_max, values.amax(0), values.mean(0)))
                 logs = dict(zip(names, values.tolist()))
-                logs.update(lr=lr_scheduler.get_last_lr()[0], skipped_updates=skipped_updates, skipped_images=int(skipped_images))
+                logs.update(lr=lr_scheduler.get_last_lr()[0], skipped_updates=skipped_updates,
+                            skipped_rows=skipped_rows_before + count_skipped())
                 accelerator.log(logs, step=global_step)
                 if accelerator.is_main_process:
                     with open(metrics_file, "a") as f:
-                        f.write(json.dumps({"step": global_step, **logs}) + "\n")
+                        f.write(json.dumps({"step": global_step, **checkpoints.finite_or_none(logs)}) + "\n")
+                final_logs = logs
                 postfix = {"loss": f"{logs['train_loss']:.4g}", "lr": f"{logs['lr']:.2e}"}
                 if preference:
                     postfix.update(acc=f"{logs['implicit_acc_accumulated']:.2f}", lam=f"{logs['avg_lose_l_scale']:.3f}")
@@ -1415,24 +1663,133 @@ def main(argv=None):
         if not torch.equal(checksums, checksums[:1].expand_as(checksums)):
             raise RuntimeError(f"the ranks ended with different UNet weights (checksums {checksums.tolist()})")
         logger.info(f"all {accelerator.num_processes} ranks hold identical UNet weights (checksum {checksum[0, 0].item():.6f})")
+    skipped_total = skipped_rows_before + count_skipped()
     if accelerator.is_main_process:
-        if int(skipped_images):
-            logger.warning(f"{int(skipped_images)} undecodable images were skipped (their rows replaced by the next row)")
+        if skipped_total:
+            logger.warning(f"{skipped_total} rows were skipped (undecodable image or unusable caption; each replaced "
+                           f"by the next row)")
         final_unet = accelerator.unwrap_model(unet)
+        final_bytes = sum(p.numel() * 4 for _, p in trainable_parameters(final_unet)) * (1 if args.use_lora else 2)
+        checkpoints.check_free_space(output_dir, final_bytes * (2 if ema is not None else 1), "the final weights")
         save_weights(final_unet, output_dir, args, ema)
-        logger.info(f"Saved {'the LoRA adapter ' + LORA_WEIGHTS + '.safetensors' if args.use_lora else 'unet.safetensors and unet.pth'}"
-                    f"{' (and the EMA beside it)' if ema is not None else ''} in {output_dir}")
+        written = [output_dir / name for name in final_weight_names(args)]
         if args.save_pipeline:
             save_pipeline(args, final_unet, output_dir)
+        write_model_card(args, output_dir, global_step, final_logs)
+        log_summary(args, output_dir, global_step, time.time() - started, final_logs, written, skipped_total)
         if args.push_to_hub:
             from huggingface_hub import create_repo, upload_folder
 
             create_repo(args.hub_model_id, exist_ok=True)
             upload_folder(repo_id=args.hub_model_id, folder_path=str(output_dir), ignore_patterns=["checkpoint-*", ".*"])
+            logger.info(f"Uploaded {output_dir} (weights, README.md model card, training_config.json) to {args.hub_model_id}")
     accelerator.end_training()
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()  # otherwise ranks can abort at exit
     return global_step
+
+
+def resolved_location(name: str, revision=None) -> str:
+    """Where a model actually came from: a local folder, or the hub id and its snapshot in the Hugging Face cache."""
+    if Path(name).exists():
+        return str(Path(name).absolute())
+    try:
+        from huggingface_hub import snapshot_download
+
+        return f"{name} (cache snapshot {snapshot_download(name, revision=revision, local_files_only=True)})"
+    except Exception:  # noqa: BLE001 - only a description
+        return f"{name} (hub)"
+
+
+def describe_run(args, requested: dict, accelerator, weight_dtype, base_lr: float) -> dict:
+    """What was loaded from where and the settings that matter, as logged at the start and kept in
+    <output_dir>/training_config.json beside the arguments as given."""
+    base = resolved_location(args.pretrained_model_name_or_path, args.revision)
+    optimizer = args.optimizer + (" (the official SDXL default; --optimizer adamw to change)"
+                                  if args.sdxl and not (requested["optimizer"] or requested["use_adafactor"]) else "")
+    checkpointing = ("on" if args.gradient_checkpointing else "off") + (
+        " (the official SDXL default; --no_gradient_checkpointing to change)"
+        if args.sdxl and requested["gradient_checkpointing"] is None else "")
+    return {
+        "model": base,
+        "unet": f"{resolved_location(args.unet_init) if args.unet_init else base} (unet/)",
+        "vae": resolved_location(args.pretrained_vae_model_name_or_path) if args.pretrained_vae_model_name_or_path else f"{base} (vae/)",
+        "dataset": getattr(args, "resolved_dataset", args.dataset_name or args.train_data_dir),
+        "optimizer": optimizer,
+        "learning_rate": (f"{args.learning_rate:g} (--scale_lr: {base_lr:g} x {args.gradient_accumulation_steps} "
+                          f"accumulation x {args.train_batch_size} batch x {accelerator.num_processes} processes)"
+                          if args.scale_lr else f"{args.learning_rate:g}"),
+        "resolution": args.resolution,
+        "precision": f"{accelerator.mixed_precision} (frozen modules in {str(weight_dtype).removeprefix('torch.')}; "
+                     f"policy weights fp32)",
+        "gradient_checkpointing": checkpointing,
+        "gradient_clipping": f"max norm {args.max_grad_norm:g}" if args.max_grad_norm > 0 else "off",
+        "processes": accelerator.num_processes,
+        "effective_batch": args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps,
+    }
+
+
+def final_weight_names(args) -> list[str]:
+    stem = LORA_WEIGHTS if args.use_lora else "unet"
+    formats = ["safetensors"] if args.use_lora else ["safetensors", "pth"]
+    return [f"{stem}{suffix}.{fmt}" for suffix in ([""] + (["_ema"] if args.use_ema else [])) for fmt in formats]
+
+
+def eval_command(args, output_dir: Path) -> str:
+    script = "scripts/eval/test_sdxl.sh" if args.sdxl else "scripts/eval/test_sd15.sh"
+    target = output_dir if args.use_lora else output_dir / "unet.pth"
+    env = f"PRETRAIN={args.pretrained_model_name_or_path} " if args.pretrained_model_name_or_path not in (
+        "stable-diffusion-v1-5/stable-diffusion-v1-5", "stabilityai/stable-diffusion-xl-base-1.0") else ""
+    return f"{env}bash {script} {target}"
+
+
+def log_summary(args, output_dir: Path, steps: int, seconds: float, logs: dict, written: list, skipped: int):
+    """The end of a run in a few lines: time, steps, last metrics, files, and the command to evaluate it."""
+    shown = {k: v for k, v in logs.items() if k in ("train_loss", "implicit_acc_accumulated", "avg_lose_l_scale", "lr")}
+    lines = [f"Finished {steps} steps in {seconds / 3600:.2f} h ({seconds:.0f} s)",
+             "Last metrics: " + ", ".join(f"{k} {v:.4g}" for k, v in shown.items() if v is not None),
+             f"Skipped: {logs.get('skipped_updates', 0)} non-finite updates, {skipped} data rows",
+             "Wrote: " + ", ".join(str(p) for p in written if p.exists()) + f", {output_dir / 'metrics.jsonl'}, "
+             f"{output_dir / 'training_config.json'}, {output_dir / 'README.md'} (model card)",
+             f"Evaluate: {eval_command(args, output_dir)}"]
+    for line in lines:
+        logger.info(line)
+
+
+def write_model_card(args, output_dir: Path, steps: int, logs: dict):
+    """README.md in output_dir: what was trained, how, and how to use it (uploaded by --push_to_hub)."""
+    method = {"diffusion-dpo": "Diffusion-DPO", "dspo": "DSPO", "dmpo": "DMPO", "sft": "SFT"}[args.train_method]
+    safeguard = (f" with the winner-preserving safeguard (Diffusion-SDPO, mu {args.winner_preserving_mu:g})"
+                 if args.use_winner_preserving else "")
+    base = args.pretrained_model_name_or_path
+    if args.use_lora:
+        usage = (f"pipe = {'StableDiffusionXLPipeline' if args.sdxl else 'StableDiffusionPipeline'}.from_pretrained(\"{base}\")\n"
+                 f"pipe.load_lora_weights(\"<this folder or repo>\")")
+    else:
+        usage = ("from safetensors.torch import load_file\n"
+                 f"pipe = {'StableDiffusionXLPipeline' if args.sdxl else 'StableDiffusionPipeline'}.from_pretrained(\"{base}\")\n"
+                 "pipe.unet.load_state_dict(load_file(\"unet.safetensors\"))")
+    loss = logs.get("train_loss")
+    text = f"""---
+base_model: {base}
+library_name: diffusers
+tags: [text-to-image, diffusers, preference-optimization, {args.train_method}]
+---
+
+# {method}{' (LoRA)' if args.use_lora else ''} fine-tune of {base}
+
+Trained with train.py of this project: {method}{safeguard}, beta {args.beta_dpo:g}, {steps} steps, learning rate
+{args.learning_rate:g}, effective batch {args.train_batch_size} x {args.gradient_accumulation_steps} accumulation x processes,
+{args.resolution} px, mixed precision {args.mixed_precision}, data `{args.dataset_name or args.train_data_dir}` (split `{args.split}`).
+Last logged train loss: {f'{loss:.4g}' if isinstance(loss, float) and math.isfinite(loss) else 'n/a'}.
+Every argument is in `training_config.json`; the training curves in `metrics.jsonl`.
+
+```python
+from diffusers import {'StableDiffusionXLPipeline' if args.sdxl else 'StableDiffusionPipeline'}
+{usage}
+```
+"""
+    checkpoints.write_text_atomic(output_dir / "README.md", text)
 
 
 def load_choice_model(args, device):
@@ -1472,7 +1829,11 @@ def relabel_pairs(scorer, batch, pixels):
 
 def save_pipeline(args, unet, output_dir: Path):
     """The full diffusers pipeline: trained UNet (fp32) and the frozen parts reloaded in their original precision
-    (the official saved bf16 copies of the SD1.5 VAE/text encoder, SPEC B4, and saved SDXL twice, B3)."""
+    (the official saved bf16 copies of the SD1.5 VAE/text encoder, SPEC B4, and saved SDXL twice, B3).
+
+    Written into a temporary folder and moved into output_dir with model_index.json last, so a failed save leaves no
+    loadable half pipeline. The UNet weights are not kept twice: once written, unet/diffusion_pytorch_model.safetensors
+    is replaced by a hard link to output_dir/unet.safetensors (same tensors and keys; a copy where links fail)."""
     from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
 
     pipeline_class = StableDiffusionXLPipeline if args.sdxl else StableDiffusionPipeline
@@ -1483,13 +1844,38 @@ def save_pipeline(args, unet, output_dir: Path):
         unet = UNet2DConditionModel.from_pretrained(args.unet_init or args.pretrained_model_name_or_path, subfolder="unet",
                                                     revision=None if args.unet_init else args.revision)
     pipeline = pipeline_class.from_pretrained(args.pretrained_model_name_or_path, unet=unet, revision=args.revision, **extra)
-    pipeline.save_pretrained(output_dir)
+    tmp = output_dir / ".pipeline.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        size = sum(p.numel() * p.element_size() for module in pipeline.components.values()
+                   if isinstance(module, torch.nn.Module) for p in module.parameters())
+        checkpoints.check_free_space(output_dir, size, "the pipeline (--save_pipeline)")  # the UNet is written, then linked
+        pipeline.save_pretrained(tmp)
+        trained = output_dir / "unet.safetensors"
+        if not args.use_lora and trained.is_file():
+            linked = tmp / "unet" / "diffusion_pytorch_model.safetensors"
+            linked.unlink()
+            try:
+                os.link(trained, linked)
+            except OSError:
+                shutil.copy2(trained, linked)
+        for path in tmp.rglob("*"):
+            if path.is_file():
+                checkpoints.umask_mode(path)
+        for entry in sorted(tmp.iterdir(), key=lambda e: e.name == "model_index.json"):  # model_index.json last
+            target = output_dir / entry.name
+            if target.is_dir():
+                shutil.rmtree(target)
+            os.replace(entry, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    logger.info(f"Saved the pipeline in {output_dir} (unet/ shares unet.safetensors' data through a hard link)")
 
 
 if __name__ == "__main__":
     try:
         main()
-    except (FileNotFoundError, ValueError, RuntimeError, FloatingPointError, ImportError) as error:
-        logging.getLogger("train").error(str(error))
-        print(f"train.py: error: {error}", file=sys.stderr)
+    except (OSError, ValueError, RuntimeError, FloatingPointError, ImportError) as error:
+        message = error.strerror if isinstance(error, OSError) and error.strerror and not error.filename else error
+        print(f"train.py: error: {message}", file=sys.stderr)  # once, and last: the cause does not scroll away
         sys.exit(1)

@@ -1,0 +1,272 @@
+"""What train.py needs to trust a checkpoint folder and to write files safely.
+
+A checkpoint `checkpoint-N/` holds the trained weights (`unet.safetensors`, or the LoRA adapter), accelerate's
+optimizer, scheduler and per-rank RNG files, and `training_state.json`: the data position, EMA step count, the
+skipped-row count and the run's arguments. Nothing here unpickles arbitrary objects: the JSON is read as JSON, and
+accelerate reads its `.bin`/`.pkl` files with `torch.load(weights_only=True)` (tensors, numbers and numpy arrays only).
+Before a resume, every file a checkpoint must hold is checked (present, complete, readable), so a damaged checkpoint
+stops the run with a message naming the file, or, with `--resume_from_checkpoint latest`, gives way to the newest
+complete one.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import math
+import os
+import shutil
+import struct
+import zipfile
+from pathlib import Path
+
+logger = logging.getLogger("train")
+
+TRAINING_STATE = "training_state.json"
+STATE_FORMAT = 1
+
+# Arguments a resumed run must share with its checkpoint: they define the objective, the model, the data order, or
+# state that the checkpoint restores over the command line (the optimizer's and the lr scheduler's hyperparameters
+# are loaded from optimizer.bin / scheduler.bin, so a new value would be silently ignored). Every other argument
+# (--max_train_steps, --checkpointing_steps, logging, workers, --max_grad_norm, speed flags, ...) may change.
+RESUME_FIXED = (
+    "pretrained_model_name_or_path", "revision", "unet_init", "pretrained_vae_model_name_or_path", "sdxl",
+    "dataset_name", "dataset_config_name", "train_data_dir", "split", "caption_column", "max_train_samples",
+    "dreamlike_pairs_only", "streaming", "shuffle_buffer_size", "resolution", "random_crop", "no_hflip",
+    "proportion_empty_prompts", "choice_model", "train_batch_size", "gradient_accumulation_steps", "seed",
+    "optimizer", "learning_rate", "scale_lr", "lr_scheduler", "lr_warmup_steps", "adam_beta1", "adam_beta2",
+    "adam_weight_decay", "adam_epsilon", "mixed_precision", "noise_offset", "input_perturbation",
+    "train_method", "beta_dpo", "use_winner_preserving", "winner_preserving_mu", "winner_preserving_granularity",
+    "dmpo_alpha", "timestep_range", "importance_weighting", "is_mask_below", "is_clip_min", "is_clip_max",
+    "use_lora", "lora_rank", "lora_alpha", "lora_target_modules", "use_ema", "ema_decay", "ema_update_after_step",
+    "ema_power",
+)
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be resumed; the message names the file and what to do."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading checkpoints
+
+
+def checkpoint_folders(output_dir: Path) -> list[Path]:
+    """checkpoint-N folders in output_dir, oldest first (temporary .checkpoint-N.tmp folders are not checkpoints)."""
+    found = [p for p in Path(output_dir).glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
+
+
+def safetensors_problem(path: Path) -> str | None:
+    """Whether a safetensors file is whole: its header parses and the file is as long as the header says."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            (header_size,) = struct.unpack("<Q", f.read(8))
+            if header_size > size - 8:
+                return "is truncated (shorter than its header)"
+            header = json.loads(f.read(header_size))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    except (OSError, struct.error, ValueError, KeyError, TypeError) as error:
+        return f"is not a readable safetensors file ({type(error).__name__})"
+    if size < 8 + header_size + end:
+        return f"is truncated ({size} bytes, its header says {8 + header_size + end})"
+    return None
+
+
+def torch_file_problem(path: Path, load: bool = False) -> str | None:
+    """Whether a torch.save file (a zip archive) is whole; `load` also reads it with weights_only=True."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            archive.infolist()
+    except (OSError, zipfile.BadZipFile) as error:
+        return f"is truncated or not a torch file ({error})"
+    if load:
+        from accelerate.utils import load as safe_load  # torch.load(weights_only=True) + numpy arrays
+
+        try:
+            safe_load(path, map_location="cpu")
+        except Exception as error:  # noqa: BLE001 - anything that is not plain data is refused
+            return f"cannot be read as plain data with weights_only=True ({type(error).__name__}: {str(error)[:200]})"
+    return None
+
+
+def required_files(weights: list[str], num_processes: int, scaler: bool) -> list[str]:
+    files = list(weights) + ["optimizer.bin", "scheduler.bin", TRAINING_STATE]
+    files += [f"random_states_{rank}.pkl" for rank in range(num_processes)]
+    return files + (["scaler.pt"] if scaler else [])
+
+
+def checkpoint_problems(folder: Path, weights: list[str], num_processes: int, scaler: bool) -> list[str]:
+    """Every reason `folder` cannot be resumed exactly: a missing, truncated or unreadable file; [] if none."""
+    problems = []
+    for name in required_files(weights, num_processes, scaler):
+        path = folder / name
+        if not path.is_file():
+            problem = "is missing"
+            if name == TRAINING_STATE and list(folder.glob("custom_checkpoint_*.pkl")):
+                problem += (" (the checkpoint comes from an older version, which kept this state as a pickle that "
+                            "is not loaded any more because it can run code)")
+        elif name.endswith(".safetensors"):
+            problem = safetensors_problem(path)
+        elif name == TRAINING_STATE:
+            try:
+                state = json.loads(path.read_text())
+                problem = None if isinstance(state, dict) and state.get("format") == STATE_FORMAT else "has an unknown format"
+            except (OSError, ValueError) as error:
+                problem = f"is not readable JSON ({error})"
+        else:
+            problem = torch_file_problem(path, load=name.startswith("random_states") or name == "scaler.pt")
+        if problem:
+            problems.append(f"{path} {problem}")
+    return problems
+
+
+def choose_checkpoint(output_dir: Path, spec: str, problems_of) -> Path | None:
+    """The checkpoint to resume from: `spec` is 'latest', 'none' or a path (or a checkpoint name in output_dir).
+
+    `problems_of(folder)` lists what is wrong with a folder. With 'latest', a damaged newest checkpoint gives way to
+    the newest complete one, with a warning; a named damaged checkpoint stops the run, naming the file and the newest
+    complete checkpoint."""
+    output_dir = Path(output_dir)
+    if spec.lower() in ("", "none"):
+        return None
+    folders = checkpoint_folders(output_dir)
+    if spec == "latest":
+        damaged = []
+        for folder in reversed(folders):
+            problems = problems_of(folder)
+            if not problems:
+                for bad, bad_problems in damaged:
+                    logger.warning(f"{bad.name} cannot be resumed ({'; '.join(bad_problems)}); resuming from the "
+                                   f"newest complete checkpoint, {folder.name}")
+                return folder
+            damaged.append((folder, problems))
+        if damaged:
+            listing = "; ".join(f"{'; '.join(p)}" for _, p in damaged)
+            raise CheckpointError(f"no complete checkpoint in {output_dir}: {listing}. Start over with "
+                                  f"--resume_from_checkpoint none (or another --output_dir)")
+        return None
+    folder = next((c for c in (Path(spec), output_dir / Path(spec).name) if c.is_dir()), None)
+    if folder is None:
+        raise FileNotFoundError(f"--resume_from_checkpoint {spec}: no such checkpoint folder (looked in {output_dir} too)")
+    problems = problems_of(folder)
+    if problems:
+        intact = next((f for f in reversed(folders) if f.resolve() != folder.resolve() and not problems_of(f)), None)
+        other = (f"the newest complete checkpoint is {intact} (--resume_from_checkpoint {intact})" if intact
+                 else "no other complete checkpoint exists; start over with --resume_from_checkpoint none")
+        raise CheckpointError(f"cannot resume from {folder}: {'; '.join(problems)}. {other}")
+    return folder
+
+
+def read_training_state(folder: Path) -> dict:
+    return json.loads((Path(folder) / TRAINING_STATE).read_text())
+
+
+def resumed_arguments(saved: dict, current: dict) -> list[str]:
+    """Compare the checkpoint's arguments with this run's (both `run_arguments` dicts): a change of a RESUME_FIXED
+    argument is refused (raises CheckpointError naming each); other changes are returned as lines to log."""
+    fixed, changed = [], []
+    for name in sorted(set(saved) | set(current)):
+        old, new = saved.get(name), current.get(name)
+        if old != new:
+            (fixed if name in RESUME_FIXED else changed).append(f"--{name}: {old!r} in the checkpoint, {new!r} now")
+    if fixed:
+        raise CheckpointError("the run's arguments differ from the checkpoint's in what a resume must keep: "
+                              + "; ".join(fixed) + ". Resume with the checkpoint's values, or train into a new "
+                              "--output_dir (or pass --resume_from_checkpoint none). Free to change: everything else, "
+                              "e.g. --max_train_steps, --checkpointing_steps, logging, workers.")
+    return changed
+
+
+def run_arguments(args) -> dict:
+    """The run's arguments as JSON values (tuples and lists as lists)."""
+    values = {}
+    for name, value in sorted(vars(args).items()):
+        if isinstance(value, tuple):
+            value = list(value)
+        if value is None or isinstance(value, (bool, int, float, str, list)):
+            values[name] = value
+        else:
+            values[name] = str(value)
+    return values
+
+
+def truncate_metrics(metrics_file: Path, step: int):
+    """Drop the lines of metrics.jsonl after `step` (logged after the checkpoint a run resumes from), atomically."""
+    if not metrics_file.is_file():
+        return
+    kept = []
+    for line in metrics_file.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                kept.append(line)
+        except ValueError:
+            continue  # a line cut by a crash
+    write_text_atomic(metrics_file, "".join(f"{line}\n" for line in kept))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Writing files
+
+
+def write_text_atomic(path: Path, text: str):
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, value):
+    write_text_atomic(path, json.dumps(value, indent=1, allow_nan=False) + "\n")
+
+
+def finite_or_none(logs: dict) -> dict:
+    """Non-finite numbers as None (JSON null): a skipped update logs no loss rather than NaN or a fake 0."""
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in logs.items()}
+
+
+def umask_mode(path: Path):
+    """A file's mode as the user's umask makes it (safetensors writes 0600 whatever the umask)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
+def mount_point(path: Path) -> Path:
+    path = Path(path).absolute()
+    while not path.exists():
+        path = path.parent
+    while not os.path.ismount(path):
+        path = path.parent
+    return path
+
+
+def gigabytes(n: int) -> str:
+    return f"{n / 1e9:.1f} GB"
+
+
+def check_free_space(folder: Path, needed: int, what: str, previous: str | None = None):
+    """Stop before a save that cannot fit, with the numbers, instead of failing halfway through it."""
+    folder = Path(folder)
+    free = shutil.disk_usage(mount_point(folder)).free
+    margin = max(needed // 20, 64 * 2**20)
+    if free < needed + margin:
+        intact = f"; the previous checkpoint {previous} is intact" if previous else ""
+        raise OSError(errno.ENOSPC, f"not enough disk space for {what}: about {gigabytes(needed)} needed, "
+                                    f"{gigabytes(free)} free on {mount_point(folder)}{intact}. Free space, lower "
+                                    f"--checkpoints_total_limit, or choose an --output_dir on a larger disk")
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """ENOSPC, or torch's way of saying it ('[enforce fail at inline_container.cc] unexpected pos')."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(error)
+    return "No space left" in text or "unexpected pos" in text or "file write failed" in text
+
+
+def newest_file(folder: Path) -> Path | None:
+    files = [p for p in Path(folder).rglob("*") if p.is_file()]
+    return max(files, key=lambda p: p.stat().st_mtime_ns) if files else None
