@@ -121,9 +121,16 @@ def check_images(*checks: tuple[Sequence[Item], str | os.PathLike]) -> None:
 
 
 def load_image(item: Item) -> Image.Image:
+    """The decoded image in the file's own mode. The official scorers get `Image.open(path)` and convert to RGB at
+    different points (PickScore/Aesthetics before the processor, OpenCLIP/ImageReward after resizing, which for RGBA
+    and LA premultiplies alpha), so each scorer converts; converting here changed transparent images' scores.
+    Modes no scorer reads (16-bit, float) are converted to RGB here, as before."""
+    from eval.scorers import SUPPORTED_MODES
+
     try:
         with Image.open(item.path) as img:
-            return img.convert("RGB")
+            img.load()
+            return img if img.mode in SUPPORTED_MODES else img.convert("RGB")
     except Exception as exc:  # PIL raises several types for truncated/corrupt files
         raise ManifestError(f"cannot read image {item.path} (manifest entry {item.index}): {exc}") from None
 

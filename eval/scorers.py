@@ -77,6 +77,11 @@ class Scorer:
             scores += self._score_batch(prompts[start : start + len(batch)], batch).float().cpu().tolist()
         return scores
 
+    def pixels(self, images: list[Image.Image]) -> torch.Tensor:
+        """The model's input tensor for decoded images in their own mode (RGBA, P, ...), converted to RGB at the
+        point where the official scorer converts: transparent PNGs then give the official scores."""
+        raise NotImplementedError
+
     def _score_batch(self, prompts: list[str], images: list[Image.Image]) -> torch.Tensor:
         """Scores, shape (len(images),), for a batch of decoded images and their prompts."""
         raise NotImplementedError
@@ -102,6 +107,15 @@ def _checked_image(image, index: int) -> Image.Image:
     if image.mode not in SUPPORTED_MODES:
         raise ValueError(f"{label} has unsupported mode {image.mode!r}; convert it to RGB first (image.convert('RGB'))")
     return image
+
+
+def _rgb_alpha_dropped(image: Image.Image) -> Image.Image:
+    """`image.convert("RGB")`, which drops alpha (and a PNG tRNS colour) without compositing, as the official
+    transformers 4.30 processor did. The installed processor composites anything still marked transparent onto white,
+    and PIL keeps `info["transparency"]` on an RGB image it returns unchanged, so that mark is removed here."""
+    rgb = image.convert("RGB")
+    rgb.info.pop("transparency", None)  # convert() returned a copy with its own info dict
+    return rgb
 
 
 def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -156,8 +170,12 @@ class PickScoreScorer(Scorer):
         self.image_processor = _clip_image_processor(processor_path)
         self.tokenizer = AutoTokenizer.from_pretrained(processor_path)
 
+    def pixels(self, images):
+        """Official: `Image.open(path).convert("RGB")`, then the CLIP processor."""
+        return self.image_processor(images=[_rgb_alpha_dropped(image) for image in images], return_tensors="pt").pixel_values
+
     def _score_batch(self, prompts, images):
-        pixels = self.image_processor(images=images, return_tensors="pt").pixel_values.to(self.device)
+        pixels = self.pixels(images).to(self.device)
         text = self.tokenizer(prompts, padding=True, truncation=True, max_length=77, return_tensors="pt")
         image_features = self.model.get_image_features(pixel_values=pixels).pooler_output  # projected features
         text_features = self.model.get_text_features(**text.to(self.device)).pooler_output
@@ -181,8 +199,12 @@ class _OpenCLIPScorer(Scorer):
         self.model.eval()
         self.tokenizer = open_clip.get_tokenizer(arch)
 
+    def pixels(self, images):
+        """Official: `preprocess_val(Image.open(path))`: resize and crop in the file's own mode, then RGB."""
+        return torch.stack([self.preprocess(image) for image in images])
+
     def _score_batch(self, prompts, images):
-        pixels = torch.stack([self.preprocess(image) for image in images]).to(self.device)
+        pixels = self.pixels(images).to(self.device)
         image_features = self.model.encode_image(pixels, normalize=True)
         text_features = self.model.encode_text(self.tokenizer(prompts).to(self.device), normalize=True)
         return (image_features * text_features).sum(-1)
@@ -240,9 +262,13 @@ class AestheticsScorer(Scorer):
         self.image_processor = _clip_image_processor(model_path)
         self.mlp = load_aesthetic_mlp(mlp_path).to(self.device)
 
+    def pixels(self, images):
+        """RGB first, as the official A/B scorer does (its absolute scorer left that to transformers 4.30's processor,
+        which did the same `convert("RGB")`), then the CLIP processor."""
+        return self.image_processor(images=[_rgb_alpha_dropped(image) for image in images], return_tensors="pt").pixel_values
+
     def _score_batch(self, prompts, images):
-        rgb = [image.convert("RGB") for image in images]  # as the official A/B scorer does
-        pixels = self.image_processor(images=rgb, return_tensors="pt").pixel_values.to(self.device)
+        pixels = self.pixels(images).to(self.device)
         features = self.model.get_image_features(pixel_values=pixels).pooler_output  # projected, 768 for ViT-L/14
         return self.mlp(features / features.norm(dim=-1, keepdim=True)).squeeze(-1)
 
@@ -271,10 +297,14 @@ class ImageRewardScorer(Scorer):
         self.transform = imagereward.image_transform(self.model.visual_encoder.config.image_size)
         self.tokenizer = imagereward.load_tokenizer(tokenizer)
 
+    def pixels(self, images):
+        """The package's `preprocess(Image.open(path))`: resize and crop in the file's own mode, then RGB."""
+        return torch.stack([self.transform(image) for image in images])
+
     def _score_batch(self, prompts, images):
         from eval.imagereward import MAX_TEXT_LENGTH
 
-        pixels = torch.stack([self.transform(image) for image in images]).to(self.device)
+        pixels = self.pixels(images).to(self.device)
         text = self.tokenizer(
             prompts, padding="max_length", truncation=True, max_length=MAX_TEXT_LENGTH, return_tensors="pt"
         ).to(self.device)

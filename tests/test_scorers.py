@@ -257,3 +257,55 @@ def test_bad_images_are_named(scorers, name, tmp_path):
     with pytest.raises(TypeError, match="single string"):
         scorer.score("a", [_images()[0]])
     assert scorer.score(["a"], [good]) == scorer.score(["a"], [Image.open(good)])  # paths are accepted too
+
+
+# --- transparent inputs: converted to RGB where the official scorers convert -------------------------------------
+
+def _transparent_pngs(folder) -> dict:
+    """40x40 PNGs whose transparent pixels hold bright, non-black colours: RGBA and LA (alpha 0, 128 or 255), P with a
+    transparent palette entry, and RGB with a tRNS colour."""
+    rs = np.random.RandomState(1)
+    rgb = rs.randint(64, 256, (40, 40, 3), dtype=np.uint8)
+    alpha = rs.choice(np.array([0, 128, 255], dtype=np.uint8), (40, 40))
+    files = {mode: folder / f"{mode}.png" for mode in ("RGBA", "LA", "P", "RGB")}
+    Image.fromarray(np.dstack([rgb, alpha]), "RGBA").save(files["RGBA"])
+    Image.fromarray(np.dstack([rgb[..., 0], alpha]), "LA").save(files["LA"])
+    Image.fromarray(rgb).quantize(16).save(files["P"], transparency=0)
+    Image.fromarray(rgb).save(files["RGB"], transparency=tuple(int(v) for v in rgb[0, 0]))
+    for mode, path in files.items():
+        with Image.open(path) as image:
+            assert image.mode == mode and (mode in ("RGBA", "LA") or "transparency" in image.info)
+    return files
+
+
+def _official_transform(size: int):
+    """OpenCLIP's validation transform and ImageReward's `_transform` as the official versions wrote them: resize and
+    crop the opened file in its own mode, then convert("RGB")."""
+    from torchvision.transforms import CenterCrop, Compose, InterpolationMode, Normalize, Resize, ToTensor
+
+    return Compose([Resize(size, interpolation=InterpolationMode.BICUBIC), CenterCrop(size),
+                    lambda image: image.convert("RGB"), ToTensor(), Normalize(CLIP_MEAN.tolist(), CLIP_STD.tolist())])
+
+
+@pytest.mark.parametrize("name", METRICS)
+def test_transparent_pngs_get_the_official_pixels(scorers, name, tmp_path):
+    """The manifest scoring path (eval.manifest.load_image, then the scorer) gives each metric the tensor its official
+    scorer builds: PickScore/Aesthetics `processor(Image.open(p).convert("RGB"))` (transformers 4.30 dropped alpha,
+    no compositing), HPSv2/CLIP/ImageReward `preprocess(Image.open(p))` (resize first, alpha premultiplied)."""
+    from eval.manifest import Item, load_image
+
+    scorer = scorers[name]
+    for mode, path in _transparent_pngs(tmp_path).items():
+        ours = scorer.pixels([load_image(Item(0, "p", str(path), path))])
+        if name in ("pickscore", "aesthetics"):
+            plain = Image.fromarray(np.asarray(Image.open(path).convert("RGB")))  # no transparency left to composite
+            official = _clip_pixels(plain, 32)
+            composited = scorer.image_processor(images=[Image.open(path)], return_tensors="pt").pixel_values
+            assert not torch.allclose(ours, composited, atol=1e-3), mode  # the installed processor's own conversion
+        else:
+            size = 224 if name == "imagereward" else 32
+            official = _official_transform(size)(Image.open(path))[None]
+            if mode in ("RGBA", "LA"):  # converting before the resize (what the loader did) loses the premultiplication
+                converted = _official_transform(size)(Image.open(path).convert("RGB"))[None]
+                assert not torch.allclose(ours, converted, atol=1e-3), mode
+        torch.testing.assert_close(ours, official, atol=1e-5, rtol=0, msg=f"{name} {mode}")
