@@ -1,9 +1,12 @@
 """scripts/train/*.sh: the shipped settings (SPEC Part B §5.1) reach train.py, extra arguments pass through, GPUs are
-counted, and without a GPU the script says how to run on the CPU. `accelerate` and `python` are stubs on PATH that
-record their arguments; train.py's own parser then checks every flag."""
+counted, and without a GPU the script says how to run on the CPU; a failure ends with its one-line cause; signals
+reach the training. `accelerate` and `python` are stubs on PATH that record their arguments; train.py's own parser then
+checks every flag."""
 
 import os
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -88,7 +91,7 @@ def test_shipped_settings_and_pass_through(script, stubs, tmp_path):
     done, argv = launch(script, stubs, tmp_path, "--dataset_name", "/local/pickapic", "--max_train_steps", "10", gpus=8)
     assert done.returncode == 0, done.stderr
     launch_options, train_args = split(argv)
-    assert launch_options == ["--num_processes", "8"]
+    assert launch_options == ["--quiet", "--num_processes", "8"]
     assert train_args[-4:] == ["--dataset_name", "/local/pickapic", "--max_train_steps", "10"]  # extra args come last
 
     shipped = options(train_args[:-4])
@@ -107,15 +110,15 @@ def test_shipped_settings_and_pass_through(script, stubs, tmp_path):
 
 def test_processes_follow_the_gpus_and_overrides(stubs, tmp_path):
     _, argv = launch("sd15_diffusion_dpo", stubs, tmp_path, gpus=2)
-    assert split(argv)[0] == ["--num_processes", "2"]
+    assert split(argv)[0] == ["--quiet", "--num_processes", "2"]
     _, argv = launch("sd15_diffusion_dpo", stubs, tmp_path, gpus=2, NUM_PROCESSES="16",
                      ACCELERATE_ARGS="--num_machines 2 --machine_rank 1")
-    assert split(argv)[0] == ["--num_processes", "16", "--num_machines", "2", "--machine_rank", "1"]
+    assert split(argv)[0] == ["--quiet", "--num_processes", "16", "--num_machines", "2", "--machine_rank", "1"]
     config = tmp_path / "hf" / "accelerate" / "default_config.yaml"  # `accelerate config` wrote one: it decides
     config.parent.mkdir(parents=True)
     config.write_text("num_processes: 16\n")
     done, argv = launch("sd15_diffusion_dpo", stubs, tmp_path, gpus=8)
-    assert split(argv)[0] == [] and "accelerate config" in done.stdout
+    assert split(argv)[0] == ["--quiet"] and "accelerate config" in done.stdout
 
 
 def test_no_gpu_says_how_to_run_on_cpu(stubs, tmp_path):
@@ -127,8 +130,81 @@ def test_no_gpu_says_how_to_run_on_cpu(stubs, tmp_path):
     done, argv = launch("sdxl_dspo", stubs, tmp_path, "--mixed_precision", "no", gpus=0, CPU="1")
     assert done.returncode == 0, done.stderr
     launch_options, train_args = split(argv)
-    assert launch_options == ["--cpu", "--num_processes", "1"]
+    assert launch_options == ["--quiet", "--cpu", "--num_processes", "1"]
     assert train.parse_args(train_args).mixed_precision == "no"
+
+
+def fake_accelerate(tmp_path, body):
+    path = tmp_path / "fake-accelerate"
+    path.write_text("#!/usr/bin/env bash\n" + body)
+    path.chmod(0o755)
+    return str(path)
+
+
+TRACEBACKS = """cat >&2 << 'EOF'
+Traceback (most recent call last):
+  File "/repo/train.py", line 1500, in main
+    raise SystemExit(1)
+%s
+Traceback (most recent call last):
+  File "/venv/bin/accelerate", line 8, in <module>
+    sys.exit(main())
+subprocess.CalledProcessError: Command '['/venv/bin/python', '/repo/train.py', '--output_dir', 'x']' returned non-zero exit status 1.
+EOF
+"""
+
+
+def test_failure_ends_with_its_cause(stubs, tmp_path):
+    """The output streams through unchanged, then one last line names the cause; the exit status is kept."""
+    body = "echo 'Steps: 10%' >&2\n" + TRACEBACKS % "usage: train.py [-h]\ntrain.py: error: X is missing" + "exit 3\n"
+    done, _ = launch("sd15_dspo", stubs, tmp_path, ACCELERATE=fake_accelerate(tmp_path, body))
+    assert done.returncode == 3
+    assert "Steps: 10%" in done.stderr and "CalledProcessError" in done.stderr
+    assert done.stderr.splitlines()[-1] == "error: train.py: error: X is missing (exit status 3)"
+
+    body = TRACEBACKS % "ValueError: the cause" + "echo '=====' >&2\nexit 1\n"  # no train.py line: the exception
+    done, _ = launch("sd15_dspo", stubs, tmp_path, ACCELERATE=fake_accelerate(tmp_path, body))
+    assert done.returncode == 1
+    assert done.stderr.splitlines()[-1] == "error: ValueError: the cause (exit status 1)"
+
+    done, _ = launch("sd15_dspo", stubs, tmp_path, gpus=1)  # success: no error line
+    assert done.returncode == 0 and "error:" not in done.stderr
+
+    (stubs / "env").write_text('#!/bin/sh\ncase "$1" in --default-signal*) exit 125;; esac\nexec /usr/bin/env "$@"\n')
+    (stubs / "env").chmod(0o755)  # an env without --default-signal (coreutils < 8.31): run in the foreground
+    body = TRACEBACKS % "train.py: error: Y" + "exit 1\n"
+    done, _ = launch("sd15_dspo", stubs, tmp_path, ACCELERATE=fake_accelerate(tmp_path, body))
+    assert done.returncode == 1 and done.stderr.splitlines()[-1] == "error: train.py: error: Y (exit status 1)"
+
+
+@pytest.mark.parametrize("sig, to_group", [(signal.SIGINT, True), (signal.SIGTERM, False), (signal.SIGTERM, True)])
+def test_signals_stop_the_training(sig, to_group, stubs, tmp_path):
+    """Ctrl-C (SIGINT to the terminal's process group) and SIGTERM to the script alone or to the group reach the
+    training; the script then ends with the training's status."""
+    mark = tmp_path / "mark"
+    mark.write_text("")
+    body = (f"trap 'echo INT >> {mark}; kill $!; exit 130' INT\n"
+            f"trap 'echo TERM >> {mark}; kill $!; exit 143' TERM\n"
+            f"echo started >> {mark}\nsleep 30 & wait\n")
+    env = {**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}", "STUB_GPUS": "1",
+           "ACCELERATE": fake_accelerate(tmp_path, body)}
+    script = subprocess.Popen(["bash", str(SCRIPTS / "sd15_dspo.sh")], cwd=tmp_path, env=env, start_new_session=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 20
+        while "started" not in mark.read_text():
+            assert time.monotonic() < deadline and script.poll() is None, script.communicate()
+            time.sleep(0.05)
+        time.sleep(0.2)
+        (os.killpg if to_group else os.kill)(script.pid, sig)
+        _, err = script.communicate(timeout=20)
+    finally:
+        if script.poll() is None:
+            os.killpg(script.pid, signal.SIGKILL)
+    received = "INT" if sig == signal.SIGINT else "TERM"
+    assert mark.read_text().split() == ["started", received]
+    assert script.returncode == 128 + sig
+    assert err.splitlines()[-1].endswith(f"(exit status {128 + sig})")
 
 
 def test_safeguard_off(stubs, tmp_path):

@@ -1,7 +1,12 @@
 # Sourced by the six scripts beside it, which set NAME (the run name) and ARGS (their own shipped train.py
 # arguments; the settings common to all six are COMMON_ARGS below).
-# Runs `accelerate launch [--num_processes N] train.py --output_dir <repo>/output/NAME ARGS... "$@"`: arguments given
-# to the script come last, so they add to or override the shipped ones (argparse keeps the last value).
+# Runs `accelerate launch --quiet [--num_processes N] train.py --output_dir <repo>/output/NAME COMMON_ARGS ARGS
+# "$@"`: arguments given to the script come last, so they add to or override the shipped
+# ones (argparse keeps the last value). --quiet: no accelerate traceback repeating the command line when train.py fails.
+# Output streams live; train.py's stderr is also copied to a temporary file, and when the run fails the last line
+# printed is `error: <cause> (exit status N)` (train.py's `train.py: error: ...` line, else the last exception line),
+# and the script exits with that status. Ctrl-C reaches the training as usual; SIGTERM/SIGHUP sent to the script
+# are forwarded to `accelerate`.
 #
 # Environment (all optional):
 #   NUM_GPUS         GPUs on this machine (default: torch.cuda.device_count())
@@ -41,9 +46,9 @@ if [[ ${SAFEGUARD:-1} == 0 ]]; then
     NAME=$NAME-no-safeguard
 fi
 
-LAUNCH=()
+LAUNCH=(--quiet)
 if [[ ${CPU:-0} == 1 ]]; then
-    LAUNCH=(--cpu --num_processes 1)
+    LAUNCH+=(--cpu --num_processes 1)
     PROCESSES="1 process on the CPU (CPU=1: slow, meant for smoke tests with small models and few steps)"
 else
     if [[ -z ${NUM_GPUS:-} ]]; then
@@ -65,12 +70,12 @@ EOF
     fi
     accelerate_config=${HF_HOME:-${XDG_CACHE_HOME:-$HOME/.cache}/huggingface}/accelerate/default_config.yaml
     if [[ -n ${NUM_PROCESSES:-} ]]; then
-        LAUNCH=(--num_processes "$NUM_PROCESSES")
+        LAUNCH+=(--num_processes "$NUM_PROCESSES")
         PROCESSES="$NUM_PROCESSES processes (NUM_PROCESSES; $NUM_GPUS GPUs on this machine)"
     elif [[ -f $accelerate_config || ${ACCELERATE_ARGS:-} == *--config_file* ]]; then
         PROCESSES="as your accelerate config says (${ACCELERATE_ARGS:-$accelerate_config}); NUM_PROCESSES=N overrides"
     else
-        LAUNCH=(--num_processes "$NUM_GPUS")
+        LAUNCH+=(--num_processes "$NUM_GPUS")
         PROCESSES="$NUM_GPUS processes, one per GPU"
     fi
 fi
@@ -87,4 +92,49 @@ COMMAND=("$ACCELERATE" launch "${LAUNCH[@]}" "${EXTRA_LAUNCH[@]}" "$REPO/train.p
          "${COMMON_ARGS[@]}" "${ARGS[@]}" "$@")
 echo ">>> $NAME: $PROCESSES; effective batch = train_batch_size x gradient_accumulation_steps x processes"
 echo ">>> ${COMMAND[*]}"
-exec "${COMMAND[@]}"
+
+# Run it with stderr streamed live and copied to $stderr_copy, so that a failure can end with its one-line cause.
+stderr_copy=$(mktemp "${TMPDIR:-/tmp}/train-stderr.XXXXXX")
+trap 'rm -f "$stderr_copy"' EXIT
+exec 4> >(trap '' INT TERM HUP; exec tee "$stderr_copy" >&2)  # tee outlives a signal, to copy the last words
+tee_pid=$!
+set +e
+if env --default-signal=INT,QUIT true 2> /dev/null; then
+    # In the background so that the traps below run while it trains (a foreground child would delay them until it
+    # ends); env undoes the SIGINT/SIGQUIT ignoring that bash gives background children, so Ctrl-C, which the terminal
+    # sends to the training as well as to this script, stops it as before; 0<&0 keeps stdin (not /dev/null).
+    env --default-signal=INT,QUIT "${COMMAND[@]}" 0<&0 2>&4 4>&- &
+    child=$!
+    trap 'kill -TERM "$child" 2> /dev/null' TERM
+    trap 'kill -HUP "$child" 2> /dev/null' HUP
+    trap ':' INT  # the training got the Ctrl-C too: wait for it to stop
+    delay=0.05
+    while kill -0 "$child" 2> /dev/null; do  # polled: a `wait` cut short by a trap can then hang (bash 5.2)
+        sleep "$delay"
+        delay=0.5
+    done
+    wait "$child"
+    status=$?
+else  # an env without --default-signal (coreutils < 8.31): in the foreground; Ctrl-C works, SIGTERM is not forwarded
+    "${COMMAND[@]}" 2>&4 4>&-
+    status=$?
+fi
+exec 4>&-
+for _ in {1..50}; do  # let tee copy the last lines (a leftover process holding stderr open must not hang the script)
+    kill -0 "$tee_pid" 2> /dev/null || break
+    sleep 0.1
+done
+if ((status != 0)); then
+    cause=$(tail -c 1000000 "$stderr_copy" | tr '\r' '\n' | grep -a -o 'train\.py: error: .*' | tail -n 1)
+    if [[ -z $cause ]]; then  # no such line: the last exception line other than the launchers' own
+        cause=$(tail -c 1000000 "$stderr_copy" | tr '\r' '\n' | grep -a -v -E 'CalledProcessError|ChildFailedError' |
+                grep -a -E '^([A-Za-z_][A-Za-z0-9_]*\.)*[A-Za-z_]*(Error|Exception|Interrupt|Exit)\b' | tail -n 1)
+    fi
+    if [[ -z $cause ]]; then  # else the last line that is not traceback, separator or progress bar
+        cause=$(tail -c 1000000 "$stderr_copy" | tr '\r' '\n' |
+                grep -a -v -E '^[[:space:]]|^$|^Traceback |^During handling|^The above exception|^[=~^-]+$|CalledProcessError|ChildFailedError|[0-9]+%\|' |
+                tail -n 1)
+    fi
+    echo "error: ${cause:-$NAME failed, see the output above} (exit status $status)" >&2
+fi
+exit "$status"
