@@ -1,7 +1,7 @@
 """scripts/train/*.sh: the shipped settings (SPEC Part B §5.1) reach train.py, extra arguments pass through, GPUs are
-counted, and without a GPU the script says how to run on the CPU; a failure ends with its one-line cause; signals
-reach the training. `accelerate` and `python` are stubs on PATH that record their arguments; train.py's own parser then
-checks every flag."""
+counted, and without a GPU the script says how to run on the CPU (CPU=1: smoke-test settings); a failure ends with its
+one-line cause; signals reach the training. `accelerate` and `python` are stubs on PATH that record their arguments;
+train.py's own parser then checks every flag."""
 
 import os
 import signal
@@ -125,13 +125,32 @@ def test_no_gpu_says_how_to_run_on_cpu(stubs, tmp_path):
     done, argv = launch("sdxl_dspo", stubs, tmp_path, gpus=0)
     assert done.returncode == 1 and argv is None
     assert "No GPU found" in done.stderr
-    assert "CPU=1 bash scripts/train/sdxl_dspo.sh --max_train_steps 10 --mixed_precision no" in done.stderr
+    assert "CPU=1 bash scripts/train/sdxl_dspo.sh --dataset_name DIR" in done.stderr
 
-    done, argv = launch("sdxl_dspo", stubs, tmp_path, "--mixed_precision", "no", gpus=0, CPU="1")
+    done, argv = launch("sdxl_dspo", stubs, tmp_path, gpus=0, CPU="1")
     assert done.returncode == 0, done.stderr
     launch_options, train_args = split(argv)
     assert launch_options == ["--quiet", "--cpu", "--num_processes", "1"]
     assert train.parse_args(train_args).mixed_precision == "no"
+
+
+@pytest.mark.parametrize("script, resolution", [("sd15_diffusion_dpo", 256), ("sdxl_dmpo", 512)])
+def test_cpu_applies_smoke_settings_that_arguments_override(script, resolution, stubs, tmp_path):
+    """CPU=1: a smoke test that finishes (batch 1, no accumulation, small images, 4 steps with a checkpoint at 2,
+    fp32, no more data workers than cores), said on stdout; the script's own arguments still win."""
+    done, argv = launch(script, stubs, tmp_path, gpus=0, CPU="1")
+    assert done.returncode == 0, done.stderr
+    assert "CPU=1: smoke-test settings" in done.stdout
+    parsed = train.parse_args(split(argv)[1])
+    assert parsed.train_batch_size == 1 and parsed.gradient_accumulation_steps == 1
+    assert parsed.dataloader_num_workers <= min(2, len(os.sched_getaffinity(0)))
+    assert parsed.checkpointing_steps <= parsed.max_train_steps <= 10
+    assert parsed.mixed_precision == "no" and parsed.lr_warmup_steps == 0 and parsed.max_train_samples == 16
+    assert parsed.resolution == resolution
+
+    _, argv = launch(script, stubs, tmp_path, "--max_train_steps", "6", "--resolution", "64", gpus=0, CPU="1")
+    parsed = train.parse_args(split(argv)[1])
+    assert parsed.max_train_steps == 6 and parsed.resolution == 64 and parsed.train_batch_size == 1
 
 
 def fake_accelerate(tmp_path, body):

@@ -1,7 +1,7 @@
 # Sourced by the six scripts beside it, which set NAME (the run name) and ARGS (their own shipped train.py
 # arguments; the settings common to all six are COMMON_ARGS below).
 # Runs `accelerate launch --quiet [--num_processes N] train.py --output_dir <repo>/output/NAME COMMON_ARGS ARGS
-# "$@"`: arguments given to the script come last, so they add to or override the shipped
+# [CPU=1 settings below] "$@"`: arguments given to the script come last, so they add to or override the shipped
 # ones (argparse keeps the last value). --quiet: no accelerate traceback repeating the command line when train.py fails.
 # Output streams live; train.py's stderr is also copied to a temporary file, and when the run fails the last line
 # printed is `error: <cause> (exit status N)` (train.py's `train.py: error: ...` line, else the last exception line),
@@ -13,7 +13,9 @@
 #   NUM_PROCESSES    processes in the whole job, passed as --num_processes (default: NUM_GPUS; with an `accelerate
 #                    config` file present, the config decides; multi-node: GPUs per machine x machines)
 #   ACCELERATE_ARGS  more `accelerate launch` options, e.g. "--config_file multinode.yaml --machine_rank 1"
-#   CPU=1            run on the CPU (one process) even without a GPU: slow, for smoke tests with small models
+#   CPU=1            run on the CPU (one process) even without a GPU, with smoke-test settings (batch 1, no
+#                    accumulation, 256 px (SDXL 512), 4 steps, a checkpoint at step 2, 16 pairs, fp32, <= 2 data
+#                    workers) that the script's own arguments override
 #   SAFEGUARD=0      plain objective: drop --use_winner_preserving and its mu; output_dir gets "-no-safeguard"
 #   PYTHON, ACCELERATE  interpreter and launcher (default: `python` and `accelerate` on PATH)
 
@@ -47,9 +49,20 @@ if [[ ${SAFEGUARD:-1} == 0 ]]; then
 fi
 
 LAUNCH=(--quiet)
+SMOKE_ARGS=()
 if [[ ${CPU:-0} == 1 ]]; then
     LAUNCH+=(--cpu --num_processes 1)
-    PROCESSES="1 process on the CPU (CPU=1: slow, meant for smoke tests with small models and few steps)"
+    PROCESSES="1 process on the CPU"
+    smoke_resolution=256
+    [[ " ${ARGS[*]} " == *" --sdxl "* ]] && smoke_resolution=512
+    smoke_workers=$(nproc 2> /dev/null || echo 1)
+    ((smoke_workers > 2)) && smoke_workers=2
+    SMOKE_ARGS=(
+        --train_batch_size 1 --gradient_accumulation_steps 1 --resolution "$smoke_resolution"
+        --dataloader_num_workers "$smoke_workers" --max_train_steps 4 --checkpointing_steps 2 --lr_warmup_steps 0
+        --max_train_samples 16 --mixed_precision no
+    )
+    echo ">>> CPU=1: smoke-test settings ${SMOKE_ARGS[*]} (your arguments override them)"
 else
     if [[ -z ${NUM_GPUS:-} ]]; then
         if ! NUM_GPUS=$("$PYTHON" -c "import torch; print(torch.cuda.device_count())"); then
@@ -62,8 +75,9 @@ else
         cat >&2 << EOF
 No GPU found: torch.cuda.device_count() is 0 for $PYTHON. The shipped settings of $SCRIPT
 (batch 8 x 32 accumulation steps per GPU, bf16, 2000 steps) are meant for GPUs.
-To run it on the CPU anyway (slow: for a smoke test, pass a small model, few steps and no mixed precision):
-  CPU=1 bash $SCRIPT --max_train_steps 10 --mixed_precision no [--pretrained_model_name_or_path DIR] [--dataset_name DIR]
+A smoke test on the CPU: CPU=1 uses batch 1, no accumulation, small images, 4 steps (checkpoint at 2), 16 pairs, fp32:
+  CPU=1 bash $SCRIPT --dataset_name DIR [--pretrained_model_name_or_path DIR]
+(a small local copy of the data: the full Pick-a-Pic v2 is several hundred GB; your arguments override the settings)
 To see the whole pipeline work on the CPU, run the offline demo: bash scripts/demo.sh
 EOF
         exit 1
@@ -89,7 +103,7 @@ COMMON_ARGS=(
     --mixed_precision bf16 --allow_tf32
 )
 COMMAND=("$ACCELERATE" launch "${LAUNCH[@]}" "${EXTRA_LAUNCH[@]}" "$REPO/train.py" --output_dir "$REPO/output/$NAME"
-         "${COMMON_ARGS[@]}" "${ARGS[@]}" "$@")
+         "${COMMON_ARGS[@]}" "${ARGS[@]}" "${SMOKE_ARGS[@]}" "$@")
 echo ">>> $NAME: $PROCESSES; effective batch = train_batch_size x gradient_accumulation_steps x processes"
 echo ">>> ${COMMAND[*]}"
 
