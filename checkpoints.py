@@ -120,6 +120,8 @@ def checkpoint_problems(folder: Path, weights: list[str], num_processes: int, sc
             problem = torch_file_problem(path, load=name.startswith("random_states") or name == "scaler.pt")
         if problem:
             problems.append(f"{path} {problem}")
+    for stray in sorted(folder.glob("custom_checkpoint_*.pkl")):  # accelerate would unpickle these in full
+        problems.append(f"{stray} is a pickle, which this version never loads (it can run code)")
     return problems
 
 

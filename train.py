@@ -464,10 +464,13 @@ def resolve_optimizer(parser, args):
         chosen.add(args.optimizer)
     if len(chosen) > 1:
         parser.error(f"choose one optimizer, got {' and '.join(sorted(chosen))} (--optimizer, --use_adafactor, --use_8bit_adam)")
+    defaulted = [] if chosen else ["optimizer"]
     args.optimizer = chosen.pop() if chosen else ("adafactor" if args.sdxl else "adamw")
     args.use_adafactor, args.use_8bit_adam = args.optimizer == "adafactor", args.optimizer == "adamw8bit"
     if args.gradient_checkpointing is None:
         args.gradient_checkpointing = args.sdxl
+        defaulted.append("gradient_checkpointing")
+    args.sdxl_defaults = ",".join(defaulted) if args.sdxl else ""  # what --sdxl chose, said in the log
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -531,7 +534,7 @@ def load_rows(args):
     if isinstance(dataset, IterableDataset):
         dataset = pickapic_columns(dataset.decode(False))
     args.resolved_dataset = described  # for the run's description (training_config.json)
-    return dataset
+    return numeric_labels(dataset) if "label_0" in (dataset.column_names or ()) else dataset
 
 
 def hub_offline() -> bool:
@@ -669,7 +672,7 @@ def filter_rows(rows, args, is_main: bool):
             f"the dataset has no column {', '.join(missing)} (it has {rows.column_names}); train.py needs the Pick-a-Pic "
             f"columns jpg_0, jpg_1, label_0 and a caption column (--caption_column)"
         )
-    rows = numeric_labels(rows.select_columns(needed))
+    rows = rows.select_columns(needed)
     if isinstance(rows, IterableDataset):
         rows = rows.filter(LabelFilter(), input_columns="label_0")
         if args.dreamlike_pairs_only:
@@ -708,7 +711,9 @@ def numeric_labels(rows):
     if rows.features is not None and rows.features["label_0"] == Value("float64"):
         return rows
     if isinstance(rows, IterableDataset):
-        return rows.map(lambda label: {"label_0": as_label(label)}, input_columns="label_0")
+        features = rows.features.copy()
+        features["label_0"] = Value("float64")
+        return rows.map(lambda label: {"label_0": as_label(label)}, input_columns="label_0", features=features)
     try:
         return rows.cast_column("label_0", Value("float64"))
     except Exception:  # noqa: BLE001 - find the offending value for the message
@@ -984,8 +989,11 @@ def load_tokenizer(path: str, subfolder: str, revision):
            f"local folder with {subfolder}/vocab.json and merges.txt (HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', 'unset')}).")
     try:
         tokenizer = CLIPTokenizer.from_pretrained(path, subfolder=subfolder, revision=revision)
-    except OSError as error:
-        raise RuntimeError(f"cannot load the tokenizer of {path} ({subfolder}/): {error}. {fix}") from error
+    except Exception as error:  # noqa: BLE001 - OSError when absent; tokenizers raises plain Exceptions on bad files
+        if Path(path).is_dir():
+            raise RuntimeError(f"cannot load the tokenizer in {Path(path) / subfolder}: {error}. Its vocab.json, "
+                               f"merges.txt (and tokenizer.json) must be the original model's") from None
+        raise RuntimeError(f"cannot load the tokenizer of {path} ({subfolder}/): {error}. {fix}") from None
     if len(tokenizer.get_vocab()) <= len(tokenizer.all_special_tokens):
         folder = Path(path) / subfolder
         if Path(path).is_dir():
@@ -1706,10 +1714,10 @@ def describe_run(args, requested: dict, accelerator, weight_dtype, base_lr: floa
     <output_dir>/training_config.json beside the arguments as given."""
     base = resolved_location(args.pretrained_model_name_or_path, args.revision)
     optimizer = args.optimizer + (" (the official SDXL default; --optimizer adamw to change)"
-                                  if args.sdxl and not (requested["optimizer"] or requested["use_adafactor"]) else "")
+                                  if "optimizer" in args.sdxl_defaults else "")
     checkpointing = ("on" if args.gradient_checkpointing else "off") + (
         " (the official SDXL default; --no_gradient_checkpointing to change)"
-        if args.sdxl and requested["gradient_checkpointing"] is None else "")
+        if "gradient_checkpointing" in args.sdxl_defaults else "")
     return {
         "model": base,
         "unet": f"{resolved_location(args.unet_init) if args.unet_init else base} (unet/)",
