@@ -3,11 +3,13 @@
     python -m eval.score --json_path out/papv2_seed0_512x512_50s_7.5cfg.json [more manifests ...]
                          [--metrics pickscore hpsv2 aesthetics clip imagereward] [--device cuda] [--batch_size 32]
     python -m eval.score --gather_log out/joint_test_512.log      # the table of every FinalResults line in a log
+    python -m eval.score --gather_scores out/*_scores.json --table_out out/joint_test_512_table
 
 For each manifest and metric this prints the official line ``FinalResults <Metric> for <group> : <x.xxxx>`` (the
 mean over all entries) and writes, next to the manifest, the official per-metric file (the manifest entries, each
-with its score added under FIELDS[metric]) plus ``<stem>_scores.md`` / ``<stem>_scores.json`` (the gather_log table).
-Models are loaded one at a time. See docs/eval-score-compare.md.
+with its score added under FIELDS[metric]) plus ``<stem>_scores.md`` / ``<stem>_scores.json`` (the gather_log table,
+with n = prompts scored). Models are loaded one at a time, each once for all the manifests given.
+See docs/eval-score-compare.md.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -30,26 +33,35 @@ OUTPUTS = {
     "imagereward": ("_image_reward_score.json", "image_reward_score"),  # official field name
 }
 ALL_METRICS = tuple(OUTPUTS)  # CLI names in the official order (same as eval.scorers.METRICS)
-TABLE_HEADER = ("Prompt", "Predictor", "Score")
+TABLE_HEADER = ("Prompt", "Predictor", "Score", "n")  # gather_log.py's columns, plus n = prompts scored
+GROUP_ORDER = ("papv2", "hpsv2", "partiprompts")  # the official table order
+N_LINE = re.compile(r"^total len of test data : (\d+)|over (\d+) samples")
 
 
 # --------------------------------------------------------------------------------------------- gather_log table
-def final_results_rows(text: str) -> list[tuple[str, str, str]]:
-    """(group, metric, score) of every line starting with 'FinalResults', in order; tokens 3, 1, 5 as gather_log.py."""
-    rows = []
+def final_results_rows(text: str) -> list[tuple[str, str, str, str]]:
+    """(group, metric, score, n) of every line starting with 'FinalResults', in order; tokens 3, 1, 5 as gather_log.py.
+
+    n comes from the last 'total len of test data : N' / '... over N samples' line before it ("-" if none). A
+    (group, metric) met again, in a log that a re-run appended to, keeps its place and takes the newer values.
+    """
+    rows: dict[tuple[str, str], tuple[str, str, str, str]] = {}
+    n = "-"
     for line in text.splitlines():
         line = line.strip()
+        if match := N_LINE.search(line):
+            n = match.group(1) or match.group(2)
         if line.startswith("FinalResults"):
             tokens = line.split(" ")
             if len(tokens) >= 6:
-                rows.append((tokens[3], tokens[1], tokens[5]))
-    return rows
+                rows[(tokens[3], tokens[1])] = (tokens[3], tokens[1], tokens[5], n)
+    return list(rows.values())
 
 
-def markdown_table(rows: Sequence[tuple[str, str, str]]) -> str:
-    """The gather_log.py Markdown table: | Prompt | Predictor | Score |."""
-    lines = ["| " + " | ".join(TABLE_HEADER) + " |", "| " + " | ".join(["---"] * 3) + " |"]
-    lines += [f"| {g} | {m} | {s} |" for g, m, s in rows]
+def markdown_table(rows: Sequence[tuple[str, str, str, str]]) -> str:
+    """The gather_log.py Markdown table, | Prompt | Predictor | Score |, with a column n (prompts scored)."""
+    lines = ["| " + " | ".join(TABLE_HEADER) + " |", "| " + " | ".join(["---"] * len(TABLE_HEADER)) + " |"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
 
 
@@ -60,15 +72,16 @@ def _number(text: str) -> float | str:
         return text
 
 
-def write_table(rows: Sequence[tuple[str, str, str]], stem: Path, **extra) -> None:
-    """Write the table as `<stem>.md` and `<stem>.json` ({**extra, table: [{prompt, predictor, score}]})."""
+def write_table(rows: Sequence[tuple[str, str, str, str]], stem: Path, **extra) -> None:
+    """Write the table as `<stem>.md` and `<stem>.json` ({**extra, table: [{prompt, predictor, score, n}]})."""
     stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_name(stem.name + ".md").write_text(markdown_table(rows) + "\n", encoding="utf-8")
-    table = [{"prompt": g, "predictor": m, "score": _number(s)} for g, m, s in rows]
+    table = [{"prompt": g, "predictor": m, "score": _number(s), "n": int(n) if n.isdigit() else None}
+             for g, m, s, n in rows]
     stem.with_name(stem.name + ".json").write_text(json.dumps({**extra, "table": table}, indent=2), encoding="utf-8")
 
 
-def gather_log(log_path: str | os.PathLike, write: bool = True) -> list[tuple[str, str, str]]:
+def gather_log(log_path: str | os.PathLike, write: bool = True) -> list[tuple[str, str, str, str]]:
     """Reproduce utils/gather_log.py: print the table of a log's FinalResults lines (and write it beside the log)."""
     log_path = Path(log_path)
     if not log_path.is_file():
@@ -81,7 +94,61 @@ def gather_log(log_path: str | os.PathLike, write: bool = True) -> list[tuple[st
     return rows
 
 
+def read_scores_file(path: Path) -> dict:
+    if not path.is_file():
+        raise ManifestError(f"score file not found: {path} (scoring writes <manifest stem>_scores.json beside the manifest)")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ManifestError(f"{path} is not a score file written by eval.score: {exc}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("table"), list):
+        raise ManifestError(f"{path} is not a score file written by eval.score (no 'table' list)")
+    return data
+
+
+def gather_scores(score_files: Sequence[str | os.PathLike], table_out: str | os.PathLike | None = None):
+    """The table of several `<stem>_scores.json` files, papv2, hpsv2, partiprompts first, with n = prompts scored.
+
+    The eval scripts print this instead of the table of their log, so that re-running one prompt set keeps the
+    other sets' rows. Partial runs (--max_prompts) and scores older than their manifest are pointed out.
+    """
+    if not score_files:
+        raise ManifestError("no score files to gather: score the manifests first (python -m eval.score --json_path ...)")
+    results = [(Path(p), read_scores_file(Path(p))) for p in score_files]
+    rank = {group: i for i, group in enumerate(GROUP_ORDER)}
+    results.sort(key=lambda r: rank.get(r[1].get("group"), len(GROUP_ORDER)))
+    rows = []
+    for path, data in results:
+        n = data.get("total")
+        for row in data["table"]:
+            score = row.get("score")
+            score = f"{score:.4f}" if isinstance(score, float) else str(score)
+            rows.append((str(row.get("prompt")), str(row.get("predictor")), score, str(n if n is not None else "-")))
+        if data.get("prompts_total") and n is not None and n < data["prompts_total"]:
+            print(f"[WARN] {data.get('group')}: {n} of {data['prompts_total']} prompts scored (a --max_prompts run). "
+                  "Generate again without --max_prompts to complete it, then score it.")
+        manifest = Path(str(data.get("manifest", "")))
+        if manifest.is_file() and n is not None and len(read_json_list(manifest)) != n:
+            print(f"[WARN] {path} covers {n} entries but {manifest} now lists {len(read_json_list(manifest))}: "
+                  "score it again")
+    print("\n\n")
+    print(markdown_table(rows))
+    if table_out is not None:
+        write_table(rows, Path(table_out), scores=[str(p) for p, _ in results])
+    return rows
+
+
 # ------------------------------------------------------------------------------------------------------- scoring
+def prompts_in_run(manifest_path: Path) -> int | None:
+    """How many prompts the manifest's prompt file holds, from the run record eval.generate keeps beside the images
+    (None: no record, e.g. an official run)."""
+    record = manifest_path.parent / manifest_path.stem / "run.json"
+    try:
+        return int(json.loads(record.read_text(encoding="utf-8"))["total_prompts"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def score_manifests(
     manifest_paths: Sequence[str | os.PathLike],
     scorers: Iterable,
@@ -101,9 +168,15 @@ def score_manifests(
     check_images(*[(items, path) for path, items in manifests])
 
     results = [
-        {"manifest": str(p), "group": group_name(p), "total": len(items), "means": {}, "scores": {}}
+        {"manifest": str(p), "group": group_name(p), "total": len(items), "prompts_total": prompts_in_run(p),
+         "means": {}, "scores": {}}
         for p, items in manifests
     ]
+    for res in results:
+        if res["prompts_total"] and res["total"] < res["prompts_total"]:
+            print(f"[WARN] {res['manifest']} lists {res['total']} of the {res['prompts_total']} prompts of its prompt "
+                  "file (a --max_prompts run): these are not the full set's scores. Generate again without "
+                  "--max_prompts to complete it.")
     for scorer in scorers:
         suffix, field = OUTPUTS[scorer.name]
         for (path, items), res in zip(manifests, results):
@@ -124,11 +197,12 @@ def score_manifests(
         rows = []
         for metric, mean in res["means"].items():
             print(f"FinalResults {metric} for {res['group']} : {mean:.4f}")
-            rows.append((res["group"], metric, f"{mean:.4f}"))
+            rows.append((res["group"], metric, f"{mean:.4f}", str(res["total"])))
         print("\n\n")
         print(markdown_table(rows))
         stem = Path(output_dir or path.parent) / (path.stem + "_scores")
-        write_table(rows, stem, manifest=str(path), group=res["group"], total=res["total"], means=res["means"])
+        write_table(rows, stem, manifest=str(path), group=res["group"], total=res["total"],
+                    prompts_total=res["prompts_total"], means=res["means"])
     return results
 
 
@@ -195,13 +269,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--gather_log", default=None, metavar="LOG",
                         help="only print the table of the FinalResults lines in LOG (utils/gather_log.py); writes "
                              "<LOG stem>_table.md/.json beside it")
+    parser.add_argument("--gather_scores", nargs="*", default=None, metavar="SCORES_JSON",
+                        help="only print the table of these <manifest stem>_scores.json files (what scoring writes), "
+                             "e.g. every prompt set of a run folder")
+    parser.add_argument("--table_out", default=None, metavar="STEM",
+                        help="with --gather_scores: also write the table as STEM.md and STEM.json")
     add_scorer_args(parser, batch_size=32)
     args = parser.parse_args(argv)
-    if not args.gather_log and not args.json_path:
-        parser.error("give --json_path MANIFEST [...] or --gather_log LOG")
+    if not args.gather_log and args.gather_scores is None and not args.json_path:
+        parser.error("give --json_path MANIFEST [...], --gather_log LOG or --gather_scores SCORES_JSON [...]")
     try:
         if args.gather_log:
             gather_log(args.gather_log)
+        elif args.gather_scores is not None:
+            gather_scores(args.gather_scores, args.table_out)
         else:
             kwargs = scorer_kwargs(args)
             score_manifests(args.json_path, iter_scorers(kwargs), batch_size=args.batch_size, output_dir=args.output_dir)

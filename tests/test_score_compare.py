@@ -312,10 +312,11 @@ def test_score_manifest_outputs(tmp_path, monkeypatch, capsys):
     ir = json.loads((tmp_path / "papv2_seed0_512x512_50s_7.5cfg_image_reward_score.json").read_text())
     assert [e["image_reward_score"] for e in ir] == [20.0, 40.0, 66.0]
     md = (tmp_path / "papv2_seed0_512x512_50s_7.5cfg_scores.md").read_text()
-    assert md == "| Prompt | Predictor | Score |\n| --- | --- | --- |\n| papv2 | PickScore | 21.0000 |\n| papv2 | ImageReward | 42.0000 |\n"
+    assert md == ("| Prompt | Predictor | Score | n |\n| --- | --- | --- | --- |\n| papv2 | PickScore | 21.0000 | 3 |\n"
+                  "| papv2 | ImageReward | 42.0000 | 3 |\n")
     table = json.loads((tmp_path / "papv2_seed0_512x512_50s_7.5cfg_scores.json").read_text())
-    assert table["table"] == [{"prompt": "papv2", "predictor": "PickScore", "score": 21.0},
-                              {"prompt": "papv2", "predictor": "ImageReward", "score": 42.0}]
+    assert table["table"] == [{"prompt": "papv2", "predictor": "PickScore", "score": 21.0, "n": 3},
+                              {"prompt": "papv2", "predictor": "ImageReward", "score": 42.0, "n": 3}]
     assert table["means"]["ImageReward"] == pytest.approx(42.0) and table["total"] == 3
 
 
@@ -352,18 +353,18 @@ def test_score_errors(tmp_path, monkeypatch):
 
 def test_gather_log(tmp_path, capsys):
     log = tmp_path / "joint_test_512.log"
-    log.write_text("-> load x\nTotal Pick score: 0.21\n  FinalResults PickScore for papv2 : 0.2134\n"
+    log.write_text("-> load x\ntotal len of test data : 487\nTotal Pick score: 0.21\n  FinalResults PickScore for papv2 : 0.2134\n"
                    "Testing: 100%|####|\nFinalResults HPSv2 for papv2 : 0.2701\nnot FinalResults X for y : 1\n"
-                   "FinalResults ImageReward for partiprompts : -0.1234\n")
+                   "Total ImageReward score: -0.12  over 1632 samples\nFinalResults ImageReward for partiprompts : -0.1234\n")
     rows = gather_log(log)
-    assert rows == [("papv2", "PickScore", "0.2134"), ("papv2", "HPSv2", "0.2701"),
-                    ("partiprompts", "ImageReward", "-0.1234")]
-    expected = ("| Prompt | Predictor | Score |\n| --- | --- | --- |\n| papv2 | PickScore | 0.2134 |\n"
-                "| papv2 | HPSv2 | 0.2701 |\n| partiprompts | ImageReward | -0.1234 |\n")
+    assert rows == [("papv2", "PickScore", "0.2134", "487"), ("papv2", "HPSv2", "0.2701", "487"),
+                    ("partiprompts", "ImageReward", "-0.1234", "1632")]
+    expected = ("| Prompt | Predictor | Score | n |\n| --- | --- | --- | --- |\n| papv2 | PickScore | 0.2134 | 487 |\n"
+                "| papv2 | HPSv2 | 0.2701 | 487 |\n| partiprompts | ImageReward | -0.1234 | 1632 |\n")
     assert capsys.readouterr().out == "\n\n\n" + expected
     assert (tmp_path / "joint_test_512_table.md").read_text() == expected
     assert json.loads((tmp_path / "joint_test_512_table.json").read_text())["table"][2] == {
-        "prompt": "partiprompts", "predictor": "ImageReward", "score": -0.1234}
+        "prompt": "partiprompts", "predictor": "ImageReward", "score": -0.1234, "n": 1632}
 
 
 # ----------------------------------------------------------------------------------------------- test_vs.sh
