@@ -13,7 +13,8 @@ Official protocol (SPEC Part B §4.1), kept here:
 * The same seeded noise for every prompt, times the scheduler's `init_noise_sigma`.
 * Decode latents / scaling_factor (+ shift_factor) in fp32, (x / 2 + 0.5) clamped, x 255, rounded to uint8.
 * Outputs: `<output_path>/<run>/<index>_<H>x<W>.png` (EXIF ImageDescription = prompt), manifest `<output_path>/<run>.json`
-  and `<output_path>/<run>.zip`, with run = `<prompt file stem>_seed<seed>_<H>x<W>_<steps>s_<cfg>cfg`.
+  and `<output_path>/<run>.zip`, with run = `<prompt file stem>_seed<seed>_<H>x<W>_<steps>s_<cfg>cfg`. Added: the run
+  record `<output_path>/<run>/run.json` (weights, prompts done of the file's, fingerprint checked on resume).
 
 Deliberate differences (SPEC Part A 9-11): the initial noise is drawn in fp32 from a seeded CPU generator (the official
 draws bf16 noise on a CUDA generator, so its exact images depend on the GPU), latents and the guidance/Euler update stay
@@ -24,6 +25,7 @@ and on CPU the default dtype is fp32 (bf16 convolutions on CPU are slow and not 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import zipfile
@@ -37,6 +39,8 @@ SDXL_BASE = "stabilityai/stable-diffusion-xl-base-1.0"
 SDXL_VAE = "madebyollin/sdxl-vae-fp16-fix"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 EXIF_IMAGE_DESCRIPTION = 0x010E
+LORA_FILE = "pytorch_lora_weights.safetensors"  # what train.py --use_lora writes (diffusers' file name)
+RUN_RECORD = "run.json"  # in the run's image folder: what made its images (fingerprint), how many prompts, complete
 
 
 class GenerateError(Exception):
@@ -70,8 +74,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=tuple(DTYPES), default=None,
                    help="text encoder(s) + UNet precision (default bf16 on CUDA as official, fp32 on CPU); VAE is always fp32")
     p.add_argument("--device", default="auto", help="auto = cuda (this rank's GPU) if available, else cpu")
-    p.add_argument("--max_prompts", type=int, default=None, help="only the first N prompts (tests, demos)")
+    p.add_argument("--max_prompts", type=int, default=None,
+                   help="only the first N prompts (smoke runs, demos); running again without it completes the run, "
+                        "and a run never shrinks: a manifest keeps listing the prompts it already had")
     p.add_argument("--no_zip", dest="zip", action="store_false", help="do not write <run>.zip")
+    p.add_argument("--print_weights", action="store_true",
+                   help="only print which weights --unet_path / --lora_path name (UNet file or folder, LoRA adapter) and exit")
     return p.parse_args(argv)
 
 
@@ -111,6 +119,7 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         args.vae_path = SDXL_VAE
     if args.unet_path is not None and not os.path.exists(args.unet_path):
         raise GenerateError(f"--unet_path {args.unet_path} does not exist")
+    args.weights = resolve_weights(args.unet_path, args.lora_path)
     if args.output_path is None:
         if args.unet_path is None:
             raise GenerateError("--output_path is required when no --unet_path is given")
@@ -119,8 +128,8 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         raise GenerateError(f"prompt file {args.test_json} not found. Build the prompt files with "
                             "`python prompts/build.py` (from their public sources) or "
                             "`python prompts/build.py --from_dir DIR` (from a local copy); see prompts/README.md")
-    if args.batch_size < 1 or args.steps < 1:
-        raise GenerateError("--batch_size and --steps must be >= 1")
+    if args.batch_size < 1 or args.steps < 1 or (args.max_prompts is not None and args.max_prompts < 1):
+        raise GenerateError("--batch_size, --steps and --max_prompts must be >= 1")
     return args
 
 
@@ -183,21 +192,59 @@ def load_unet_weights(unet, path: str, pretrain_path: str) -> None:
     unet.load_state_dict(state)
 
 
+@dataclass
+class Weights:
+    """What is evaluated: the UNet (a state-dict file, a diffusers UNet folder, or None for the base UNet) and an
+    optional LoRA adapter applied on top."""
+
+    unet: str | None
+    lora: str | None = None
+
+    def describe(self, pretrain_path: str) -> str:
+        if self.unet is None:
+            unet = f"base UNet of {pretrain_path}"
+        else:
+            unet = f"UNet {'folder' if os.path.isdir(self.unet) else 'file'} {self.unet}"
+        return unet + (f" + LoRA adapter {self.lora}" if self.lora else "")
+
+
+def resolve_weights(unet_path: str | None, lora_path: str | None) -> Weights:
+    """The UNet and adapter that --unet_path / --lora_path name. A folder is read as train.py writes it: a diffusers
+    UNet or pipeline (unet/), unet.safetensors / unet.pth, or, after --use_lora, pytorch_lora_weights.safetensors,
+    loaded as LoRA on the base UNet (or on the folder's pipeline UNet, which --save_pipeline stores) - not ignored."""
+    if unet_path is None or not os.path.isdir(unet_path):
+        return Weights(unet_path, lora_path)
+    folder = Path(unet_path)
+    unet_dirs = [str(d) for d in (folder / "unet", folder) if (d / "config.json").is_file()]
+    files = [str(folder / f) for f in ("unet.safetensors", "unet.pth") if (folder / f).is_file()]
+    adapter = folder / LORA_FILE
+    if adapter.is_file():
+        if lora_path is not None:
+            raise GenerateError(f"--unet_path folder {folder} holds a LoRA adapter ({LORA_FILE}) and --lora_path "
+                                f"{lora_path} names another: pass one adapter, e.g. --unet_path UNET --lora_path ADAPTER")
+        if files and not unet_dirs:
+            raise GenerateError(f"--unet_path folder {folder} holds both UNet weights ({Path(files[0]).name}) and a "
+                                f"LoRA adapter ({LORA_FILE}): name the one to evaluate, --unet_path {files[0]} or "
+                                f"--lora_path {adapter}")
+        return Weights(unet_dirs[0] if unet_dirs else None, str(adapter))
+    if unet_dirs or files:
+        return Weights((unet_dirs + files)[0], lora_path)
+    raise GenerateError(f"--unet_path folder {folder} holds nothing to evaluate: no unet.safetensors / unet.pth, no "
+                        f"UNet config.json or unet/ subfolder, and no LoRA adapter {LORA_FILE}")
+
+
+def weights_of(args: argparse.Namespace) -> Weights:
+    """args.weights (set by resolve_args), or resolved here for callers that build the namespace themselves."""
+    return getattr(args, "weights", None) or resolve_weights(args.unet_path, getattr(args, "lora_path", None))
+
+
 def load_unet(args: argparse.Namespace):
     """The UNet to evaluate: a diffusers folder as is, or the base UNet architecture with the file's weights."""
     from diffusers import UNet2DConditionModel
 
-    path = args.unet_path
+    path = weights_of(args).unet
     if path is not None and os.path.isdir(path):
-        if (Path(path) / "unet" / "config.json").is_file():
-            return UNet2DConditionModel.from_pretrained(path, subfolder="unet")
-        if (Path(path) / "config.json").is_file():
-            return UNet2DConditionModel.from_pretrained(path)
-        files = [Path(path) / f for f in ("unet.safetensors", "unet.pth") if (Path(path) / f).is_file()]
-        if not files:
-            raise GenerateError(f"--unet_path folder {path} has neither a UNet config.json, a unet/ subfolder, "
-                                "unet.safetensors nor unet.pth")
-        path = str(files[0])
+        return UNet2DConditionModel.from_pretrained(path)
     unet = UNet2DConditionModel.from_pretrained(args.pretrain_path, subfolder="unet")
     if path is not None:
         load_unet_weights(unet, path, args.pretrain_path)
@@ -253,7 +300,7 @@ def load_models(args: argparse.Namespace, device: torch.device, dtype: torch.dty
     encoders = [cls.from_pretrained(args.pretrain_path, subfolder=e) for _, e, cls in names]
     unet, vae = load_unet(args), load_vae(args.vae_path, args.pretrain_path)
     scheduler = load_scheduler(args.pretrain_path)
-    if args.lora_path is not None:
+    if weights_of(args).lora is not None:
         load_lora(args, unet, vae, scheduler, tokenizers, encoders)
     for module, module_dtype in [(unet, dtype), (vae, torch.float32)] + [(e, dtype) for e in encoders]:
         # torch's own .to(): diffusers' override warns about fp32 modules even when a model has none
@@ -272,10 +319,14 @@ def load_lora(args, unet, vae, scheduler, tokenizers, encoders) -> None:
         pipe = StableDiffusionPipeline(vae=vae, text_encoder=encoders[0], tokenizer=tokenizers[0], unet=unet,
                                        scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                        requires_safety_checker=False)
-    try:
-        pipe.load_lora_weights(args.lora_path)
+    adapter = Path(weights_of(args).lora)
+    try:  # a file is passed as folder + weight_name, which diffusers also reads offline
+        if adapter.is_file():
+            pipe.load_lora_weights(str(adapter.parent), weight_name=adapter.name)
+        else:
+            pipe.load_lora_weights(str(adapter))
     except (OSError, ValueError) as e:
-        raise GenerateError(f"cannot load --lora_path {args.lora_path}: {e}") from e
+        raise GenerateError(f"cannot load the LoRA adapter {adapter}: {e}") from e
 
 
 # -------------------------------------------------------------------------------------------------------- sampling
@@ -347,18 +398,24 @@ def sample(models: Models, prompts: list[str], uncond, args: argparse.Namespace)
 # --------------------------------------------------------------------------------------------------------- outputs
 
 
-def image_ok(path: Path) -> bool:
-    """True if the PNG exists and decodes completely (a truncated file from a killed run is re-generated)."""
+def stored_prompt(path: Path) -> str | None:
+    """The prompt in a PNG's EXIF if the file decodes completely ("" when it has none); None when the file is missing
+    or does not decode (a truncated file from a killed run), so that it is generated again."""
     from PIL import Image
 
     if not path.is_file():
-        return False
+        return None
     try:
         with Image.open(path) as image:
             image.load()
-        return True
+            return _decode_description(image.getexif().get(EXIF_IMAGE_DESCRIPTION, ""))
     except Exception:
-        return False
+        return None
+
+
+def prompt_matches(stored: str | None, prompt: str) -> bool:
+    """Ours store the prompt as UTF-8; the official script stored it as ASCII with '?' for other characters."""
+    return stored is not None and stored in (prompt, prompt.encode("ascii", "replace").decode("ascii"))
 
 
 def save_png(array: torch.Tensor, prompt: str, path: Path) -> None:
@@ -379,7 +436,16 @@ def read_prompt(path) -> str:
     from PIL import Image
 
     with Image.open(path) as image:
-        return image.getexif()[EXIF_IMAGE_DESCRIPTION].encode("latin-1").decode("utf-8")
+        return _decode_description(image.getexif()[EXIF_IMAGE_DESCRIPTION])
+
+
+def _decode_description(raw: str | bytes) -> str:
+    if isinstance(raw, bytes):
+        return raw.decode("utf-8", errors="replace")
+    try:
+        return raw.encode("latin-1").decode("utf-8")
+    except UnicodeError:  # not UTF-8 bytes: written by another tool
+        return raw
 
 
 def write_outputs(items: list[dict], paths: list[str], output_path: str, name: str, make_zip: bool) -> Path:
@@ -403,14 +469,131 @@ def write_outputs(items: list[dict], paths: list[str], output_path: str, name: s
     return manifest_path
 
 
+# ------------------------------------------------------------------------------------------------------ run record
+
+# files that loading reads from a model folder (and from its pipeline parts); other files there (manifests, images,
+# logs of the runs written into a train.py output folder) must not change the fingerprint
+MODEL_FILES = ("config.json", "scheduler_config.json", "model_index.json", "diffusion_pytorch_model*",
+               "model*.safetensors", "pytorch_model*.bin", "vocab.json", "merges.txt", LORA_FILE)
+PIPELINE_PARTS = ("unet", "vae", "text_encoder", "text_encoder_2", "scheduler", "tokenizer", "tokenizer_2")
+MIB = 1 << 20
+FINGERPRINT_NAMES = {  # fingerprint key -> what the user changed
+    "model.unet": "UNet weights (--unet_path)", "model.lora": "LoRA adapter", "model.base": "base model (--pretrain_path)",
+    "model.vae": "VAE (--vae_path)", "prompts.count": "number of prompts in --test_json",
+    "prompts.sha256": "prompts of --test_json", "sampling.dtype": "precision (--dtype)",
+}
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a weights file: all of it up to 64 MiB, else its size and four 1 MiB samples (start, thirds, end).
+    That tells checkpoints apart in milliseconds, and a moved or copied file still matches."""
+    size = path.stat().st_size
+    digest = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        if size <= 64 * MIB:
+            digest.update(f.read())
+        else:
+            for offset in (0, size // 3, 2 * size // 3, size - MIB):
+                f.seek(offset)
+                digest.update(f.read(MIB))
+    return digest.hexdigest()[:16]
+
+
+def source_digest(location: str | None) -> str | None:
+    """Fingerprint of a model location: its file's digest, the digest of the files loading reads from a folder, or
+    `hub:<id>` for a hub id (None: not used)."""
+    if location is None:
+        return None
+    path = Path(location)
+    if path.is_file():
+        return "sha256:" + file_digest(path)
+    if not path.is_dir():
+        return f"hub:{location}"
+    files = sorted({f for folder in [path] + [path / part for part in PIPELINE_PARTS]
+                    for pattern in MODEL_FILES for f in folder.glob(pattern) if f.is_file()})
+    lines = "".join(f"{f.relative_to(path).as_posix()} {file_digest(f)}\n" for f in files)
+    return f"sha256:{hashlib.sha256(lines.encode()).hexdigest()[:16]} ({len(files)} files)"
+
+
+def run_fingerprint(args: argparse.Namespace, prompts: list[dict], dtype: torch.dtype) -> dict:
+    """What decides the images: the weights, the whole prompt file (so that --max_prompts runs of it match) and the
+    sampling settings. The batch size and the device do not (up to float rounding)."""
+    texts = json.dumps([item["prompt"] for item in prompts], ensure_ascii=False)
+    return {
+        "model": {"unet": source_digest(args.weights.unet), "lora": source_digest(args.weights.lora),
+                  "base": source_digest(args.pretrain_path), "vae": source_digest(args.vae_path)},
+        "prompts": {"count": len(prompts), "sha256": hashlib.sha256(texts.encode()).hexdigest()[:16]},
+        "sampling": {"height": args.height, "width": args.width, "steps": args.steps, "cfg": float(args.cfg),
+                     "seed": args.seed, "guidance_formula": args.guidance_formula,
+                     "scheduler": "EulerDiscreteScheduler", "dtype": str(dtype).removeprefix("torch."), "sdxl": args.sdxl},
+    }
+
+
+def fingerprint_differences(old: dict, new: dict) -> list[str]:
+    """One line per setting that differs, named as the user knows it."""
+    lines = []
+    for section, values in new.items():
+        for key, value in values.items():
+            before = old.get(section, {}).get(key) if isinstance(old.get(section), dict) else None
+            if before != value:
+                name = FINGERPRINT_NAMES.get(f"{section}.{key}", f"--{key}")
+                lines.append(f"{name}: was {before}, now {value}")
+    return lines
+
+
+def read_run_record(image_dir: Path) -> dict | None:
+    path = image_dir / RUN_RECORD
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise GenerateError(f"the run record {path} cannot be read ({e}). Delete it to keep the images whose stored "
+                            f"prompt matches, or delete {image_dir} to generate the run afresh") from e
+    return record if isinstance(record, dict) else None
+
+
+def check_same_run(image_dir: Path, manifest: Path, fingerprint: dict) -> dict | None:
+    """Refuse to resume a folder whose images another model, prompt file or sampling setting made (they would be
+    reused under the same names). Returns the folder's run record (None: none, or no image to protect)."""
+    record = read_run_record(image_dir)
+    if record is None or not any(image_dir.glob("*.png")):
+        return None
+    differences = fingerprint_differences(record.get("fingerprint") or {}, fingerprint)
+    if differences:
+        raise GenerateError(
+            f"{image_dir} holds images of another run under the same name:\n  " + "\n  ".join(differences)
+            + f"\nResuming would reuse them as this run's images. Write this run elsewhere with another --output_path, "
+            f"or delete {image_dir} and {manifest} to generate it afresh."
+        )
+    return record
+
+
+def listed_prompts(manifest: Path) -> int:
+    """How many entries an existing manifest lists (0 when there is none or it does not read as a list)."""
+    try:
+        entries = json.loads(manifest.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return 0
+    return len(entries) if isinstance(entries, list) else 0
+
+
+def write_json(path: Path, data) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False), encoding="utf-8")
+    os.replace(tmp, path)
+
+
 # ------------------------------------------------------------------------------------------------------------ main
 
 
 def generate(args: argparse.Namespace) -> dict:
-    """Generate (or complete) one run. Returns {"manifest", "run_name", "generated", "skipped"} (this rank's counts).
+    """Generate (or complete) one run. Returns {"manifest", "run_name", "generated", "skipped", "n_prompts"} (counts:
+    this rank's).
 
-    Under `accelerate launch`, rank r takes the prompts with index % world_size == r; after a barrier rank 0 checks
-    that every image exists and writes the manifest and zip.
+    Resuming keeps an image only if the folder's run record has the same fingerprint (else: an error) and the image
+    decodes and stores this prompt. Under `accelerate launch`, rank r takes the prompts with index % world_size == r;
+    after a barrier rank 0 checks that every image exists and writes the manifest, the zip and the run record.
     """
     from accelerate import PartialState
     from tqdm.auto import tqdm
@@ -420,13 +603,41 @@ def generate(args: argparse.Namespace) -> dict:
     device = torch.device(state.device if args.device == "auto" else args.device)
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
 
-    items = load_prompts(args.test_json, args.max_prompts)
+    all_items = load_prompts(args.test_json)
     name = run_name(args)
     image_dir = Path(args.output_path) / name
+    manifest = Path(args.output_path) / f"{name}.json"
+    fingerprint = run_fingerprint(args, all_items, dtype)
+    previous = check_same_run(image_dir, manifest, fingerprint)
+    n = len(all_items) if args.max_prompts is None else min(args.max_prompts, len(all_items))
+    listed = min(listed_prompts(manifest), len(all_items))
+    if listed > n:  # never shrink a run: a smoke run must not hide the prompts already done
+        if state.is_main_process:
+            print(f"{manifest} already lists {listed} prompts: keeping them (--max_prompts only limits a run that "
+                  "holds fewer)")
+        n = listed
+    items = all_items[:n]
     image_dir.mkdir(parents=True, exist_ok=True)
     paths = [os.path.join(args.output_path, name, f"{i}_{args.height}x{args.width}.png") for i in range(len(items))]
     mine = range(state.process_index, len(items), state.num_processes)
-    todo = [i for i in mine if not image_ok(Path(paths[i]))]
+    stored = {i: stored_prompt(Path(paths[i])) for i in tqdm(mine, desc=f"checking {name}", leave=False,
+                                                             disable=not state.is_main_process)}
+    todo = [i for i in mine if not prompt_matches(stored[i], items[i]["prompt"])]
+    wrong = [i for i in todo if stored[i] is not None]
+    if wrong:
+        print(f"[WARN] {len(wrong)} images in {image_dir} store another prompt (or none), e.g. {paths[wrong[0]]}: "
+              "generating them again")
+    if previous is None and len(todo) < len(mine) and state.is_main_process:
+        print(f"[WARN] {image_dir} has no {RUN_RECORD} (an older or official run): its images are kept when their "
+              "stored prompt matches, but nothing shows which model made them")
+    weights = args.weights.describe(args.pretrain_path)
+    record = {"run_name": name, "weights": weights, "n_prompts": n, "total_prompts": len(all_items), "complete": False,
+              "fingerprint": fingerprint,
+              "paths": {"unet_path": args.unet_path, "lora_path": args.weights.lora, "pretrain_path": args.pretrain_path,
+                        "vae_path": args.vae_path, "test_json": args.test_json}}
+    if state.is_main_process:
+        write_json(image_dir / RUN_RECORD, record)  # before the first new image: a killed run keeps its fingerprint
+        print(f"{name}: {weights}; {len(mine) - len(todo)} of {len(mine)} images done")
 
     if todo:
         models = load_models(args, device, dtype)
@@ -443,19 +654,34 @@ def generate(args: argparse.Namespace) -> dict:
         progress.close()
 
     state.wait_for_everyone()
-    manifest = Path(args.output_path) / f"{name}.json"
     if state.is_main_process:
         missing = [p for p in paths if not os.path.isfile(p)]
         if missing:
             raise GenerateError(f"{len(missing)} images are missing after generation (e.g. {missing[0]}); re-run to resume")
         manifest = write_outputs(items, paths, args.output_path, name, args.zip)
-        print(f"Wrote {len(paths)} images to {image_dir} and the manifest {manifest}")
-    return {"manifest": manifest, "run_name": name, "generated": len(todo), "skipped": len(mine) - len(todo)}
+        write_json(image_dir / RUN_RECORD, {**record, "complete": n == len(all_items)})
+        print(f"Wrote {len(paths)} images to {image_dir} and the manifest {manifest} ({weights})")
+        if n < len(all_items):
+            print(f"Partial run: {n} of {len(all_items)} prompts (--max_prompts). Run again without it to complete it.")
+    return {"manifest": manifest, "run_name": name, "generated": len(todo), "skipped": len(mine) - len(todo),
+            "n_prompts": n}
+
+
+def describe_weights(args: argparse.Namespace) -> str:
+    """The weights --unet_path / --lora_path name, in words (the eval scripts print it in their header)."""
+    if args.unet_path is not None and not os.path.exists(args.unet_path):
+        raise GenerateError(f"--unet_path {args.unet_path} does not exist")
+    pretrain_path = args.pretrain_path or (SDXL_BASE if args.sdxl else SD15_BASE)
+    return resolve_weights(args.unet_path, args.lora_path).describe(pretrain_path)
 
 
 def main(argv: list[str] | None = None) -> None:
     try:
-        generate(parse_args(argv))
+        args = parse_args(argv)
+        if args.print_weights:
+            print(describe_weights(args))
+            return
+        generate(args)
     except GenerateError as e:
         raise SystemExit(f"error: {e}")
 

@@ -91,9 +91,9 @@ def test_official_outputs(sd15_run, papv2):
         image = Image.open(entry["gen_image_path"])
         assert image.size == (SIZE, SIZE) and image.mode == "RGB"
         assert image.getexif()[0x010E] == source["prompt"] == read_prompt(entry["gen_image_path"])  # EXIF
-    assert sorted(os.listdir(out / RUN)) == [f"{i}_{SIZE}x{SIZE}.png" for i in range(3)]
+    assert sorted(os.listdir(out / RUN)) == [f"{i}_{SIZE}x{SIZE}.png" for i in range(3)] + ["run.json"]
     with zipfile.ZipFile(out / f"{RUN}.zip") as archive:
-        assert sorted(archive.namelist()) == sorted(os.listdir(out / RUN))
+        assert sorted(archive.namelist()) == sorted(os.listdir(out / RUN))[:-1]  # the images
     a, b, _ = images(out / f"{RUN}.json")
     assert np.abs(a - b).mean() > 1  # different prompts, different images (same initial noise)
 
@@ -336,14 +336,16 @@ def test_eval_shell_end_to_end(tiny_sd15, shared_dir, unet_files, scorer_config,
                            STEP=2, PROMPTS_DIR=shared_dir / "prompts", SCORE_ARGS=f"--scorer_config {scorer_config}")
     assert code == 0, log
     assert ">>> Generating papv2" in log and (tmp_path / "ckpt" / f"papv2_seed0_{SIZE}x{SIZE}_2s_7.5cfg.json").is_file()
+    assert "UNet: ckpt/unet.pth | weights: UNet file ckpt/unet.pth | output: ckpt" in log
     metrics = ["PickScore", "HPSv2", "AesScore", "CLIPScore", "ImageReward"]
     assert [line.split()[1] for line in log.splitlines() if line.startswith("FinalResults")] == metrics
+    assert "[WARN] papv2: 2 of 487 prompts scored (a --max_prompts run)" in log  # a smoke run says so
     last = log.split("FinalResults ImageReward for papv2 : ")[1].split()[0]
-    assert log.rstrip().endswith(f"| papv2 | ImageReward | {last} |")  # the gathered table comes last
+    assert log.rstrip().endswith(f"| papv2 | ImageReward | {last} | 2 |")  # the gathered table comes last, with n
 
 
 def test_eval_shell_arguments(shared_dir, tmp_path):
-    """The commands the shells run, recorded by a stand-in interpreter: official flags, SDXL mode, skip, errors."""
+    """The commands the shells run, recorded by a stand-in interpreter: official flags, SDXL mode, resume, errors."""
     calls = tmp_path / "calls.txt"
     fake = tmp_path / "python"
     fake.write_text(f'#!/usr/bin/env bash\necho "$*" >> {calls}\n[[ $1 == -c ]] && exec {sys.executable} "$@"\nexit 0\n')
@@ -354,20 +356,23 @@ def test_eval_shell_arguments(shared_dir, tmp_path):
     env = dict(PYTHON=fake, PRETRAIN="base", VAE="vae", DEVICE="cpu", BATCH=2, PROMPTS_DIR=shared_dir / "prompts")
     code, log = eval_shell("test_sdxl.sh", out / "unet.safetensors", out, tmp_path, SIZE=1024, **env)
     assert code == 0, log
-    generate_call, score_call, gather_call = calls.read_text().splitlines()[1:]
+    weights_call, generate_call, score_call, gather_call = calls.read_text().splitlines()[1:]
+    assert weights_call.startswith("-m eval.generate --print_weights --unet_path")
     assert generate_call.split() == [
         "-m", "eval.generate", "--test_json", str(shared_dir / "prompts" / "papv2.json"),
         "--unet_path", str(out / "unet.safetensors"), "--output", str(out), "--height", "1024", "--width", "1024",
         "--steps", "50", "--cfg", "7.5", "--seed", "0", "--sdxl", "--pretrain_path", "base", "--vae_path", "vae",
         "--device", "cpu", "--batch_size", "2", "--max_prompts", "2"]
     assert score_call == f"-m eval.score --json_path {out}/papv2_seed0_1024x1024_50s_7.5cfg.json --device cpu"
-    assert gather_call == f"-m eval.score --gather_log {out}/joint_test_1024.log"
+    assert gather_call == f"-m eval.score --gather_scores --table_out {out}/joint_test_1024_table"  # stub: no scores
 
     calls.unlink()
     (out / "papv2_seed0_512x512_50s_7.0cfg.json").write_text("[]")  # CFG=7 names runs "7.0cfg", as Python prints it
     code, log = eval_shell("test_sd15.sh", out / "unet.safetensors", out, tmp_path, CFG=7, **env)
-    assert code == 0 and "generation skipped" in log, log
-    assert [c.split()[:2] for c in calls.read_text().splitlines()[1:]] == [["-m", "eval.score"]] * 2
+    assert code == 0 and "generation skipped" not in log, log  # an existing manifest may be a smoke run's: resumed
+    assert [c.split()[:3] for c in calls.read_text().splitlines()[1:]][1:] == [
+        ["-m", "eval.generate", "--test_json"], ["-m", "eval.score", "--json_path"], ["-m", "eval.score", "--gather_scores"]]
+    assert f"--json_path {out}/papv2_seed0_512x512_50s_7.0cfg.json" in calls.read_text()
 
     code, log = eval_shell("test_sd15.sh", "missing/unet.pth", tmp_path, tmp_path, **env)
     assert code == 2 and "does not exist" in log

@@ -1,11 +1,19 @@
 #!/usr/bin/env bash
 # Evaluate a fine-tuned UNet as the official scripts/eval/test_sd15.sh does (test_sdxl.sh runs this file in SDXL mode):
-# for each prompt set (papv2, hpsv2, partiprompts) generate the images unless the run's manifest already exists, score
-# them with the five metrics, then print the gathered table. All output is tee'd to <OUTPUT>/joint_test_<SIZE>.log.
+# for each prompt set (papv2, hpsv2, partiprompts) generate the images, then score all sets with the five metrics in
+# one eval.score call (each scorer loaded once), then print the table of every set scored in OUTPUT with these
+# settings (also sets scored by earlier runs). All output is appended to <OUTPUT>/joint_test_<SIZE>.log.
 #
 #   bash scripts/eval/test_sd15.sh output/sd15-dpo/unet.pth [extra eval.generate args, e.g. --batch_size 8]
+#   bash scripts/eval/test_sd15.sh output/sd15-lora          # a train.py --use_lora folder: its LoRA adapter
+#   bash scripts/eval/test_sd15.sh output/sd15-dpo/unet.pth --max_prompts 8   # smoke run: first 8 prompts per set
 #
-# UNET may be a unet.pth / .safetensors file or a diffusers folder; OUTPUT = the file's folder (or the folder itself).
+# UNET may be a unet.pth / .safetensors file, a diffusers folder, or a train.py output folder (unet.safetensors /
+# unet.pth, or pytorch_lora_weights.safetensors, loaded as LoRA); OUTPUT = the file's folder (or the folder itself).
+# The header line names the weights loaded. Generation always runs and resumes: a finished set is checked (each image
+# must store its prompt, and OUTPUT/<set>/run.json must record the same model and settings, else an error) and kept;
+# a partial one, e.g. from --max_prompts, is completed, so a smoke run never stands in for the full set. The table's
+# n column gives the prompts scored per set.
 # Defaults are the official protocol: SIZE 512 (SDXL 1024), STEP 50, CFG 7.5 (official formula = standard 8.5), SEED 0.
 # Optional environment variables:
 #   PRETRAIN, VAE        base model and VAE (eval.generate's --pretrain_path / --vae_path defaults otherwise)
@@ -56,7 +64,11 @@ SCORE_DEVICE=()
 [[ -n ${DEVICE:-} ]] && SCORE_DEVICE=(--device "$DEVICE")
 
 run_all() {
-    echo "UNet: $UNET | output: $OUTPUT | size $SIZE, $STEP steps, cfg $CFG, seed $SEED | groups: $PROMPT_GROUPS"
+    echo "===== $(date '+%Y-%m-%d %H:%M:%S') $0 $UNET $*"
+    local weights
+    weights=$("$PYTHON" -m eval.generate --print_weights "${GEN_ARGS[@]}" "$@")
+    echo "UNet: $UNET | weights: $weights | output: $OUTPUT | size $SIZE, $STEP steps, cfg $CFG, seed $SEED | groups: $PROMPT_GROUPS"
+    local manifests=()
     for group in $PROMPT_GROUPS; do
         prompts=$PROMPTS_DIR/$group.json
         if [[ ! -f $prompts ]]; then
@@ -68,18 +80,19 @@ run_all() {
                 return 1
             fi
         fi
-        manifest=$OUTPUT/${group}_seed${SEED}_${SIZE}x${SIZE}_${STEP}s_${CFG_NAME}cfg.json
-        if [[ ! -f $manifest ]]; then
-            echo ">>> Generating $group"
-            "${LAUNCHER[@]}" -m eval.generate --test_json "$prompts" "${GEN_ARGS[@]}" "$@"
-        else
-            echo ">>> $manifest exists: generation skipped"
-        fi
-        echo ">>> Scoring $group"
-        "$PYTHON" -m eval.score --json_path "$manifest" "${SCORE_DEVICE[@]}" "${EXTRA_SCORE_ARGS[@]}"
+        echo ">>> Generating $group (done images are checked and kept; a partial run is completed)"
+        "${LAUNCHER[@]}" -m eval.generate --test_json "$prompts" "${GEN_ARGS[@]}" "$@"
+        manifests+=("$OUTPUT/${group}_seed${SEED}_${SIZE}x${SIZE}_${STEP}s_${CFG_NAME}cfg.json")
     done
-    "$PYTHON" -m eval.score --gather_log "$LOG"
+    echo ">>> Scoring $PROMPT_GROUPS"
+    "$PYTHON" -m eval.score --json_path "${manifests[@]}" "${SCORE_DEVICE[@]}" "${EXTRA_SCORE_ARGS[@]}"
+    # the table of every set scored in OUTPUT with these settings, so re-running one set keeps the others
+    local scores=()
+    shopt -s nullglob
+    scores=("$OUTPUT"/*"_seed${SEED}_${SIZE}x${SIZE}_${STEP}s_${CFG_NAME}cfg_scores.json")
+    shopt -u nullglob
+    "$PYTHON" -m eval.score --gather_scores "${scores[@]}" --table_out "$OUTPUT/joint_test_${SIZE}_table"
 }
 
-run_all "$@" 2>&1 | tee "$LOG"
+run_all "$@" 2>&1 | tee -a "$LOG"
 exit "${PIPESTATUS[0]}"

@@ -7,6 +7,8 @@
 # Results go to <outdir>/<A>_vs_<B>_<MMDD-HHMMSS>/ (pair_*.json, summary.json, summary.md, win_rates.png).
 # Any other argument (e.g. --ties_as_loss_for_a, --scorer_config cfg.json, --pickscore_path DIR) is passed on to
 # `python -m eval.compare`. Works from any directory; relative paths are taken from where you run it.
+# One process: each of the five scorers is loaded once. Compare complete runs: a manifest from a --max_prompts smoke
+# run lists only its first N prompts (eval.score flags such runs), and prompts only one side has are left out.
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
