@@ -221,7 +221,8 @@ def test_signals_stop_the_training(sig, to_group, stubs, tmp_path):
         if script.poll() is None:
             os.killpg(script.pid, signal.SIGKILL)
     received = "INT" if sig == signal.SIGINT else "TERM"
-    assert mark.read_text().split() == ["started", received]
+    started, *got = mark.read_text().split()  # SIGTERM to the group: from there and forwarded, maybe both seen
+    assert started == "started" and got and set(got) == {received}
     assert script.returncode == 128 + sig
     assert err.splitlines()[-1].endswith(f"(exit status {128 + sig})")
 
