@@ -98,10 +98,18 @@ def required_files(weights: list[str], num_processes: int, scaler: bool) -> list
     return files + (["scaler.pt"] if scaler else [])
 
 
-def checkpoint_problems(folder: Path, weights: list[str], num_processes: int, scaler: bool) -> list[str]:
+def saved_process_count(folder: Path) -> int:
+    """How many processes wrote the checkpoint (their RNG files are all required); 1 if the state is unreadable."""
+    try:
+        return int(json.loads((Path(folder) / TRAINING_STATE).read_text())["num_processes"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 1
+
+
+def checkpoint_problems(folder: Path, weights: list[str], scaler: bool) -> list[str]:
     """Every reason `folder` cannot be resumed exactly: a missing, truncated or unreadable file; [] if none."""
     problems = []
-    for name in required_files(weights, num_processes, scaler):
+    for name in required_files(weights, saved_process_count(folder), scaler):
         path = folder / name
         if not path.is_file():
             problem = "is missing"

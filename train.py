@@ -1326,17 +1326,22 @@ def main(argv=None):
     weight_files = weight_file_names(args)
 
     def problems_of(folder):
-        return checkpoints.checkpoint_problems(folder, weight_files, accelerator.num_processes, accelerator.scaler is not None)
+        return checkpoints.checkpoint_problems(folder, weight_files, accelerator.scaler is not None)
 
     checkpoint = checkpoints.choose_checkpoint(output_dir, args.resume_from_checkpoint, problems_of)
     resumed_state = None
     if checkpoint is not None:
         resumed_state = checkpoints.read_training_state(checkpoint)
         if resumed_state["num_processes"] != accelerator.num_processes:
-            raise checkpoints.CheckpointError(
-                f"{checkpoint} was written by {resumed_state['num_processes']} processes and this run has "
-                f"{accelerator.num_processes}: the data order and the per-rank random states would differ. Resume with "
-                f"--num_processes {resumed_state['num_processes']}, or train into a new --output_dir")
+            streamed = "position" in resumed_state["data"]  # a stream resumes by row position: any process count
+            message = (f"{checkpoint} was written by {resumed_state['num_processes']} processes and this run has "
+                       f"{accelerator.num_processes}")
+            if not streamed:
+                raise checkpoints.CheckpointError(
+                    f"{message}: the data order and the per-rank random states would differ. Resume with "
+                    f"--num_processes {resumed_state['num_processes']}, or train into a new --output_dir")
+            logger.warning(f"{message}: the stream goes on from its saved position, but the noise of ranks without a "
+                           f"saved random state is newly drawn, so the run is not bit-identical to an unbroken one")
         for line in checkpoints.resumed_arguments(resumed_state["args"], requested):
             logger.info(f"Changed since {checkpoint.name}: {line}")
 
