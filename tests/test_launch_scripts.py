@@ -1,7 +1,7 @@
 """scripts/train/*.sh: the shipped settings (SPEC Part B §5.1) reach train.py, extra arguments pass through, GPUs are
-counted, and without a GPU the script says how to run on the CPU (CPU=1: smoke-test settings); a failure ends with its
-one-line cause; signals reach the training. `accelerate` and `python` are stubs on PATH that record their arguments;
-train.py's own parser then checks every flag."""
+counted, and without a GPU the script says how to run on the CPU (CPU=1: smoke-test settings); --use_lora gets a LoRA
+learning rate; a failure ends with its one-line cause; signals reach the training. `accelerate` and `python` are stubs
+on PATH that record their arguments; train.py's own parser then checks every flag."""
 
 import os
 import signal
@@ -151,6 +151,24 @@ def test_cpu_applies_smoke_settings_that_arguments_override(script, resolution, 
     _, argv = launch(script, stubs, tmp_path, "--max_train_steps", "6", "--resolution", "64", gpus=0, CPU="1")
     parsed = train.parse_args(split(argv)[1])
     assert parsed.max_train_steps == 6 and parsed.resolution == 64 and parsed.train_batch_size == 1
+
+
+@pytest.mark.parametrize("script", ["sd15_dspo", "sdxl_diffusion_dpo"])
+def test_lora_gets_a_lora_learning_rate(script, stubs, tmp_path):
+    """--use_lora: diffusers' Diffusion-DPO LoRA recipe (lr 1e-5, rank 8, no --scale_lr) instead of the full
+    fine-tune lr 1e-8/1e-9 x 2048, unless the arguments say otherwise."""
+    done, argv = launch(script, stubs, tmp_path, "--use_lora")
+    assert done.returncode == 0, done.stderr
+    assert "--use_lora:" in done.stdout and "diffusion_dpo/README.md" in done.stdout
+    parsed = train.parse_args(split(argv)[1])
+    assert parsed.use_lora and parsed.learning_rate == 1e-5 and not parsed.scale_lr and parsed.lora_rank == 8
+
+    _, argv = launch(script, stubs, tmp_path, "--use_lora", "--learning_rate=3e-5", "--lora_rank", "16")
+    parsed = train.parse_args(split(argv)[1])
+    assert parsed.learning_rate == 3e-5 and parsed.lora_rank == 16 and not parsed.scale_lr
+    _, argv = launch(script, stubs, tmp_path, "--use_lora", "--learning_rate", "2e-6", "--scale_lr")
+    parsed = train.parse_args(split(argv)[1])
+    assert parsed.learning_rate == 2e-6 and parsed.scale_lr
 
 
 def fake_accelerate(tmp_path, body):

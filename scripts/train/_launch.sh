@@ -1,12 +1,23 @@
 # Sourced by the six scripts beside it, which set NAME (the run name) and ARGS (their own shipped train.py
 # arguments; the settings common to all six are COMMON_ARGS below).
 # Runs `accelerate launch --quiet [--num_processes N] train.py --output_dir <repo>/output/NAME COMMON_ARGS ARGS
-# [CPU=1 settings below] "$@"`: arguments given to the script come last, so they add to or override the shipped
+# [LoRA / CPU=1 settings below] "$@"`: arguments given to the script come last, so they add to or override the shipped
 # ones (argparse keeps the last value). --quiet: no accelerate traceback repeating the command line when train.py fails.
 # Output streams live; train.py's stderr is also copied to a temporary file, and when the run fails the last line
 # printed is `error: <cause> (exit status N)` (train.py's `train.py: error: ...` line, else the last exception line),
 # and the script exits with that status. Ctrl-C reaches the training as usual; SIGTERM/SIGHUP sent to the script
 # are forwarded to `accelerate`.
+#
+# --use_lora among the script's arguments: the shipped full fine-tune learning rate (1e-8 or 1e-9, x --scale_lr) is far
+# too small for LoRA adapters, so the shipped --learning_rate and --scale_lr are dropped and, unless given,
+# --learning_rate 1e-5 and --lora_rank 8 added. Source: diffusers, examples/research_projects/diffusion_dpo/README.md
+# (LoRA Diffusion-DPO; its SD1.5, SDXL and SDXL-Turbo commands all use --rank=8 --learning_rate=1e-5 without
+# --scale_lr, constant schedule, no warmup, 8-bit AdamW; train_diffusion_dpo*.py build the LoRA as train.py does:
+# lora_alpha = rank, Gaussian init, to_k/to_q/to_v/to_out.0). Not carried over: its batch (16 x 2 per GPU for SD1.5,
+# 8 x 2 for SDXL), its beta (the script defaults, 2500 for SD1.5 and 5000 for SDXL; here each method keeps its own)
+# and its optimizer (the SDXL scripts keep Adafactor, whose lr, without relative steps, is an absolute step size as
+# Adam's). That README calls the scripts experimental, tested on little data; the value is a starting point for
+# every objective here. --learning_rate, --lora_rank or --scale_lr among the arguments take precedence.
 #
 # Environment (all optional):
 #   NUM_GPUS         GPUs on this machine (default: torch.cuda.device_count())
@@ -46,6 +57,34 @@ if [[ ${SAFEGUARD:-1} == 0 ]]; then
     done
     ARGS=("${KEPT[@]}")
     NAME=$NAME-no-safeguard
+fi
+
+given() {  # given --flag: the script's own arguments contain --flag or --flag=value
+    local arg
+    for arg in "${USER_ARGS[@]}"; do
+        [[ $arg == "$1" || $arg == "$1="* ]] && return 0
+    done
+    return 1
+}
+USER_ARGS=("$@")
+
+# LoRA: diffusers' Diffusion-DPO LoRA recipe (header above) instead of the full fine-tune learning rate.
+LORA_ARGS=()
+if given --use_lora; then
+    KEPT=()
+    for ((i = 0; i < ${#ARGS[@]}; i++)); do
+        case ${ARGS[i]} in
+            --scale_lr) ;;
+            --learning_rate) i=$((i + 1)) ;;
+            *) KEPT+=("${ARGS[i]}") ;;
+        esac
+    done
+    ARGS=("${KEPT[@]}")
+    given --learning_rate || LORA_ARGS+=(--learning_rate 1e-5)
+    given --lora_rank || LORA_ARGS+=(--lora_rank 8)
+    added=${LORA_ARGS[*]:+, ${LORA_ARGS[*]} added}
+    echo ">>> --use_lora: the shipped full fine-tune --learning_rate and --scale_lr dropped$added; source: diffusers'" \
+         "Diffusion-DPO LoRA recipe (examples/research_projects/diffusion_dpo/README.md); your arguments override"
 fi
 
 LAUNCH=(--quiet)
@@ -103,7 +142,7 @@ COMMON_ARGS=(
     --mixed_precision bf16 --allow_tf32
 )
 COMMAND=("$ACCELERATE" launch "${LAUNCH[@]}" "${EXTRA_LAUNCH[@]}" "$REPO/train.py" --output_dir "$REPO/output/$NAME"
-         "${COMMON_ARGS[@]}" "${ARGS[@]}" "${SMOKE_ARGS[@]}" "$@")
+         "${COMMON_ARGS[@]}" "${ARGS[@]}" "${LORA_ARGS[@]}" "${SMOKE_ARGS[@]}" "$@")
 echo ">>> $NAME: $PROCESSES; effective batch = train_batch_size x gradient_accumulation_steps x processes"
 echo ">>> ${COMMAND[*]}"
 
