@@ -184,9 +184,9 @@ if ((status != 0)); then
                 grep -a -E '^([A-Za-z_][A-Za-z0-9_]*\.)*[A-Za-z_]*(Error|Exception|Interrupt|Exit)\b' | tail -n 1)
     fi
     if [[ -z $cause ]]; then  # else the last line that is not traceback, separator or progress bar
-        cause=$(tail -c 1000000 "$stderr_copy" | tr '\r' '\n' |
-                grep -a -v -E '^[[:space:]]|^$|^Traceback |^During handling|^The above exception|^[=~^-]+$|CalledProcessError|ChildFailedError|[0-9]+%\|' |
-                tail -n 1)
+        noise='^[[:space:]]|^$|^Traceback |^During handling|^The above exception|^[=~^-]+$|CalledProcessError'
+        noise+='|ChildFailedError|[0-9]+%\|'
+        cause=$(tail -c 1000000 "$stderr_copy" | tr '\r' '\n' | grep -a -v -E "$noise" | tail -n 1)
     fi
     echo "error: ${cause:-$NAME failed, see the output above} (exit status $status)" >&2
 fi

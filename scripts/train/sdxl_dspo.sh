@@ -6,11 +6,16 @@
 #   e.g. --dataset_name /data/pickapic_v2 (a local copy), --max_train_steps 10, --output_dir DIR
 #
 # Writes output/sdxl-dspo/ in the repository: checkpoint-500 ... checkpoint-2000/, the final UNet as
-# unet.safetensors and unet.pth, metrics.jsonl and logs/ (tensorboard). Evaluate it with
-#   bash scripts/eval/test_sdxl.sh output/sdxl-dspo/unet.pth
-# Environment: NUM_PROCESSES, ACCELERATE_ARGS, CPU=1, SAFEGUARD=0, PYTHON, ACCELERATE (scripts/train/_launch.sh).
+# unet.safetensors and unet.pth (with --use_lora the adapter, pytorch_lora_weights.safetensors), metrics.jsonl,
+# training_config.json, README.md (model card) and logs/ (tensorboard). Evaluate it with
+#   bash scripts/eval/test_sdxl.sh output/sdxl-dspo/unet.pth   (with --use_lora: output/sdxl-dspo)
 # Effective batch 8 x 32 x processes pairs (2048 on 8 GPUs, the paper's); --scale_lr multiplies the learning rate
-# by the same factor.
+# by the same factor. With --use_lora the shipped learning rate and --scale_lr give way to --learning_rate 1e-5
+# --lora_rank 8, diffusers' LoRA Diffusion-DPO recipe (source and details: scripts/train/_launch.sh).
+# A failed run ends with one line, `error: <cause> (exit status N)`, and exits with that status.
+# Environment (scripts/train/_launch.sh): NUM_GPUS, NUM_PROCESSES, ACCELERATE_ARGS, PYTHON, ACCELERATE,
+# CPU=1 (on the CPU with smoke-test settings: batch 1, 4 steps, small images, ...; arguments override them),
+# SAFEGUARD=0 (no safeguard, into output/sdxl-dspo-no-safeguard/).
 set -euo pipefail
 
 NAME=sdxl-dspo
