@@ -5,12 +5,16 @@ same folder layout as its real counterpart, so the real loading code (`from_pret
 
     from tiny import build_sd15, build_sdxl, build_pickapic
     build_sd15("work/tiny-sd15")                 # diffusers folder: unet/ vae/ text_encoder/ tokenizer/ scheduler/
+    build_sd2v("work/tiny-sd2v")                 # the same layout, a v-prediction (SD2.1-768-like) model
+    build_sd3("work/tiny-sd3")                   # SD3.5-like: transformer/, 3 text encoders (CLIP, CLIP, T5), flow
+    build_flux("work/tiny-flux")                 # FLUX.1-dev-like (guidance_embeds=False: schnell-like)
     build_pickapic("work/pickapic", n_pairs=64)  # Pick-a-Pic v2 schema as parquet: train/ and test_unique/ splits
     build_pickapic_webdataset("work/pickapic-wds")  # the same rows as WebDataset shards (the v2 mirror's layout)
     build_tiny_scorers("work/scorers")           # {metric: load_scorer kwargs} for the five eval metrics
 """
 
-from tiny.diffusion import build_clip_tokenizer, build_sd15, build_sdxl
+from tiny.diffusion import build_clip_tokenizer, build_sd2v, build_sd15, build_sdxl
+from tiny.flow import build_flux, build_sd3, build_t5_tokenizer
 from tiny.scorers import build_tiny_scorers
 from tiny.data import (ATTRIBUTE_COLOURS, SHAPES, build_pickapic, build_pickapic_webdataset, colour_score, draw_shape,
                        toy_captions)
@@ -19,10 +23,14 @@ __all__ = [
     "ATTRIBUTE_COLOURS",
     "SHAPES",
     "build_clip_tokenizer",
+    "build_flux",
     "build_pickapic",
     "build_pickapic_webdataset",
     "build_sd15",
+    "build_sd2v",
+    "build_sd3",
     "build_sdxl",
+    "build_t5_tokenizer",
     "build_tiny_scorers",
     "colour_score",
     "draw_shape",
