@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 import checkpoints
+from families import FAMILIES, make_family, resolve_family
 
 logger = logging.getLogger("train")
 
@@ -211,16 +212,18 @@ def importance_log_weight_coefficients(scheduler) -> torch.Tensor:
 
 
 def log_importance_weight(
-    model_pred: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, coefficients: torch.Tensor
+    model_pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor, coefficients: torch.Tensor
 ) -> torch.Tensor:
     """Per-element log importance weight of each sample, (N, C, H, W) -> (N,), without gradient:
 
         log w = E_{x_{t-1} ~ q} [log p_theta(x_{t-1} | x_t) - log q(x_{t-1} | x_t, x_0)] / d = -c_t mean((eps_hat - eps)^2)
 
-    with `noise` the eps that produced x_t and `coefficients` from `importance_log_weight_coefficients`. Always <= 0:
-    w = 1 where the policy's reverse step matches the forward posterior. Our interpretation of arXiv:2505.21893.
+    with `target` the eps that produced x_t (for v-prediction and flow: the target built from it, families/noise.py),
+    `timesteps` the index into `coefficients` (importance_log_weight_coefficients, or a parametrisation's
+    log_weight_coefficients). Always <= 0: w = 1 where the policy's reverse step matches the forward posterior.
+    Our interpretation of arXiv:2505.21893.
     """
-    return -coefficients[timesteps] * per_sample_mse(model_pred.detach(), noise)
+    return -coefficients[timesteps] * per_sample_mse(model_pred.detach(), target)
 
 
 def importance_weights(
@@ -256,7 +259,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="Start the policy and reference UNets from <unet_init>/unet (a diffusers folder) instead of the base.")
     model.add_argument("--pretrained_vae_model_name_or_path", type=str, default=None,
                        help="Another VAE (e.g. madebyollin/sdxl-vae-fp16-fix for SDXL), loaded without subfolder.")
-    model.add_argument("--sdxl", action="store_true", help="The base model is SDXL: two text encoders, time ids, 1024 px.")
+    model.add_argument("--sdxl", action="store_true", help="The base model is SDXL (same as --model_family sdxl).")
+    model.add_argument("--model_family", type=str, default=None, choices=list(FAMILIES),
+                       help="sd (SD1.x/2.x), sdxl, sd3 (SD3/SD3.5), flux (FLUX.1); default: from the model's model_index.json.")
 
     data = parser.add_argument_group("data")
     data.add_argument("--dataset_name", type=str, default=None,
@@ -268,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--caption_column", type=str, default="caption", help="Column holding the prompt.")
     data.add_argument("--max_train_samples", type=int, default=None, help="After filtering: shuffle (seeded) and keep N rows.")
     data.add_argument("--cache_dir", type=str, default=None, help="Cache folder for the dataset download.")
-    data.add_argument("--resolution", type=int, default=None, help="Training resolution; default 512, or 1024 with --sdxl.")
+    data.add_argument("--resolution", type=int, default=None, help="Training resolution; default 512 (sd), 1024 (sdxl, sd3, flux).")
     data.add_argument("--random_crop", action="store_true", help="Random instead of center crop.")
     data.add_argument("--no_hflip", action="store_true", help="Disable the random horizontal flip (p = 0.5).")
     data.add_argument("--dataloader_num_workers", type=int, default=0, help="DataLoader worker processes.")
@@ -350,13 +355,23 @@ def build_parser() -> argparse.ArgumentParser:
     pref.add_argument("--is_clip_min", type=float, default=0.1, help="full: lower clip of w, in (0, --is_clip_max].")
     pref.add_argument("--is_clip_max", type=float, default=1.0, help="full: upper clip of w (w <= 1 by construction).")
 
+    flow = parser.add_argument_group("rectified flow (sd3, flux): timestep density as diffusers' SD3/FLUX training")
+    flow.add_argument("--weighting_scheme", type=str, default="logit_normal", choices=["logit_normal", "mode", "uniform"],
+                      help="Density of the training sigmas (SD3 paper: logit_normal).")
+    flow.add_argument("--logit_mean", type=float, default=0.0, help="logit_normal: mean of the normal.")
+    flow.add_argument("--logit_std", type=float, default=1.0, help="logit_normal: standard deviation of the normal.")
+    flow.add_argument("--mode_scale", type=float, default=1.29, help="mode: scale of the mode density.")
+    flow.add_argument("--guidance_scale", type=float, default=3.5,
+                      help="flux with a guidance embedding (FLUX.1-dev): the guidance value the transformer sees.")
+
     lora = parser.add_argument_group("LoRA (peft)")
     lora.add_argument("--use_lora", action="store_true",
                       help="Train LoRA adapters only; the reference is the same UNet with its adapters disabled (no second UNet).")
     lora.add_argument("--lora_rank", type=int, default=4, help="Rank r of the adapters.")
     lora.add_argument("--lora_alpha", type=float, default=None, help="Adapter scale alpha (the update is alpha/r B A); default r.")
-    lora.add_argument("--lora_target_modules", type=str, default="to_k,to_q,to_v,to_out.0",
-                      help="Comma-separated names of the UNet modules that get adapters.")
+    lora.add_argument("--lora_target_modules", type=str, default=None,
+                      help="Comma-separated names of the denoiser's modules that get adapters (default: the family's: "
+                           "to_k,to_q,to_v,to_out.0 for the UNets; attention and feed-forward projections for sd3/flux).")
 
     ema = parser.add_argument_group("EMA")
     ema.add_argument("--use_ema", action="store_true",
@@ -391,8 +406,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     env_rank = int(os.environ.get("LOCAL_RANK", -1))
     if env_rank != -1:
         args.local_rank = env_rank
+    try:
+        args.model_family = resolve_family(args)
+    except ValueError as error:
+        parser.error(str(error))
+    args.sdxl = args.model_family == "sdxl"  # the official flag, which the SDXL-only code paths read
+    family = FAMILIES[args.model_family]
     if args.resolution is None:
-        args.resolution = 1024 if args.sdxl else 512
+        args.resolution = family.default_resolution
+    if args.lora_target_modules is None:
+        args.lora_target_modules = family.lora_targets
+    if family.denoiser == "transformer" and args.resolution % 16:
+        parser.error(f"--resolution must be a multiple of 16 for {args.model_family} (8x VAE, then 2x2 patches), "
+                     f"got {args.resolution}")
+    if not args.logit_std > 0 or args.mode_scale < 0:
+        parser.error(f"--logit_std must be > 0 and --mode_scale >= 0, got {args.logit_std} {args.mode_scale}")
     if args.dataset_name is None and args.train_data_dir is None:
         parser.error("give --dataset_name (hub id, folder or files) or --train_data_dir (a local dataset folder)")
     if not 0.0 <= args.winner_preserving_mu <= 1.0:
@@ -952,11 +980,13 @@ class RowWindow:
 
 
 class Collate:
-    """Stacks pixels and tokenises captions with each tokenizer (one for SD1.5, two for SDXL); passes on the scorer's
-    inputs (images, prompt, label_0) and a stream's position when the examples carry them."""
+    """Stacks pixels and tokenises captions with each tokenizer of the family (padded to `max_lengths`, by default each
+    tokenizer's model_max_length); passes on the scorer's inputs (images, prompt, label_0) and a stream's position
+    when the examples carry them."""
 
-    def __init__(self, tokenizers):
+    def __init__(self, tokenizers, max_lengths=None):
         self.tokenizers = tokenizers
+        self.max_lengths = max_lengths or [tokenizer.model_max_length for tokenizer in tokenizers]
 
     def __call__(self, examples):
         captions = [e["caption"] for e in examples]
@@ -965,9 +995,8 @@ class Collate:
             "captions": captions,
             "skipped": torch.tensor(sum(e["skipped"] for e in examples)),
         }
-        for i, tokenizer in enumerate(self.tokenizers):
-            ids = tokenizer(captions, max_length=tokenizer.model_max_length, padding="max_length", truncation=True,
-                            return_tensors="pt").input_ids
+        for i, (tokenizer, length) in enumerate(zip(self.tokenizers, self.max_lengths)):
+            ids = tokenizer(captions, max_length=length, padding="max_length", truncation=True, return_tensors="pt").input_ids
             batch["input_ids" if i == 0 else f"input_ids_{i + 1}"] = ids
         if "images" in examples[0]:
             batch.update(images=[e["images"] for e in examples], prompts=[e["prompt"] for e in examples],
@@ -1006,18 +1035,6 @@ def load_tokenizer(path: str, subfolder: str, revision):
             f"folder nor in the Hugging Face cache. {fix}"
         )
     return tokenizer
-
-
-def encode_prompts(batch, text_encoders, sdxl: bool):
-    """Text conditioning. SD1.5: last hidden state. SDXL: both encoders' penultimate states, concatenated, and the
-    second encoder's projected pooled embedding (official; an empty caption is the real encoding of "")."""
-    if not sdxl:
-        return text_encoders[0](batch["input_ids"])[0], None
-    states = []
-    for i, encoder in enumerate(text_encoders):
-        output = encoder(batch["input_ids" if i == 0 else f"input_ids_{i + 1}"], output_hidden_states=True)
-        states.append(output.hidden_states[-2])
-    return torch.cat(states, dim=-1), output[0]
 
 
 def sdxl_time_ids(batch_size: int, resolution: int, device, dtype) -> torch.Tensor:
@@ -1095,17 +1112,22 @@ def unet_state_dict(unet) -> dict:
     return {k: v.detach().cpu().contiguous() for k, v in unet.state_dict().items()}
 
 
-def trained_state(unet, ema=None) -> dict:
-    """What training changes, on the CPU: the UNet's state dict, or for a LoRA UNet its adapters in diffusers' format
-    (what `pipeline.load_lora_weights` reads). With `ema`, its moving averages stand in for the trained values."""
+def trained_state(unet, ema=None, family=None) -> dict:
+    """What training changes, on the CPU: the denoiser's state dict, or for LoRA its adapters in the format the
+    family's `pipeline.load_lora_weights` reads. With `ema`, its moving averages stand in for the trained values."""
     state = unet.state_dict()
     if ema is not None:
         state.update({name: average for (name, _), average in zip(trainable_parameters(unet), ema.shadow_params)})
     if getattr(unet, "peft_config", None):
-        from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
 
-        state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet, state_dict=state))
+        state = get_peft_model_state_dict(unet, state_dict=state)
+        if family is None:  # a UNet: diffusers' UNet LoRA format
+            from diffusers.utils import convert_state_dict_to_diffusers
+
+            state = convert_state_dict_to_diffusers(state)
+        else:
+            state = family.lora_state(state)
     return {k: v.detach().cpu().contiguous() for k, v in state.items()}
 
 
@@ -1129,37 +1151,37 @@ def save_unet(unet, folder: Path, formats=("safetensors", "pth"), name: str = "u
 LORA_WEIGHTS = "pytorch_lora_weights"  # diffusers' file name; load_lora_weights(folder) finds it
 
 
-def save_weights(unet, folder: Path, args, ema=None, formats=("safetensors", "pth")):
-    """What training changed, into `folder`: unet.safetensors/.pth, or with LoRA pytorch_lora_weights.safetensors
-    (+ adapter config as metadata); with `ema`, the moving average beside it as unet_ema.* or pytorch_lora_weights_ema.*."""
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
+def save_weights(unet, folder: Path, args, ema=None, formats=("safetensors", "pth"), family=None):
+    """What training changed, into `folder`: unet.safetensors/.pth (transformer.* for sd3/flux), or with LoRA
+    pytorch_lora_weights.safetensors (+ adapter config as metadata); with `ema`, the moving average beside it as
+    unet_ema.* or pytorch_lora_weights_ema.*."""
+    family = family or make_family(args)
     for suffix, average in [("", None)] + ([("_ema", ema)] if ema is not None else []):
-        state = trained_state(unet, average)
+        state = trained_state(unet, average, family)
         if not args.use_lora:
-            save_unet(None, folder, formats, name=f"unet{suffix}", state=state)
+            save_unet(None, folder, formats, name=f"{family.denoiser}{suffix}", state=state)
             continue
         tmp = f".{LORA_WEIGHTS}{suffix}.safetensors.tmp"
-        pipeline_class = StableDiffusionXLPipeline if args.sdxl else StableDiffusionPipeline
-        pipeline_class.save_lora_weights(folder, unet_lora_layers=state, weight_name=tmp,
-                                         unet_lora_adapter_metadata=unet.peft_config["default"].to_dict())
+        family.save_lora(folder, state, tmp, unet.peft_config["default"].to_dict())
         checkpoints.umask_mode(folder / tmp)
         os.replace(folder / tmp, folder / f"{LORA_WEIGHTS}{suffix}.safetensors")
 
 
-def load_weights(unet, folder: Path, args, ema=None):
+def load_weights(unet, folder: Path, args, ema=None, family=None):
     """The inverse of `save_weights`, for a resume. The EMA file is read first, through the model into the average."""
     from safetensors.torch import load_file
 
+    family = family or make_family(args)
+
     def load(suffix):
         if not args.use_lora:
-            unet.load_state_dict(load_file(str(folder / f"unet{suffix}.safetensors")))
+            unet.load_state_dict(load_file(str(folder / f"{family.denoiser}{suffix}.safetensors")))
             return
         from diffusers.utils import convert_unet_state_dict_to_peft
         from peft.utils import set_peft_model_state_dict
 
         state = load_file(str(folder / f"{LORA_WEIGHTS}{suffix}.safetensors"))
-        state = convert_unet_state_dict_to_peft({k.removeprefix("unet."): v for k, v in state.items()})
+        state = convert_unet_state_dict_to_peft({k.removeprefix(f"{family.denoiser}."): v for k, v in state.items()})
         result = set_peft_model_state_dict(unet, state, adapter_name="default")
         missing = [k for k in result.missing_keys if "lora_" in k]
         if result.unexpected_keys or missing:
@@ -1174,7 +1196,7 @@ def load_weights(unet, folder: Path, args, ema=None):
 
 def weight_file_names(args) -> list[str]:
     """The weight files a checkpoint holds (save_weights with formats=("safetensors",))."""
-    name = LORA_WEIGHTS if args.use_lora else "unet"
+    name = LORA_WEIGHTS if args.use_lora else FAMILIES[args.model_family].denoiser
     return [f"{name}{suffix}.safetensors" for suffix in ([""] + (["_ema"] if args.use_ema else []))]
 
 
@@ -1196,17 +1218,18 @@ def prune_checkpoints(output_dir: Path, keep: int):
 # The training step
 
 
-def compute_loss(args, batch, unet, reference, vae, text_encoders, alphas_cumprod, weight_dtype,
+def compute_loss(args, batch, unet, reference, vae, text_encoders, family, noise_process, weight_dtype,
                  log_weight_coefficients=None, choice_scorer=None):
     """One micro-batch, pixels to loss: the training step that `main` runs (and benchmarks/bench_train.py times).
 
-    Encodes images and captions with the frozen VAE and text encoders, noises the latents (winner i and loser i
-    share noise and timestep), runs the policy and the frozen reference, applies the importance weights, the
-    safeguard and the loss of --train_method. `reference(x_t, t, cond, added_cond_kwargs=...)` is the frozen reference
-    UNet (with LoRA: the policy with its adapters disabled); `log_weight_coefficients`
-    (importance_log_weight_coefficients) is needed with --importance_weighting; `choice_scorer` relabels the pairs
-    (--choice_model). Returns (loss, step metrics, importance-weight metrics, relabelled pairs or None), all device
-    tensors: no host synchronisation here (except the scorer's, with --choice_model); the caller reads them when it logs.
+    Encodes images and captions with the frozen VAE and text encoders, noises the latents with the family's
+    parametrisation (`noise_process`, families/noise.py: winner i and loser i share noise and timestep), runs the
+    policy and the frozen reference through `family.predict`, applies the importance weights, the safeguard and the
+    loss of --train_method. `reference` is the frozen reference denoiser (with LoRA: the policy with its adapters
+    disabled); `log_weight_coefficients` (noise_process.log_weight_coefficients()) is needed with
+    --importance_weighting; `choice_scorer` relabels the pairs (--choice_model). Returns (loss, step metrics,
+    importance-weight metrics, relabelled pairs or None), all device tensors: no host synchronisation here (except
+    the scorer's, with --choice_model); the caller reads them when it logs.
     """
     preference = args.train_method in PREFERENCE_METHODS
     pixels = batch["pixel_values"].to(vae.device, dtype=weight_dtype)
@@ -1218,36 +1241,21 @@ def compute_loss(args, batch, unet, reference, vae, text_encoders, alphas_cumpro
     if preference:  # (B, 6, H, W) -> (2B, 3, H, W), winners first
         pixels = torch.cat(pixels.chunk(2, dim=1))
     with torch.inference_mode():  # frozen, never differentiated: faster than no_grad, same values (benchmarks/RESULTS.md)
-        latents = vae.encode(pixels).latent_dist.sample().float() * vae.config.scaling_factor
+        latents = family.encode_images(vae, pixels)
     with torch.no_grad():  # not inference_mode: the policy's cross-attention saves these for its backward
-        prompt_embeds, pooled = encode_prompts(batch, text_encoders, args.sdxl)
+        conditioning = family.encode_prompts(batch, text_encoders)
 
-    # Noise and timesteps; winner i and loser i share both (official pair sharing).
     pairs = latents.shape[0] // 2 if preference else latents.shape[0]
-    noise = torch.randn(pairs, *latents.shape[1:], device=latents.device)
-    if args.noise_offset:
-        noise += args.noise_offset * torch.randn(pairs, latents.shape[1], 1, 1, device=latents.device)
-    timesteps = torch.randint(args.timestep_range[0], args.timestep_range[1] + 1, (pairs,), device=latents.device)
-    noise_in = noise
-    if args.input_perturbation:  # perturb after sharing, so winner and loser get the same noise (B5)
-        noise_in = noise + args.input_perturbation * torch.randn_like(noise)
-    if preference:
-        noise, noise_in, timesteps = noise.repeat(2, 1, 1, 1), noise_in.repeat(2, 1, 1, 1), timesteps.repeat(2)
-        prompt_embeds = prompt_embeds.repeat(2, 1, 1)
-        pooled = pooled.repeat(2, 1) if pooled is not None else None
-    abar = alphas_cumprod[timesteps].view(-1, 1, 1, 1)
-    noisy = abar.sqrt() * latents + (1 - abar).sqrt() * noise_in  # DDPM q(x_t | x_0) in fp32
-    added = None
-    if args.sdxl:
-        added = {"text_embeds": pooled.to(weight_dtype),
-                 "time_ids": sdxl_time_ids(noisy.shape[0], args.resolution, noisy.device, weight_dtype)}
-    cond = prompt_embeds.to(weight_dtype)
+    noised = noise_process.sample(latents, pairs, preference, args)
+    if preference:  # the loser half sees its winner's caption
+        conditioning = {k: v.repeat(2, *[1] * (v.dim() - 1)) for k, v in conditioning.items()}
+    inputs = family.model_inputs(conditioning, noised.noisy, weight_dtype)
 
-    model_pred = unet(noisy, timesteps, cond, added_cond_kwargs=added).sample.float()
-    target = noise
+    model_pred = family.predict(unet, noised.noisy, noised.timesteps, inputs).float()
+    target = noised.target
     pair_weight, weight_metrics = None, {}
     if args.importance_weighting != "none":  # from the noise that made x_t, so q is the true posterior
-        log_weight = log_importance_weight(model_pred, noise_in, timesteps, log_weight_coefficients)
+        log_weight = log_importance_weight(model_pred, noised.importance_target, noised.index, log_weight_coefficients)
         if preference:  # a pair's weight: the geometric mean of its winner's and its loser's
             win_log_weight, lose_log_weight = log_weight.chunk(2)
             log_weight = 0.5 * (win_log_weight + lose_log_weight)
@@ -1258,14 +1266,14 @@ def compute_loss(args, batch, unet, reference, vae, text_encoders, alphas_cumpro
                           "is_weight_max": raw_weight.max(), "is_masked_fraction": (pair_weight == 0).float().mean()}
     if preference:
         with torch.inference_mode():  # as the VAE: faster than no_grad, same values
-            ref_pred = reference(noisy.to(weight_dtype), timesteps, cond, added_cond_kwargs=added).sample
+            ref_pred = family.predict(reference, noised.noisy.to(weight_dtype), noised.timesteps, inputs)
         scale = 1.0
         if args.use_winner_preserving:
             scale = winner_preserving_scale(model_pred, target, args.winner_preserving_mu,
                                             args.winner_preserving_granularity)
         loss, stats = preference_loss(args.train_method, model_pred, ref_pred, target, args.beta_dpo,
-                                      dmpo_alpha=args.dmpo_alpha, sdxl=args.sdxl, loser_scale=scale,
-                                      pair_weight=pair_weight)
+                                      dmpo_alpha=args.dmpo_alpha, sdxl=family.dspo_variant == "sdxl",
+                                      loser_scale=scale, pair_weight=pair_weight)
         step_metrics = {
             "model_mse": 0.5 * (stats["model_win_loss"].mean() + stats["model_lose_loss"].mean()),
             "ref_mse": 0.5 * (stats["ref_win_loss"].mean() + stats["ref_lose_loss"].mean()),
@@ -1293,10 +1301,8 @@ def main(argv=None):
     from accelerate import Accelerator
     from accelerate.logging import get_logger
     from accelerate.utils import ProjectConfiguration, send_to_device, set_seed
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from diffusers.optimization import get_scheduler
     from tqdm.auto import tqdm
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     output_dir = Path(args.output_dir)
     # Several processes and no GPU (e.g. `accelerate launch --multi_gpu` on a CPU machine): gloo on CPU.
@@ -1345,33 +1351,24 @@ def main(argv=None):
         for line in checkpoints.resumed_arguments(resumed_state["args"], requested):
             logger.info(f"Changed since {checkpoint.name}: {line}")
 
-    # Models: the frozen parts in weight_dtype, the policy UNet in fp32 under autocast, the reference a frozen copy.
+    # Models, through the family (families/): the frozen parts in weight_dtype, the policy denoiser (`unet`, a UNet or
+    # a transformer) in fp32 under autocast, the reference a frozen copy.
     base, revision = args.pretrained_model_name_or_path, args.revision
-    tokenizers = [load_tokenizer(base, "tokenizer", revision)]  # first: it names the fix when the model is missing
-    noise_scheduler = DDPMScheduler.from_pretrained(base, subfolder="scheduler", revision=revision)
-    if noise_scheduler.config.prediction_type != "epsilon":
-        raise ValueError(f"{base}: prediction_type {noise_scheduler.config.prediction_type!r}; only 'epsilon' is supported")
-    num_timesteps = noise_scheduler.config.num_train_timesteps
-    if args.timestep_range[1] >= num_timesteps:
+    family = make_family(args)
+    family.check_components(base, revision)
+    tokenizers, text_encoders = family.load_text(weight_dtype)  # the tokenizer first: it names a missing model's fix
+    noise_process = family.load_noise()
+    if args.timestep_range[1] >= noise_process.num_timesteps:
         raise ValueError(f"--timestep_range {args.timestep_range[0]} {args.timestep_range[1]}: the scheduler of {base} "
-                         f"has {num_timesteps} timesteps; HI must be at most {num_timesteps - 1}")
-    frozen_kwargs = dict(revision=revision, torch_dtype=weight_dtype)
-    text_encoders = [CLIPTextModel.from_pretrained(base, subfolder="text_encoder", **frozen_kwargs)]
-    if args.sdxl:
-        tokenizers.append(load_tokenizer(base, "tokenizer_2", revision))
-        text_encoders.append(CLIPTextModelWithProjection.from_pretrained(base, subfolder="text_encoder_2", **frozen_kwargs))
-    if args.pretrained_vae_model_name_or_path:
-        vae = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path, torch_dtype=weight_dtype)
-    else:
-        vae = AutoencoderKL.from_pretrained(base, subfolder="vae", **frozen_kwargs)
-    unet_source = dict(pretrained_model_name_or_path=args.unet_init or base, subfolder="unet",
-                       revision=None if args.unet_init else revision)
-    unet = UNet2DConditionModel.from_pretrained(**unet_source)  # fp32 master weights
+                         f"has {noise_process.num_timesteps} timesteps; HI must be at most {noise_process.num_timesteps - 1}")
+    vae = family.load_vae(weight_dtype)
+    unet_source, unet_revision = args.unet_init or base, None if args.unet_init else revision
+    unet = family.load_denoiser(unet_source, unet_revision)  # fp32 master weights
     ref_unet = None
     if args.use_lora:  # base frozen in weight_dtype, fp32 adapters; the reference is the base (adapters_disabled)
         add_lora(unet, args, weight_dtype)
     elif preference:
-        ref_unet = UNet2DConditionModel.from_pretrained(**unet_source, torch_dtype=weight_dtype)
+        ref_unet = family.load_denoiser(unet_source, unet_revision, weight_dtype)
 
     frozen = [vae, *text_encoders] + ([ref_unet] if ref_unet is not None else [])
     for module in frozen:
@@ -1392,12 +1389,12 @@ def main(argv=None):
 
     def save_model_hook(models, weights, folder):
         if accelerator.is_main_process:
-            save_weights(accelerator.unwrap_model(models[0]), Path(folder), args, ema, formats=("safetensors",))
+            save_weights(accelerator.unwrap_model(models[0]), Path(folder), args, ema, formats=("safetensors",), family=family)
             checkpoints.write_json_atomic(Path(folder) / checkpoints.TRAINING_STATE, checkpoint_state)
         weights.clear()
 
     def load_model_hook(models, folder):
-        load_weights(accelerator.unwrap_model(models[0]), Path(folder), args, ema)
+        load_weights(accelerator.unwrap_model(models[0]), Path(folder), args, ema, family=family)
         models.clear()
 
     accelerator.register_save_state_pre_hook(save_model_hook)
@@ -1418,7 +1415,7 @@ def main(argv=None):
         stream = PairStream(rows, args, data_seed, shuffle=args.split == "train",
                             rank=accelerator.process_index, world_size=accelerator.num_processes)
         dataloader = torch.utils.data.DataLoader(
-            stream, batch_size=args.train_batch_size, collate_fn=Collate(tokenizers),
+            stream, batch_size=args.train_batch_size, collate_fn=Collate(tokenizers, family.max_lengths()),
             num_workers=args.dataloader_num_workers, pin_memory=torch.cuda.is_available(),
             generator=torch.Generator().manual_seed(data_seed),  # worker seeds must not draw from the global RNG (resume)
         )  # no persistent workers: every epoch they must see the stream's new epoch and start
@@ -1426,7 +1423,8 @@ def main(argv=None):
         dataset = PairDataset(rows, args)
         sampler = EpochSampler(len(dataset), data_seed, shuffle=args.split == "train")
         dataloader = torch.utils.data.DataLoader(
-            dataset, sampler=sampler, batch_size=args.train_batch_size, drop_last=True, collate_fn=Collate(tokenizers),
+            dataset, sampler=sampler, batch_size=args.train_batch_size, drop_last=True,
+            collate_fn=Collate(tokenizers, family.max_lengths()),
             num_workers=args.dataloader_num_workers, pin_memory=torch.cuda.is_available(),
             persistent_workers=args.dataloader_num_workers > 0,
             generator=torch.Generator().manual_seed(data_seed),  # worker seeds must not draw from the global RNG (resume)
@@ -1545,8 +1543,8 @@ def main(argv=None):
             logger.info(f"Saved state to {final}")
         accelerator.wait_for_everyone()
 
-    alphas_cumprod = noise_scheduler.alphas_cumprod.to(accelerator.device)
-    log_weight_coefficients = importance_log_weight_coefficients(noise_scheduler).to(accelerator.device)
+    noise_process.to(accelerator.device)
+    log_weight_coefficients = noise_process.log_weight_coefficients().to(accelerator.device)
     progress = tqdm(range(args.max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process)
 
     # Device-side accumulators between logging points: no host sync inside the step.
@@ -1575,7 +1573,7 @@ def main(argv=None):
         for batch in epoch_loader:
             with accelerator.accumulate(unet):
                 loss, step_metrics, weight_metrics, relabelled = compute_loss(
-                    args, batch, unet, reference, vae, text_encoders, alphas_cumprod, weight_dtype,
+                    args, batch, unet, reference, vae, text_encoders, family, noise_process, weight_dtype,
                     log_weight_coefficients, choice_scorer)
                 finite = torch.isfinite(loss)
                 bad_update = torch.maximum(bad_update, (~finite).float())
@@ -1684,7 +1682,7 @@ def main(argv=None):
         final_unet = accelerator.unwrap_model(unet)
         final_bytes = sum(p.numel() * 4 for _, p in trainable_parameters(final_unet)) * (1 if args.use_lora else 2)
         checkpoints.check_free_space(output_dir, final_bytes * (2 if ema is not None else 1), "the final weights")
-        save_weights(final_unet, output_dir, args, ema)
+        save_weights(final_unet, output_dir, args, ema, family=family)
         written = [output_dir / name for name in final_weight_names(args)]
         if args.save_pipeline:
             save_pipeline(args, final_unet, output_dir)
@@ -1725,7 +1723,8 @@ def describe_run(args, requested: dict, accelerator, weight_dtype, base_lr: floa
         if "gradient_checkpointing" in args.sdxl_defaults else "")
     return {
         "model": base,
-        "unet": f"{resolved_location(args.unet_init) if args.unet_init else base} (unet/)",
+        "family": args.model_family,
+        "denoiser": f"{resolved_location(args.unet_init) if args.unet_init else base} ({FAMILIES[args.model_family].denoiser}/)",
         "vae": resolved_location(args.pretrained_vae_model_name_or_path) if args.pretrained_vae_model_name_or_path else f"{base} (vae/)",
         "dataset": getattr(args, "resolved_dataset", args.dataset_name or args.train_data_dir),
         "optimizer": optimizer,
@@ -1743,16 +1742,21 @@ def describe_run(args, requested: dict, accelerator, weight_dtype, base_lr: floa
 
 
 def final_weight_names(args) -> list[str]:
-    stem = LORA_WEIGHTS if args.use_lora else "unet"
+    stem = LORA_WEIGHTS if args.use_lora else FAMILIES[args.model_family].denoiser
     formats = ["safetensors"] if args.use_lora else ["safetensors", "pth"]
     return [f"{stem}{suffix}.{fmt}" for suffix in ([""] + (["_ema"] if args.use_ema else [])) for fmt in formats]
 
 
+EVAL_SCRIPTS = {"sd": ("scripts/eval/test_sd15.sh", "stable-diffusion-v1-5/stable-diffusion-v1-5"),
+                "sdxl": ("scripts/eval/test_sdxl.sh", "stabilityai/stable-diffusion-xl-base-1.0"),
+                "sd3": ("scripts/eval/test_sd3.sh", "stabilityai/stable-diffusion-3.5-medium"),
+                "flux": ("scripts/eval/test_flux.sh", "black-forest-labs/FLUX.1-dev")}
+
+
 def eval_command(args, output_dir: Path) -> str:
-    script = "scripts/eval/test_sdxl.sh" if args.sdxl else "scripts/eval/test_sd15.sh"
-    target = output_dir if args.use_lora else output_dir / "unet.pth"
-    env = f"PRETRAIN={args.pretrained_model_name_or_path} " if args.pretrained_model_name_or_path not in (
-        "stable-diffusion-v1-5/stable-diffusion-v1-5", "stabilityai/stable-diffusion-xl-base-1.0") else ""
+    script, default_base = EVAL_SCRIPTS[args.model_family]
+    target = output_dir if args.use_lora else output_dir / f"{FAMILIES[args.model_family].denoiser}.pth"
+    env = f"PRETRAIN={args.pretrained_model_name_or_path} " if args.pretrained_model_name_or_path != default_base else ""
     return f"{env}bash {script} {target}"
 
 
@@ -1774,14 +1778,14 @@ def write_model_card(args, output_dir: Path, steps: int, logs: dict):
     method = {"diffusion-dpo": "Diffusion-DPO", "dspo": "DSPO", "dmpo": "DMPO", "sft": "SFT"}[args.train_method]
     safeguard = (f" with the winner-preserving safeguard (Diffusion-SDPO, mu {args.winner_preserving_mu:g})"
                  if args.use_winner_preserving else "")
-    base = args.pretrained_model_name_or_path
+    base, family = args.pretrained_model_name_or_path, FAMILIES[args.model_family]
     if args.use_lora:
-        usage = (f"pipe = {'StableDiffusionXLPipeline' if args.sdxl else 'StableDiffusionPipeline'}.from_pretrained(\"{base}\")\n"
+        usage = (f"pipe = {family.pipeline_class}.from_pretrained(\"{base}\")\n"
                  f"pipe.load_lora_weights(\"<this folder or repo>\")")
     else:
         usage = ("from safetensors.torch import load_file\n"
-                 f"pipe = {'StableDiffusionXLPipeline' if args.sdxl else 'StableDiffusionPipeline'}.from_pretrained(\"{base}\")\n"
-                 "pipe.unet.load_state_dict(load_file(\"unet.safetensors\"))")
+                 f"pipe = {family.pipeline_class}.from_pretrained(\"{base}\")\n"
+                 f"pipe.{family.denoiser}.load_state_dict(load_file(\"{family.denoiser}.safetensors\"))")
     loss = logs.get("train_loss")
     text = f"""---
 base_model: {base}
@@ -1798,7 +1802,7 @@ Last logged train loss: {f'{loss:.4g}' if isinstance(loss, float) and math.isfin
 Every argument is in `training_config.json`; the training curves in `metrics.jsonl`.
 
 ```python
-from diffusers import {'StableDiffusionXLPipeline' if args.sdxl else 'StableDiffusionPipeline'}
+from diffusers import {family.pipeline_class}
 {usage}
 ```
 """
@@ -1847,16 +1851,19 @@ def save_pipeline(args, unet, output_dir: Path):
     Written into a temporary folder and moved into output_dir with model_index.json last, so a failed save leaves no
     loadable half pipeline. The UNet weights are not kept twice: once written, unet/diffusion_pytorch_model.safetensors
     is replaced by a hard link to output_dir/unet.safetensors (same tensors and keys; a copy where links fail)."""
-    from diffusers import AutoencoderKL, StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel
+    import diffusers
+    from diffusers import AutoencoderKL
 
-    pipeline_class = StableDiffusionXLPipeline if args.sdxl else StableDiffusionPipeline
+    family = make_family(args)
+    pipeline_class = getattr(diffusers, family.pipeline_class)
     extra = {}
     if args.pretrained_vae_model_name_or_path:
         extra["vae"] = AutoencoderKL.from_pretrained(args.pretrained_vae_model_name_or_path)
-    if args.use_lora:  # the base UNet in fp32; the adapter file is already in output_dir (pipeline.load_lora_weights)
-        unet = UNet2DConditionModel.from_pretrained(args.unet_init or args.pretrained_model_name_or_path, subfolder="unet",
-                                                    revision=None if args.unet_init else args.revision)
-    pipeline = pipeline_class.from_pretrained(args.pretrained_model_name_or_path, unet=unet, revision=args.revision, **extra)
+    if args.use_lora:  # the base denoiser in fp32; the adapter file is already in output_dir (pipeline.load_lora_weights)
+        unet = family.load_denoiser(args.unet_init or args.pretrained_model_name_or_path,
+                                    None if args.unet_init else args.revision)
+    extra[family.denoiser] = unet
+    pipeline = pipeline_class.from_pretrained(args.pretrained_model_name_or_path, revision=args.revision, **extra)
     tmp = output_dir / ".pipeline.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -1864,9 +1871,9 @@ def save_pipeline(args, unet, output_dir: Path):
                    if isinstance(module, torch.nn.Module) for p in module.parameters())
         checkpoints.check_free_space(output_dir, size, "the pipeline (--save_pipeline)")  # the UNet is written, then linked
         pipeline.save_pretrained(tmp)
-        trained = output_dir / "unet.safetensors"
+        trained = output_dir / f"{family.denoiser}.safetensors"
         if not args.use_lora and trained.is_file():
-            linked = tmp / "unet" / "diffusion_pytorch_model.safetensors"
+            linked = tmp / family.denoiser / "diffusion_pytorch_model.safetensors"
             linked.unlink()
             try:
                 os.link(trained, linked)
@@ -1882,7 +1889,8 @@ def save_pipeline(args, unet, output_dir: Path):
             os.replace(entry, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    logger.info(f"Saved the pipeline in {output_dir} (unet/ shares unet.safetensors' data through a hard link)")
+    logger.info(f"Saved the pipeline in {output_dir} ({family.denoiser}/ shares {family.denoiser}.safetensors' data "
+                f"through a hard link)")
 
 
 if __name__ == "__main__":
