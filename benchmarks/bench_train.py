@@ -38,6 +38,7 @@ if str(REPO) not in sys.path:
 
 import torch  # noqa: E402
 
+import families  # noqa: E402
 import train  # noqa: E402
 from benchmarks.common import (  # noqa: E402
     command_line, common_fields, interleaved, peak_flops, peak_memory_mb, quantile, quiet_libraries,
@@ -149,6 +150,8 @@ class Bench:
         self.vae, self.text_encoders, self.tokenizers = models.vae, models.text_encoders, models.tokenizers
         self.ref_unet, self.alphas_cumprod = models.ref_unet, models.alphas_cumprod
         self.noise_scheduler = DDPMScheduler(**SCHEDULE)
+        self.family = families.make_family(probe)  # sd or sdxl: the step's model-dependent parts
+        self.noise_process = families.DDPMNoise(self.noise_scheduler).to(self.device)
         self.log_weight_coefficients = train.importance_log_weight_coefficients(self.noise_scheduler).to(self.device)
         unet = models.unet  # from here on as main() sets it up
         if probe.use_lora:
@@ -181,7 +184,8 @@ class Bench:
             with accelerator.accumulate(unet):
                 if kind == "ours":
                     loss, *_ = train.compute_loss(args, batch, unet, self.reference, self.vae, self.text_encoders,
-                                                  self.alphas_cumprod, self.weight_dtype, self.log_weight_coefficients)
+                                                  self.family, self.noise_process, self.weight_dtype,
+                                                  self.log_weight_coefficients)
                     finite = torch.isfinite(loss)  # main's non-finite guard
                     loss = torch.where(finite, loss, torch.zeros_like(loss))
                 else:
@@ -293,6 +297,7 @@ def meta_flops(config: str, method: str, safeguard: bool, batch: int, precision:
     if args.gradient_checkpointing:  # the recomputed forwards count in the backward
         models.unet.enable_gradient_checkpointing()
     coefficients = train.importance_log_weight_coefficients(DDPMScheduler(**SCHEDULE)).to("meta")
+    noise_process = families.DDPMNoise(DDPMScheduler(**SCHEDULE)).to("meta")
     with torch.device("meta"):
         batch_ = train.Collate(models.tokenizers)([
             {"pixel_values": torch.empty(3 if method == "sft" else 6, args.resolution, args.resolution),
@@ -301,7 +306,7 @@ def meta_flops(config: str, method: str, safeguard: bool, batch: int, precision:
 
     def step():
         loss, *_ = train.compute_loss(args, batch_, models.unet, reference, models.vae, models.text_encoders,
-                                      models.alphas_cumprod, weight_dtype, coefficients)
+                                      families.make_family(args), noise_process, weight_dtype, coefficients)
         loss.backward()
 
     from torch.utils.flop_counter import FlopCounterMode

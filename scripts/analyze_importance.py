@@ -84,6 +84,7 @@ def analyse(args) -> list[dict]:
     from tqdm.auto import tqdm
 
     from eval.generate import load_models
+    from families import FAMILIES
 
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     precision = args.mixed_precision if args.mixed_precision != "auto" else ("fp16" if device.type == "cuda" else "no")
@@ -118,7 +119,8 @@ def analyse(args) -> list[dict]:
             pixels = torch.cat(pixels.chunk(2, dim=1))  # winners first, then losers
             latents = vae.encode(pixels).latent_dist.sample(generator=generator).float() * vae.config.scaling_factor
             batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-            prompt_embeds, pooled = train.encode_prompts(batch, encoders, args.sdxl)
+            conditioning = FAMILIES["sdxl" if args.sdxl else "sd"](targs).encode_prompts(batch, encoders)
+            prompt_embeds, pooled = conditioning["prompt_embeds"], conditioning.get("pooled")
             cond = prompt_embeds.repeat(2, 1, 1).to(dtype)
             added = None
             if args.sdxl:

@@ -48,3 +48,24 @@ def shared_dir() -> Path:
     if not SHARED.is_dir():
         pytest.skip(f"{SHARED} (the shared fixtures folder) is not beside the checkout")
     return SHARED
+
+
+@pytest.fixture(scope="session")
+def tiny_sd2v(tmp_path_factory) -> Path:
+    from tiny import build_sd2v
+
+    return build_sd2v(tmp_path_factory.mktemp("models") / "tiny-sd2v")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3(tmp_path_factory) -> Path:
+    from tiny import build_sd3
+
+    return build_sd3(tmp_path_factory.mktemp("models") / "tiny-sd3")
+
+
+@pytest.fixture(scope="session")
+def tiny_flux(tmp_path_factory) -> Path:
+    from tiny import build_flux
+
+    return build_flux(tmp_path_factory.mktemp("models") / "tiny-flux")

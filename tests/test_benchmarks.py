@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import train
+from families import DDPMNoise, make_family
 from benchmarks import bench_data, bench_eval, bench_train
 from benchmarks.models import CLIP_BIGG_TEXT, CLIP_L_TEXT, SD15_UNET, SDXL_UNET, VAE, build
 from benchmarks.official_step import official_compute_loss, official_lose_scale
@@ -105,8 +106,8 @@ def test_the_step_reads_nothing_on_the_host(tiny_bench, method, monkeypatch):
     batch = bench_train.synthetic_batch(args, models.tokenizers, "cpu", torch.Generator().manual_seed(0))
     refuse_host_reads(monkeypatch)
     loss, step_metrics, weight_metrics, relabelled = train.compute_loss(
-        args, batch, models.unet, models.ref_unet, models.vae, models.text_encoders, models.alphas_cumprod,
-        torch.float32, coefficients)
+        args, batch, models.unet, models.ref_unet, models.vae, models.text_encoders, make_family(args),
+        DDPMNoise(DDPMScheduler(**SCHEDULE)), torch.float32, coefficients)
     loss.backward()
     monkeypatch.undo()
     assert torch.isfinite(loss) and all(torch.isfinite(v) for v in [*step_metrics.values(), *weight_metrics.values()])
@@ -130,8 +131,12 @@ def test_the_lora_step_reads_nothing_on_the_host(tiny_bench, monkeypatch):
 
     batch = bench_train.synthetic_batch(args, models.tokenizers, "cpu", torch.Generator().manual_seed(0))
     refuse_host_reads(monkeypatch)
-    loss, *_ = train.compute_loss(args, batch, unet, reference, models.vae, models.text_encoders, models.alphas_cumprod,
-                                  torch.float32)
+    from diffusers import DDPMScheduler
+
+    from benchmarks.models import SCHEDULE
+
+    loss, *_ = train.compute_loss(args, batch, unet, reference, models.vae, models.text_encoders, make_family(args),
+                                  DDPMNoise(DDPMScheduler(**SCHEDULE)), torch.float32)
     loss.backward()
     monkeypatch.undo()
     assert torch.isfinite(loss)
