@@ -265,5 +265,20 @@ def test_missing_tools_are_named(stubs, tmp_path):
 
 
 def test_every_script_is_tested():
-    """Six scripts, {sd15, sdxl} x {diffusion_dpo, dspo, dmpo}, and no other."""
-    assert sorted(p.stem for p in SCRIPTS.glob("*.sh") if not p.stem.startswith("_")) == sorted(SHIPPED)
+    """The six official runs, {sd15, sdxl} x {diffusion_dpo, dspo, dmpo}, the two flow-family launchers, no other."""
+    assert sorted(p.stem for p in SCRIPTS.glob("*.sh") if not p.stem.startswith("_")) == sorted(
+        [*SHIPPED, "sd35_diffusion_dpo", "flux_diffusion_dpo"])
+
+
+@pytest.mark.parametrize("script, family, beta", [("sd35_diffusion_dpo", "sd3", 500.0), ("flux_diffusion_dpo", "flux", 1500.0)])
+def test_flow_family_launchers(script, family, beta, stubs, tmp_path):
+    """The SD3.5-medium and FLUX.1-dev launchers: their family named (no model needed to parse), LoRA at diffusers'
+    DPO LoRA rate without --scale_lr, the derived beta, the common Pick-a-Pic settings otherwise."""
+    done, argv = launch(script, stubs, tmp_path, "--dataset_name", "/local/pickapic", gpus=8)
+    assert done.returncode == 0, done.stderr
+    parsed = train.parse_args(split(argv)[1])
+    assert parsed.model_family == family and parsed.use_lora and parsed.lora_rank == 8
+    assert parsed.learning_rate == 1e-5 and not parsed.scale_lr and parsed.beta_dpo == beta
+    assert parsed.resolution == 1024 and parsed.gradient_checkpointing and parsed.dataset_name == "/local/pickapic"
+    assert parsed.output_dir == str(REPO / "output" / script.replace("_", "-"))
+    assert "add_k_proj" in parsed.lora_target_modules
