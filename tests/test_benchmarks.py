@@ -268,3 +268,15 @@ def test_eval_harness_on_tiny(capsys):
                                                                  ("score", "imagereward")]
     assert all(r["images_per_s"] > 0 and r["device"].startswith("CPU") for r in records)
     assert records[0]["batch"] == 2 and records[0]["steps"] == 2
+
+
+def test_flow_family_flops_use_the_real_architectures():
+    """benchmarks/flops_families.py: the FLUX.1-dev transformer config gives the released model's parameter count, and
+    the step's FLOPs split into its parts (meta device, a small resolution to keep it quick)."""
+    from benchmarks.flops_families import flops_per_pair
+
+    record = flops_per_pair("flux", 256, False)
+    assert record["parameters"]["denoiser"] == 11_901_408_320
+    parts = record["parts_tflop"]
+    assert all(v > 0 for v in parts.values()) and abs(sum(parts.values()) - record["tflop_per_pair"]) < 1e-6
+    assert parts["backward_and_loss"] == pytest.approx(2 * parts["policy_forward"], rel=0.05)

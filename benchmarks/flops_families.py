@@ -1,0 +1,128 @@
+"""FLOPs per preference pair of the flow families' training step (SD3.5-medium, FLUX.1-dev), on the meta device.
+
+The step is train.compute_loss + backward with the family's real architecture (the `config.json` files of the public
+repositories stabilityai/stable-diffusion-3.5-medium and black-forest-labs/FLUX.1-dev, written out below) and random
+weights that are never allocated: PyTorch's FlopCounterMode counts every matmul and convolution of the VAE encode, the
+text encoders, the policy forward, the reference forward and the backward, as benchmarks/bench_train.py does for SD1.5
+and SDXL. Batch 1 pair (2 images), 1024 px.
+
+    python benchmarks/flops_families.py [--family sd35 flux] [--resolution 1024] [--gradient_checkpointing] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import families  # noqa: E402
+import train  # noqa: E402
+from benchmarks.models import CLIP_BIGG_TEXT, CLIP_L_TEXT, VAE  # noqa: E402
+
+SD35_MEDIUM_TRANSFORMER = dict(  # stabilityai/stable-diffusion-3.5-medium transformer/config.json
+    sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64, num_attention_heads=24,
+    joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048, out_channels=16,
+    pos_embed_max_size=384, dual_attention_layers=tuple(range(13)), qk_norm="rms_norm",
+)
+FLUX_DEV_TRANSFORMER = dict(  # black-forest-labs/FLUX.1-dev transformer/config.json
+    patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24,
+    joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56),
+)
+VAE_16 = dict(VAE, latent_channels=16, use_quant_conv=False, use_post_quant_conv=False)  # SD3 and FLUX VAEs
+T5_XXL = dict(  # google/t5-v1_1-xxl encoder, text_encoder_3 (SD3) and text_encoder_2 (FLUX)
+    vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64, feed_forward_proj="gated-gelu",
+    relative_attention_num_buckets=32, is_encoder_decoder=False,
+)
+TEXT_TOKENS = {"sd35": (77, 77, 256), "flux": (77, 512)}
+
+
+def build(name: str):
+    """The family's models on the meta device: policy, reference, VAE, text encoders."""
+    from diffusers import AutoencoderKL, FluxTransformer2DModel, SD3Transformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    with torch.device("meta"):
+        if name == "sd35":
+            make = lambda: SD3Transformer2DModel(**SD35_MEDIUM_TRANSFORMER)  # noqa: E731
+            encoders = [CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_L_TEXT)),
+                        CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_BIGG_TEXT)), T5EncoderModel(T5Config(**T5_XXL))]
+        else:
+            make = lambda: FluxTransformer2DModel(**FLUX_DEV_TRANSFORMER)  # noqa: E731
+            encoders = [CLIPTextModel(CLIPTextConfig(**CLIP_L_TEXT)), T5EncoderModel(T5Config(**T5_XXL))]
+        policy, reference, vae = make(), make(), AutoencoderKL(**VAE_16)
+    return policy, reference, vae, encoders
+
+
+def flops_per_pair(name: str, resolution: int, gradient_checkpointing: bool) -> dict:
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    family_name = "sd3" if name == "sd35" else "flux"
+    args = train.parse_args(["--pretrained_model_name_or_path", f"<random {name}>", "--dataset_name", "<none>",
+                             "--model_family", family_name, "--resolution", str(resolution), "--train_batch_size", "1",
+                             "--use_winner_preserving", "--winner_preserving_mu", "0.9", "--mixed_precision", "no"])
+    policy, reference, vae, encoders = build(name)
+    if gradient_checkpointing:
+        policy.enable_gradient_checkpointing()
+    family = families.make_family(args)
+    family.guidance_embeds = name == "flux"
+    noise = families.FlowNoise(FlowMatchEulerDiscreteScheduler(shift=3.0), args).to("meta")
+    batch = {"pixel_values": torch.empty(1, 6, resolution, resolution, device="meta")}
+    for i, length in enumerate(TEXT_TOKENS[name]):
+        batch["input_ids" if i == 0 else f"input_ids_{i + 1}"] = torch.zeros(1, length, dtype=torch.long, device="meta")
+    parameters = {"denoiser": sum(p.numel() for p in policy.parameters()),
+                  "text_encoders": sum(p.numel() for e in encoders for p in e.parameters()),
+                  "vae": sum(p.numel() for p in vae.parameters())}
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def count(fn) -> int:
+        counter = FlopCounterMode(display=False)
+        with counter:
+            fn()
+        return counter.get_total_flops()
+
+    def step():
+        loss, *_ = train.compute_loss(args, batch, policy, reference, vae, encoders, family, noise, torch.float32)
+        loss.backward()
+
+    total = count(step)
+    latents = torch.empty(2, 16, resolution // 8, resolution // 8, device="meta")
+    encode = count(lambda: vae.encoder(torch.empty(2, 3, resolution, resolution, device="meta")))
+    text = count(lambda: family.encode_prompts(batch, encoders))
+    with torch.no_grad():
+        conditioning = family.encode_prompts(batch, encoders)
+    conditioning = {k: v.repeat(2, *[1] * (v.dim() - 1)) for k, v in conditioning.items()}
+    inputs = family.model_inputs(conditioning, latents, torch.float32)
+    forward = count(lambda: family.predict(reference, latents, torch.zeros(2, device="meta"), inputs))
+    return {"family": name, "resolution": resolution, "gradient_checkpointing": gradient_checkpointing,
+            "parameters": parameters, "tflop_per_pair": total / 1e12,
+            "parts_tflop": {"vae_encode": encode / 1e12, "text_encoders": text / 1e12, "policy_forward": forward / 1e12,
+                            "reference_forward": forward / 1e12,
+                            "backward_and_loss": (total - encode - text - 2 * forward) / 1e12}}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--family", nargs="+", default=["sd35", "flux"], choices=["sd35", "flux"])
+    parser.add_argument("--resolution", type=int, default=1024)
+    parser.add_argument("--gradient_checkpointing", action="store_true")
+    parser.add_argument("--json", action="store_true", help="One JSON record per family instead of a table.")
+    args = parser.parse_args(argv)
+    records = [flops_per_pair(name, args.resolution, args.gradient_checkpointing) for name in args.family]
+    for record in records:
+        if args.json:
+            print(json.dumps(record))
+        else:
+            parts = ", ".join(f"{k} {v:.1f}" for k, v in record["parts_tflop"].items())
+            print(f"{record['family']}: {record['tflop_per_pair']:.1f} TFLOP per pair at {record['resolution']} px "
+                  f"({parts}); denoiser {record['parameters']['denoiser'] / 1e9:.2f} B parameters")
+    return records
+
+
+if __name__ == "__main__":
+    main()
