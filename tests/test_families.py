@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 import families
 import train
 from families import DDPMNoise, FlowNoise, gaussian_path_coefficients
+from test_beyond import tiny_scorers  # noqa: F401 - a fixture
 from test_train import metrics, reset_accelerate, run_train, train_args
 
 
@@ -334,3 +335,13 @@ def test_safeguard_guarantee_in_every_parametrisation(models, kind):
         residual = (prediction - noised.target).double()
         g_w, g_l = residual[:4].flatten(), residual[4:].flatten()
         assert torch.dot(-g_w + lam.double() * g_l, g_w) <= -mu * g_w.pow(2).sum() + 1e-6 * g_w.pow(2).sum()
+
+
+@pytest.mark.parametrize("name", ["sd3", "flux"])
+def test_checkpointing_relabelling_and_streaming_per_family(models, pickapic, tiny_scorers, tmp_path, name):
+    """Gradient checkpointing, --choice_model relabelling and a streamed source on a transformer family."""
+    config = tmp_path / "scorer.json"
+    config.write_text(json.dumps(tiny_scorers["hpsv2"]))
+    run_train(models[name], pickapic, tmp_path / "run", "--gradient_checkpointing", "--choice_model", "hps",
+              "--choice_model_config", str(config), "--choice_model_device", "cpu", "--streaming", steps=1)
+    assert 0.0 <= metrics(tmp_path / "run")[0]["relabelled_fraction"] <= 1.0
