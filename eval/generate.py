@@ -1,8 +1,18 @@
-"""Generate evaluation images for SD1.5 or SDXL, following the official `test_sd15.py` / `test_sdxl.py` protocol.
+"""Generate evaluation images for SD1.x/2.x, SDXL, SD3/SD3.5 or FLUX.1; SD1.5 and SDXL follow the official
+`test_sd15.py` / `test_sdxl.py` protocol.
 
     python -m eval.generate --unet_path output/sd15-dpo/unet.pth --test_json prompts/papv2.json
     python -m eval.generate --sdxl --unet_path output/sdxl-dpo/unet.pth --test_json prompts/hpsv2.json
+    python -m eval.generate --model_family sd3 --unet_path output/sd35-dpo/transformer.pth   # or a local base:
+    python -m eval.generate --pretrain_path /models/FLUX.1-dev --transformer_path output/flux-dpo/transformer.pth
     accelerate launch -m eval.generate ...            # several GPUs: prompts are sharded across ranks
+
+The family (sd, sdxl, sd3, flux) is read from the base model's model_index.json `_class_name`, as train.py does
+(families.PIPELINE_FAMILIES); `--model_family` names it when that file cannot be read, `--sdxl` means sdxl.
+sd and sdxl run the hand-written official loop below: an SD2.x v-prediction model gets it too, the scheduler config's
+`prediction_type` deciding how Euler reads the prediction. sd3 and flux run their diffusers pipeline
+(StableDiffusion3Pipeline / FluxPipeline, FlowMatchEulerDiscreteScheduler from the base model) with the trained
+transformer loaded in, the same seeded noise for every prompt, and the same outputs, run record and resume.
 
 Official protocol (SPEC Part B §4.1), kept here:
 * `EulerDiscreteScheduler.from_pretrained(<base>, subfolder="scheduler")`, 50 steps. The real SD1.5 folder holds a PNDM
@@ -28,19 +38,53 @@ import argparse
 import hashlib
 import json
 import os
+import sys
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+if not __package__:  # run as a file (`accelerate launch eval/generate.py`): families/ is in the repository root
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from families import PIPELINE_FAMILIES  # noqa: E402
+
 SD15_BASE = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 SDXL_BASE = "stabilityai/stable-diffusion-xl-base-1.0"
 SDXL_VAE = "madebyollin/sdxl-vae-fp16-fix"
+SD3_BASE = "stabilityai/stable-diffusion-3.5-medium"
+FLUX_BASE = "black-forest-labs/FLUX.1-dev"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 EXIF_IMAGE_DESCRIPTION = 0x010E
 LORA_FILE = "pytorch_lora_weights.safetensors"  # what train.py --use_lora writes (diffusers' file name)
 RUN_RECORD = "run.json"  # in the run's image folder: what made its images (fingerprint), how many prompts, complete
+
+
+@dataclass(frozen=True)
+class FamilyDefaults:
+    """What a family samples with unless the command line says otherwise. `formula`: how --cfg is read by default;
+    a run with another formula gets it as a run-name suffix (`_standard` for sd/sdxl, `_official` for sd3)."""
+
+    base: str
+    size: int
+    steps: int
+    cfg: float
+    formula: str
+    denoiser: str  # the trained model's subfolder and weight-file stem (train.py: unet.pth / transformer.pth)
+    pipeline: str
+
+
+FAMILY_DEFAULTS = {
+    # the official protocol (test_sd15.py / test_sdxl.py): Euler, 50 steps, cfg 7.5 with the official formula
+    "sd": FamilyDefaults(SD15_BASE, 512, 50, 7.5, "official", "unet", "StableDiffusionPipeline"),
+    "sdxl": FamilyDefaults(SDXL_BASE, 1024, 50, 7.5, "official", "unet", "StableDiffusionXLPipeline"),
+    # the stabilityai/stable-diffusion-3.5-medium model card's diffusers example: 40 steps, guidance_scale 4.5
+    "sd3": FamilyDefaults(SD3_BASE, 1024, 40, 4.5, "standard", "transformer", "StableDiffusion3Pipeline"),
+    # the black-forest-labs/FLUX.1-dev model card's diffusers example: 50 steps, guidance_scale 3.5 (the guidance
+    # embedding of the guidance-distilled model: no unconditional branch)
+    "flux": FamilyDefaults(FLUX_BASE, 1024, 50, 3.5, "distilled", "transformer", "FluxPipeline"),
+}
+FLOW_FAMILIES = ("sd3", "flux")  # sampled with their diffusers pipeline
 
 
 class GenerateError(Exception):
@@ -50,36 +94,48 @@ class GenerateError(Exception):
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--test_json", default="prompts/papv2.json", help="prompt file (JSON list of {prompt, ...})")
-    p.add_argument("--unet_path", default=None,
-                   help="fine-tuned UNet: a .pth state dict (the released checkpoints' format), a .safetensors file, "
-                        "a diffusers UNet folder, a pipeline folder with unet/, or a train.py output folder holding "
-                        "unet.safetensors / unet.pth. Omit to evaluate the base UNet (then --output_path is required).")
+    p.add_argument("--unet_path", "--transformer_path", dest="unet_path", default=None,
+                   help="fine-tuned UNet (sd, sdxl) or transformer (sd3, flux): a .pth state dict (the released "
+                        "checkpoints' format), a .safetensors file, a diffusers UNet/transformer folder, a pipeline "
+                        "folder with unet/ or transformer/, or a train.py output folder holding unet.* / transformer.* "
+                        "(or a LoRA adapter). Omit to evaluate the base model (then --output_path is required).")
     p.add_argument("--output_path", "--output", default=None,
                    help="where runs are written (default: --unet_path itself if a folder, else its parent folder)")
-    p.add_argument("--height", type=int, default=None, help="default 512 (SD1.5) / 1024 (SDXL)")
-    p.add_argument("--width", type=int, default=None, help="default 512 (SD1.5) / 1024 (SDXL)")
+    p.add_argument("--height", type=int, default=None, help="default 512 (sd) / 1024 (sdxl, sd3, flux)")
+    p.add_argument("--width", type=int, default=None, help="default 512 (sd) / 1024 (sdxl, sd3, flux)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise, the same for every prompt")
-    p.add_argument("--steps", type=int, default=50, help="Euler steps")
-    p.add_argument("--cfg", type=float, default=7.5, help="guidance scale (see --guidance_formula)")
-    p.add_argument("--guidance_formula", choices=("official", "standard"), default="official",
-                   help="official: eps_c + cfg*(eps_c - eps_u) (= standard scale cfg+1); "
-                        "standard: eps_u + cfg*(eps_c - eps_u) (diffusers). 'standard' runs get a '_standard' run-name suffix.")
-    p.add_argument("--pretrain_path", default=None, help=f"base model (default {SD15_BASE} / {SDXL_BASE} with --sdxl)")
-    p.add_argument("--sdxl", action="store_true",
-                   help="SDXL mode. Without it, SDXL is detected from the base model's model_index.json _class_name")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default 50; sd3: 40)")
+    p.add_argument("--cfg", type=float, default=None,
+                   help="guidance scale, read as --guidance_formula says (default 7.5; sd3: 4.5; flux: 3.5, its "
+                        "guidance embedding)")
+    p.add_argument("--guidance_formula", choices=("official", "standard"), default=None,
+                   help="official: eps_c + cfg*(eps_c - eps_u) (= standard scale cfg+1), the default for sd/sdxl; "
+                        "standard: eps_u + cfg*(eps_c - eps_u) (diffusers), the default for sd3. A non-default formula "
+                        "is added to the run name ('_standard', '_official'). Not for flux (no unconditional branch).")
+    p.add_argument("--pretrain_path", default=None,
+                   help=f"base model (default {SD15_BASE}; {SDXL_BASE} with --sdxl; {SD3_BASE} / {FLUX_BASE} with "
+                        "--model_family sd3 / flux)")
+    p.add_argument("--sdxl", action="store_true", help="SDXL mode (= --model_family sdxl)")
+    p.add_argument("--model_family", choices=tuple(FAMILY_DEFAULTS), default=None,
+                   help="sd (SD1.x/2.x), sdxl, sd3 (SD3/3.5) or flux (FLUX.1). Default: read from --pretrain_path's "
+                        "model_index.json _class_name; needed only when that cannot be read (a contradiction is an "
+                        "error)")
     p.add_argument("--vae_path", default=None,
-                   help=f"VAE folder/repo, or a pipeline folder with vae/ (SDXL default {SDXL_VAE}; SD1.5: the base VAE)")
+                   help=f"VAE folder/repo, or a pipeline folder with vae/ (SDXL default {SDXL_VAE}; others: the "
+                        "base VAE)")
     p.add_argument("--lora_path", default=None, help="LoRA adapter (train.py's output, read by pipeline.load_lora_weights)")
     p.add_argument("--batch_size", type=int, default=1, help="prompts per forward pass (results do not depend on it)")
     p.add_argument("--dtype", choices=tuple(DTYPES), default=None,
-                   help="text encoder(s) + UNet precision (default bf16 on CUDA as official, fp32 on CPU); VAE is always fp32")
+                   help="text encoder(s) + UNet/transformer precision (default bf16 on CUDA as official, fp32 on CPU); "
+                        "VAE is always fp32")
     p.add_argument("--device", default="auto", help="auto = cuda (this rank's GPU) if available, else cpu")
     p.add_argument("--max_prompts", type=int, default=None,
                    help="only the first N prompts (smoke runs, demos); running again without it completes the run, "
                         "and a run never shrinks: a manifest keeps listing the prompts it already had")
     p.add_argument("--no_zip", dest="zip", action="store_false", help="do not write <run>.zip")
     p.add_argument("--print_weights", action="store_true",
-                   help="only print which weights --unet_path / --lora_path name (UNet file or folder, LoRA adapter) and exit")
+                   help="only print which weights --unet_path / --lora_path name (UNet or transformer file or folder, "
+                        "LoRA adapter) and exit")
     return p.parse_args(argv)
 
 
@@ -102,24 +158,66 @@ def read_model_index(pretrain_path: str) -> dict:
                             "Pass a local pipeline folder, or download it first.") from e
 
 
-def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
-    """Fill the mode-dependent defaults (SD1.5 vs SDXL, size, VAE, output path) and check the inputs exist."""
-    args = argparse.Namespace(**vars(args))
+def resolve_family(args: argparse.Namespace) -> str:
+    """--model_family, --sdxl, or what the base model's model_index.json `_class_name` says (families.PIPELINE_FAMILIES,
+    as train.py reads it); without --pretrain_path the family's default base is used (sd: SD1.5). A flag that
+    contradicts the model_index.json is refused."""
+    chosen = getattr(args, "model_family", None)
+    if args.sdxl and chosen not in (None, "sdxl"):
+        raise GenerateError(f"--sdxl contradicts --model_family {chosen}: drop one of them")
+    chosen = chosen or ("sdxl" if args.sdxl else None)
     if args.pretrain_path is None:
-        args.pretrain_path = SDXL_BASE if args.sdxl else SD15_BASE
-    else:
-        is_xl = "XL" in read_model_index(args.pretrain_path).get("_class_name", "")
-        if args.sdxl and not is_xl:
-            raise GenerateError(f"--sdxl was given but {args.pretrain_path} is not an SDXL pipeline")
-        args.sdxl = is_xl
-    size = 1024 if args.sdxl else 512
-    args.height = args.height or size
-    args.width = args.width or size
+        return chosen or "sd"
+    try:
+        class_name = read_model_index(args.pretrain_path).get("_class_name", "")
+    except GenerateError:
+        if chosen:  # no readable model_index.json: the flag decides (from_pretrained names what is missing)
+            return chosen
+        raise
+    detected = PIPELINE_FAMILIES.get(class_name)
+    if args.sdxl and detected != "sdxl":
+        raise GenerateError(f"--sdxl was given but {args.pretrain_path} is not an SDXL pipeline (its model_index.json "
+                            f"names {class_name or 'no pipeline class'})")
+    if detected is None:
+        if chosen:
+            return chosen
+        raise GenerateError(f"{args.pretrain_path} is a {class_name or 'pipeline with no _class_name'}, not one of "
+                            f"{', '.join(PIPELINE_FAMILIES)}: pass --model_family "
+                            f"{{{','.join(FAMILY_DEFAULTS)}}} if it is one of those families")
+    if chosen and chosen != detected:
+        raise GenerateError(f"--model_family {chosen} was given but {args.pretrain_path} is a {detected} model "
+                            f"({class_name} in its model_index.json): drop the flag or choose another --pretrain_path")
+    return detected
+
+
+def family_of(args: argparse.Namespace) -> str:
+    """args.model_family (set by resolve_args), or sd/sdxl from --sdxl for callers that build the namespace
+    themselves."""
+    return getattr(args, "model_family", None) or ("sdxl" if args.sdxl else "sd")
+
+
+def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill the family-dependent defaults (base model, size, steps, cfg, guidance formula, VAE, output path) and
+    check the inputs exist."""
+    args = argparse.Namespace(**vars(args))
+    args.model_family = family = resolve_family(args)
+    args.sdxl = family == "sdxl"
+    defaults = FAMILY_DEFAULTS[family]
+    args.pretrain_path = args.pretrain_path or defaults.base
+    args.height = args.height or defaults.size
+    args.width = args.width or defaults.size
+    args.steps = defaults.steps if args.steps is None else args.steps
+    args.cfg = defaults.cfg if args.cfg is None else args.cfg
+    if family == "flux" and args.guidance_formula is not None:
+        raise GenerateError("--guidance_formula does not apply to flux: FLUX.1-dev is guidance-distilled (--cfg is the "
+                            "value of its guidance embedding, one forward pass, no unconditional branch), and "
+                            "FLUX.1-schnell ignores guidance")
+    args.guidance_formula = args.guidance_formula or defaults.formula
     if args.vae_path is None and args.sdxl:
         args.vae_path = SDXL_VAE
     if args.unet_path is not None and not os.path.exists(args.unet_path):
         raise GenerateError(f"--unet_path {args.unet_path} does not exist")
-    args.weights = resolve_weights(args.unet_path, args.lora_path)
+    args.weights = resolve_weights(args.unet_path, args.lora_path, defaults.denoiser)
     if args.output_path is None:
         if args.unet_path is None:
             raise GenerateError("--output_path is required when no --unet_path is given")
@@ -136,7 +234,8 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
 def run_name(args: argparse.Namespace) -> str:
     """Official run name, e.g. `papv2_seed0_512x512_50s_7.5cfg` (cfg printed as a Python float)."""
     name = f"{Path(args.test_json).stem}_seed{args.seed}_{args.height}x{args.width}_{args.steps}s_{float(args.cfg)}cfg"
-    return name + ("_standard" if args.guidance_formula == "standard" else "")
+    default = FAMILY_DEFAULTS[family_of(args)].formula  # sd/sdxl: official (the official names), sd3: standard
+    return name + ("" if args.guidance_formula == default else f"_{args.guidance_formula}")
 
 
 def load_prompts(path: str, max_prompts: int | None = None) -> list[dict]:
@@ -161,12 +260,25 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
     return state
 
 
-def _mismatch_hint(missing: list[str], unexpected: list[str], pretrain_path: str) -> str:
-    for prefix in ("module.", "unet.", "model."):
+def _mismatch_hint(missing: list[str], unexpected: list[str], pretrain_path: str, denoiser: str = "unet") -> str:
+    for prefix in ("module.", "unet.", "transformer.", "model."):
         if unexpected and all(k.startswith(prefix) for k in unexpected):
-            return f"every key starts with {prefix!r} (a wrapped model or a whole-pipeline checkpoint): save unet.state_dict() itself"
+            return (f"every key starts with {prefix!r} (a wrapped model or a whole-pipeline checkpoint): save "
+                    f"{denoiser}.state_dict() itself")
     if any("lora" in k.lower() for k in unexpected):
         return "the file looks like LoRA weights: pass it with --lora_path"
+    unet_keys = any(k.startswith(("conv_in.", "down_blocks.")) for k in unexpected)
+    transformer_keys = any(k.startswith(("transformer_blocks.", "single_transformer_blocks.", "x_embedder.",
+                                         "pos_embed.")) for k in unexpected)
+    if denoiser == "transformer" and unet_keys:
+        return (f"the file holds a UNet (SD/SDXL) but the base model {pretrain_path} is an SD3/FLUX transformer model: "
+                "pass the UNet's base model as --pretrain_path")
+    if denoiser == "unet" and transformer_keys:
+        return (f"the file holds an SD3/FLUX transformer but the base model {pretrain_path} is a UNet model: pass the "
+                "transformer's base model as --pretrain_path (or --model_family sd3/flux)")
+    if denoiser == "transformer":
+        return (f"the file is not a transformer state dict of the base model {pretrain_path} (SD3 vs FLUX, another "
+                "size?)")
     if any(k.startswith("add_embedding.") for k in unexpected):
         return f"the file holds an SDXL UNet but the base model {pretrain_path} is not SDXL: pass --sdxl (and an SDXL --pretrain_path)"
     if any(k.startswith("add_embedding.") for k in missing):
@@ -174,68 +286,111 @@ def _mismatch_hint(missing: list[str], unexpected: list[str], pretrain_path: str
     return f"the file is not a UNet state dict of the base model {pretrain_path} (another base model?)"
 
 
-def load_unet_weights(unet, path: str, pretrain_path: str) -> None:
-    """Strict load of a state-dict file into the base UNet, with a readable error naming the mismatch."""
-    state = read_state_dict(path)
-    expected = unet.state_dict()
-    missing = sorted(expected.keys() - state.keys())
-    unexpected = sorted(state.keys() - expected.keys())
-    wrong_shape = [f"{k}: file {tuple(state[k].shape)} vs base {tuple(expected[k].shape)}"
-                   for k in sorted(expected.keys() & state.keys()) if state[k].shape != expected[k].shape]
+def _check_keys(expected: dict, shapes: dict, path: str, pretrain_path: str, denoiser: str) -> None:
+    """Strict key and shape check of a weights file (`shapes`: key -> shape) against the base model's state dict."""
+    missing = sorted(expected.keys() - shapes.keys())
+    unexpected = sorted(shapes.keys() - expected.keys())
+    wrong_shape = [f"{k}: file {tuple(shapes[k])} vs base {tuple(expected[k].shape)}"
+                   for k in sorted(expected.keys() & shapes.keys()) if tuple(shapes[k]) != tuple(expected[k].shape)]
     if missing or unexpected or wrong_shape:
-        lines = [f"--unet_path {path} does not match the base UNet of {pretrain_path}:"]
+        lines = [f"--unet_path {path} does not match the base {DENOISER_NAMES[denoiser]} of {pretrain_path}:"]
         for what, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", wrong_shape)):
             if keys:
                 lines.append(f"  {len(keys)} {what} keys, e.g. " + "; ".join(keys[:3]))
-        lines.append("Likely cause: " + _mismatch_hint(missing, unexpected, pretrain_path))
+        lines.append("Likely cause: " + _mismatch_hint(missing, unexpected, pretrain_path, denoiser))
         raise GenerateError("\n".join(lines))
+
+
+def load_unet_weights(unet, path: str, pretrain_path: str) -> None:
+    """Strict load of a state-dict file into the base UNet, with a readable error naming the mismatch."""
+    state = read_state_dict(path)
+    _check_keys(unet.state_dict(), {k: v.shape for k, v in state.items()}, path, pretrain_path, "unet")
     unet.load_state_dict(state)
+
+
+def load_transformer_weights(transformer, path: str, pretrain_path: str) -> None:
+    """Strict load of a state-dict file into the base transformer, one tensor at a time: a FLUX.1 transformer file
+    in fp32 (what train.py writes) is 48 GB, so it is memory-mapped (.pth) or read lazily (.safetensors) and copied
+    into the model's own (e.g. bf16) parameters, never held in memory whole."""
+    expected = transformer.state_dict()  # tensors sharing the parameters' storage
+    if path.endswith(".safetensors"):
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as f:
+            _check_keys(expected, {k: f.get_slice(k).get_shape() for k in f.keys()}, path, pretrain_path, "transformer")
+            with torch.no_grad():
+                for key, target in expected.items():
+                    target.copy_(f.get_tensor(key))
+        return
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # not a zip-format file (mmap needs one): read it whole
+        state = read_state_dict(path)
+    if not isinstance(state, dict):
+        raise GenerateError(f"{path} holds a {type(state).__name__}, not a state dict")
+    _check_keys(expected, {k: v.shape for k, v in state.items()}, path, pretrain_path, "transformer")
+    with torch.no_grad():
+        for key, target in expected.items():
+            target.copy_(state[key])
+
+
+DENOISER_NAMES = {"unet": "UNet", "transformer": "transformer"}
 
 
 @dataclass
 class Weights:
-    """What is evaluated: the UNet (a state-dict file, a diffusers UNet folder, or None for the base UNet) and an
-    optional LoRA adapter applied on top."""
+    """What is evaluated: the denoiser (a state-dict file, a diffusers UNet/transformer folder, or None for the base
+    model's) and an optional LoRA adapter applied on top. `denoiser`: "unet" (sd, sdxl) or "transformer" (sd3, flux)."""
 
     unet: str | None
     lora: str | None = None
+    denoiser: str = "unet"
 
     def describe(self, pretrain_path: str) -> str:
+        name = DENOISER_NAMES[self.denoiser]
         if self.unet is None:
-            unet = f"base UNet of {pretrain_path}"
+            unet = f"base {name} of {pretrain_path}"
         else:
-            unet = f"UNet {'folder' if os.path.isdir(self.unet) else 'file'} {self.unet}"
+            unet = f"{name} {'folder' if os.path.isdir(self.unet) else 'file'} {self.unet}"
         return unet + (f" + LoRA adapter {self.lora}" if self.lora else "")
 
 
-def resolve_weights(unet_path: str | None, lora_path: str | None) -> Weights:
-    """The UNet and adapter that --unet_path / --lora_path name. A folder is read as train.py writes it: a diffusers
-    UNet or pipeline (unet/), unet.safetensors / unet.pth, or, after --use_lora, pytorch_lora_weights.safetensors,
-    loaded as LoRA on the base UNet (or on the folder's pipeline UNet, which --save_pipeline stores) - not ignored."""
+def resolve_weights(unet_path: str | None, lora_path: str | None, denoiser: str = "unet") -> Weights:
+    """The denoiser and adapter that --unet_path / --lora_path name. A folder is read as train.py writes it: a
+    diffusers UNet/transformer or pipeline (unet/ or transformer/), unet.* or transformer.* (.safetensors / .pth),
+    or, after --use_lora, pytorch_lora_weights.safetensors, loaded as LoRA on the base model's denoiser (or on the
+    folder's pipeline denoiser, which --save_pipeline stores) - not ignored."""
     if unet_path is None or not os.path.isdir(unet_path):
-        return Weights(unet_path, lora_path)
-    folder = Path(unet_path)
-    unet_dirs = [str(d) for d in (folder / "unet", folder) if (d / "config.json").is_file()]
-    files = [str(folder / f) for f in ("unet.safetensors", "unet.pth") if (folder / f).is_file()]
+        return Weights(unet_path, lora_path, denoiser)
+    folder, name = Path(unet_path), DENOISER_NAMES[denoiser]
+    unet_dirs = [str(d) for d in (folder / denoiser, folder) if (d / "config.json").is_file()]
+    files = [str(folder / f) for f in (f"{denoiser}.safetensors", f"{denoiser}.pth") if (folder / f).is_file()]
     adapter = folder / LORA_FILE
     if adapter.is_file():
         if lora_path is not None:
             raise GenerateError(f"--unet_path folder {folder} holds a LoRA adapter ({LORA_FILE}) and --lora_path "
                                 f"{lora_path} names another: pass one adapter, e.g. --unet_path UNET --lora_path ADAPTER")
         if files and not unet_dirs:
-            raise GenerateError(f"--unet_path folder {folder} holds both UNet weights ({Path(files[0]).name}) and a "
+            raise GenerateError(f"--unet_path folder {folder} holds both {name} weights ({Path(files[0]).name}) and a "
                                 f"LoRA adapter ({LORA_FILE}): name the one to evaluate, --unet_path {files[0]} or "
                                 f"--lora_path {adapter}")
-        return Weights(unet_dirs[0] if unet_dirs else None, str(adapter))
+        return Weights(unet_dirs[0] if unet_dirs else None, str(adapter), denoiser)
     if unet_dirs or files:
-        return Weights((unet_dirs + files)[0], lora_path)
-    raise GenerateError(f"--unet_path folder {folder} holds nothing to evaluate: no unet.safetensors / unet.pth, no "
-                        f"UNet config.json or unet/ subfolder, and no LoRA adapter {LORA_FILE}")
+        return Weights((unet_dirs + files)[0], lora_path, denoiser)
+    other = "transformer" if denoiser == "unet" else "unet"
+    hint = ""
+    if any((folder / f).is_file() for f in (f"{other}.safetensors", f"{other}.pth")) or (folder / other).is_dir():
+        hint = (f". It holds {DENOISER_NAMES[other]} weights ({other}.*): is --pretrain_path (or --model_family) the "
+                "model they were trained from?")
+    raise GenerateError(f"--unet_path folder {folder} holds nothing to evaluate: no {denoiser}.safetensors / "
+                        f"{denoiser}.pth, no {name} config.json or {denoiser}/ subfolder, and no LoRA adapter "
+                        f"{LORA_FILE}{hint}")
 
 
 def weights_of(args: argparse.Namespace) -> Weights:
     """args.weights (set by resolve_args), or resolved here for callers that build the namespace themselves."""
-    return getattr(args, "weights", None) or resolve_weights(args.unet_path, getattr(args, "lora_path", None))
+    return getattr(args, "weights", None) or resolve_weights(args.unet_path, getattr(args, "lora_path", None),
+                                                            FAMILY_DEFAULTS[family_of(args)].denoiser)
 
 
 def load_unet(args: argparse.Namespace):
@@ -289,9 +444,44 @@ class Models:
         """Spatial compression of the VAE (8 for the real ones), read from its config."""
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
+    @property
+    def size_multiple(self) -> int:
+        return self.vae_factor
 
-def load_models(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> Models:
+
+@dataclass
+class PipelineModels:
+    """sd3 / flux: their diffusers pipeline (transformer and text encoders in `dtype`, trained weights loaded in) and
+    the VAE in fp32, which decodes outside the pipeline as for sd/sdxl."""
+
+    pipeline: object
+    vae: object
+    family: str
+    device: torch.device
+    dtype: torch.dtype
+    max_sequence_length: int
+
+    @property
+    def vae_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def size_multiple(self) -> int:
+        """SD3: the VAE factor x the transformer's patch size; FLUX.1: x 2 (2x2-packed latents)."""
+        patch = self.pipeline.transformer.config.patch_size if self.family == "sd3" else 2
+        return self.vae_factor * patch
+
+    @property
+    def latent_channels(self) -> int:
+        channels = self.pipeline.transformer.config.in_channels
+        return channels // 4 if self.family == "flux" else channels
+
+
+def load_models(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> Models | PipelineModels:
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    if family_of(args) in FLOW_FAMILIES:
+        return load_pipeline_models(args, device, dtype)
 
     names = [("tokenizer", "text_encoder", CLIPTextModel)]
     if args.sdxl:
@@ -329,6 +519,56 @@ def load_lora(args, unet, vae, scheduler, tokenizers, encoders) -> None:
         raise GenerateError(f"cannot load the LoRA adapter {adapter}: {e}") from e
 
 
+def load_transformer(args: argparse.Namespace, dtype: torch.dtype):
+    """The transformer to evaluate, in `dtype`: a diffusers folder as is, or the base model's transformer with the
+    file's weights (loaded in `dtype` first, so that a FLUX.1 transformer is never held in fp32)."""
+    import diffusers
+
+    cls = getattr(diffusers, {"sd3": "SD3Transformer2DModel", "flux": "FluxTransformer2DModel"}[family_of(args)])
+    path = weights_of(args).unet
+    if path is not None and os.path.isdir(path):
+        return cls.from_pretrained(path, torch_dtype=dtype)
+    transformer = cls.from_pretrained(args.pretrain_path, subfolder="transformer", torch_dtype=dtype)
+    if path is not None:
+        load_transformer_weights(transformer, path, args.pretrain_path)
+    return transformer
+
+
+def load_pipeline_models(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> PipelineModels:
+    """StableDiffusion3Pipeline / FluxPipeline from the base model, with the trained transformer (and a LoRA adapter,
+    through pipeline.load_lora_weights) and the VAE in fp32; the scheduler is the base model's
+    (FlowMatchEulerDiscreteScheduler)."""
+    import diffusers
+
+    family = family_of(args)
+    transformer = load_transformer(args, dtype)
+    vae = load_vae(args.vae_path, args.pretrain_path)
+    pipe = getattr(diffusers, FAMILY_DEFAULTS[family].pipeline).from_pretrained(
+        args.pretrain_path, transformer=transformer, vae=vae, torch_dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)
+    adapter = weights_of(args).lora
+    if adapter is not None:
+        adapter = Path(adapter)
+        try:
+            if adapter.is_file():
+                pipe.load_lora_weights(str(adapter.parent), weight_name=adapter.name)
+            else:
+                pipe.load_lora_weights(str(adapter))
+        except (OSError, ValueError, KeyError) as e:
+            raise GenerateError(f"cannot load the LoRA adapter {adapter}: {e}") from e
+    for name, module in pipe.components.items():
+        if isinstance(module, torch.nn.Module):
+            module_dtype = torch.float32 if name == "vae" else dtype
+            torch.nn.Module.to(module, device=device, dtype=module_dtype).eval().requires_grad_(False)
+    # T5 tokens: the pipelines' defaults (SD3 256, FLUX.1-dev 512); FLUX.1-schnell (no guidance embedding) takes at
+    # most 256, as its model card and diffusers' documentation say
+    if family == "sd3":
+        max_sequence_length = 256
+    else:
+        max_sequence_length = 512 if transformer.config.guidance_embeds else 256
+    return PipelineModels(pipe, vae, family, device, dtype, max_sequence_length)
+
+
 # -------------------------------------------------------------------------------------------------------- sampling
 
 
@@ -362,8 +602,14 @@ def guide(eps_c: torch.Tensor, eps_u: torch.Tensor, cfg: float, formula: str) ->
 
 
 @torch.inference_mode()
-def sample(models: Models, prompts: list[str], uncond, args: argparse.Namespace) -> torch.Tensor:
-    """Euler sampling for a batch of prompts; returns uint8 images (B, H, W, 3) on the CPU."""
+def sample(models: Models | PipelineModels, prompts: list[str], uncond, args: argparse.Namespace) -> torch.Tensor:
+    """Euler sampling for a batch of prompts; returns uint8 images (B, H, W, 3) on the CPU.
+
+    The model's prediction is guided and handed to EulerDiscreteScheduler.step, which reads it as the scheduler
+    config's `prediction_type` says: epsilon (SD1.5, SDXL) or v_prediction (SD2.x-768: x0 = x/(σ²+1) - v·σ/√(σ²+1)
+    in Euler's scaled-sample terms). Guidance is linear, so guiding v equals guiding ε. sd3/flux: `sample_pipeline`."""
+    if isinstance(models, PipelineModels):
+        return sample_pipeline(models, prompts, args)
     n, f = len(prompts), models.vae_factor
     cond_emb, cond_pooled = encode(models, prompts)
     uncond_emb, uncond_pooled = uncond
@@ -382,17 +628,50 @@ def sample(models: Models, prompts: list[str], uncond, args: argparse.Namespace)
     latents = (initial_noise(args.seed, shape).to(models.device) * scheduler.init_noise_sigma).expand(n, -1, -1, -1)
     for t in scheduler.timesteps:
         x = scheduler.scale_model_input(latents, t)
-        eps = models.unet(torch.cat([x, x]).to(models.dtype), t, encoder_hidden_states=emb, **extra).sample.float()
-        eps_c, eps_u = eps.chunk(2)
-        latents = scheduler.step(guide(eps_c, eps_u, args.cfg, args.guidance_formula), t, latents).prev_sample
+        pred = models.unet(torch.cat([x, x]).to(models.dtype), t, encoder_hidden_states=emb, **extra).sample.float()
+        pred_c, pred_u = pred.chunk(2)  # epsilon or v, as the scheduler config's prediction_type says
+        latents = scheduler.step(guide(pred_c, pred_u, args.cfg, args.guidance_formula), t, latents).prev_sample
+    return decode(models.vae, latents)
 
+
+@torch.inference_mode()
+def decode(vae, latents: torch.Tensor) -> torch.Tensor:
+    """latents / scaling_factor (+ shift_factor), decoded in fp32, (x/2 + 0.5) clamped, x 255, rounded to uint8."""
     images = []
-    config = models.vae.config
+    config = vae.config
     for latent in latents:  # one at a time: a batch of 1024px decodes would need a lot of memory
         z = latent[None].float() / config.scaling_factor + (config.shift_factor or 0.0)
-        x = models.vae.decode(z).sample
+        x = vae.decode(z).sample
         images.append(((x / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)[0].permute(1, 2, 0).cpu())
     return torch.stack(images)
+
+
+@torch.inference_mode()
+def sample_pipeline(models: PipelineModels, prompts: list[str], args: argparse.Namespace) -> torch.Tensor:
+    """sd3 / flux: the pipeline's own sampler (FlowMatchEulerDiscreteScheduler, its shift or FLUX.1's resolution-
+    dependent shift) on the same seeded fp32 CPU noise for every prompt as sd/sdxl (flow models start at sigma 1, the
+    noise itself), passed in as `latents` so that images do not depend on the batch; decoded by `decode` (VAE fp32).
+
+    sd3: classifier-free guidance with the real encoding of "" as the negative prompt (the pipeline's default
+    formula, eps_u + cfg(eps_c - eps_u); `--guidance_formula official` passes cfg + 1). flux: --cfg is the
+    guidance-embedding value (FLUX.1-dev), one forward pass per step; FLUX.1-schnell ignores it."""
+    from diffusers import FluxPipeline
+
+    pipe, n, f = models.pipeline, len(prompts), models.vae_factor
+    height, width = args.height // f, args.width // f
+    noise = initial_noise(args.seed, (1, models.latent_channels, height, width)).repeat(n, 1, 1, 1)
+    kwargs = {"height": args.height, "width": args.width, "num_inference_steps": args.steps,
+              "max_sequence_length": models.max_sequence_length, "output_type": "latent", "return_dict": False}
+    if models.family == "flux":
+        noise = FluxPipeline._pack_latents(noise, n, models.latent_channels, height, width)
+        kwargs["guidance_scale"] = float(args.cfg)
+    else:
+        kwargs["negative_prompt"] = ""
+        kwargs["guidance_scale"] = float(args.cfg) + (1.0 if args.guidance_formula == "official" else 0.0)
+    latents = pipe(prompts, latents=noise.to(models.device), **kwargs)[0]
+    if models.family == "flux":
+        latents = FluxPipeline._unpack_latents(latents, args.height, args.width, f)
+    return decode(models.vae, latents)
 
 
 # --------------------------------------------------------------------------------------------------------- outputs
@@ -474,11 +753,13 @@ def write_outputs(items: list[dict], paths: list[str], output_path: str, name: s
 # files that loading reads from a model folder (and from its pipeline parts); other files there (manifests, images,
 # logs of the runs written into a train.py output folder) must not change the fingerprint
 MODEL_FILES = ("config.json", "scheduler_config.json", "model_index.json", "diffusion_pytorch_model*",
-               "model*.safetensors", "pytorch_model*.bin", "vocab.json", "merges.txt", LORA_FILE)
-PIPELINE_PARTS = ("unet", "vae", "text_encoder", "text_encoder_2", "scheduler", "tokenizer", "tokenizer_2")
+               "model*.safetensors", "pytorch_model*.bin", "vocab.json", "merges.txt", "spiece.model", LORA_FILE)
+PIPELINE_PARTS = ("unet", "vae", "text_encoder", "text_encoder_2", "scheduler", "tokenizer", "tokenizer_2",
+                  "transformer", "text_encoder_3", "tokenizer_3")  # (the last three: sd3/flux folders only)
 MIB = 1 << 20
 FINGERPRINT_NAMES = {  # fingerprint key -> what the user changed
-    "model.unet": "UNet weights (--unet_path)", "model.lora": "LoRA adapter", "model.base": "base model (--pretrain_path)",
+    "model.unet": "UNet weights (--unet_path)", "model.transformer": "transformer weights (--unet_path)",
+    "model.lora": "LoRA adapter", "model.base": "base model (--pretrain_path)",
     "model.vae": "VAE (--vae_path)", "prompts.count": "number of prompts in --test_json",
     "prompts.sha256": "prompts of --test_json", "sampling.dtype": "precision (--dtype)",
 }
@@ -519,14 +800,21 @@ def run_fingerprint(args: argparse.Namespace, prompts: list[dict], dtype: torch.
     """What decides the images: the weights, the whole prompt file (so that --max_prompts runs of it match) and the
     sampling settings. The batch size and the device do not (up to float rounding)."""
     texts = json.dumps([item["prompt"] for item in prompts], ensure_ascii=False)
-    return {
-        "model": {"unet": source_digest(args.weights.unet), "lora": source_digest(args.weights.lora),
+    family = family_of(args)
+    flow = family in FLOW_FAMILIES  # sd/sdxl keep the keys they always had, so that their older run records resume
+    fingerprint = {
+        "model": {"transformer" if flow else "unet": source_digest(args.weights.unet),
+                  "lora": source_digest(args.weights.lora),
                   "base": source_digest(args.pretrain_path), "vae": source_digest(args.vae_path)},
         "prompts": {"count": len(prompts), "sha256": hashlib.sha256(texts.encode()).hexdigest()[:16]},
         "sampling": {"height": args.height, "width": args.width, "steps": args.steps, "cfg": float(args.cfg),
                      "seed": args.seed, "guidance_formula": args.guidance_formula,
-                     "scheduler": "EulerDiscreteScheduler", "dtype": str(dtype).removeprefix("torch."), "sdxl": args.sdxl},
+                     "scheduler": "FlowMatchEulerDiscreteScheduler" if flow else "EulerDiscreteScheduler",
+                     "dtype": str(dtype).removeprefix("torch."), "sdxl": args.sdxl},
     }
+    if flow:
+        fingerprint["sampling"]["family"] = family
+    return fingerprint
 
 
 def fingerprint_differences(old: dict, new: dict) -> list[str]:
@@ -631,8 +919,8 @@ def generate(args: argparse.Namespace) -> dict:
         print(f"[WARN] {image_dir} has no {RUN_RECORD} (an older or official run): its images are kept when their "
               "stored prompt matches, but nothing shows which model made them")
     weights = args.weights.describe(args.pretrain_path)
-    record = {"run_name": name, "weights": weights, "n_prompts": n, "total_prompts": len(all_items), "complete": False,
-              "fingerprint": fingerprint,
+    record = {"run_name": name, "weights": weights, "family": args.model_family, "n_prompts": n,
+              "total_prompts": len(all_items), "complete": False, "fingerprint": fingerprint,
               "paths": {"unet_path": args.unet_path, "lora_path": args.weights.lora, "pretrain_path": args.pretrain_path,
                         "vae_path": args.vae_path, "test_json": args.test_json}}
     if state.is_main_process:
@@ -641,9 +929,12 @@ def generate(args: argparse.Namespace) -> dict:
 
     if todo:
         models = load_models(args, device, dtype)
-        if args.height % models.vae_factor or args.width % models.vae_factor:
-            raise GenerateError(f"--height/--width must be multiples of the VAE factor {models.vae_factor}")
-        uncond = encode(models, [""])  # real encoding of the empty prompt, not zeros (official, SDXL too)
+        if args.height % models.size_multiple or args.width % models.size_multiple:
+            what = ("the VAE factor" if models.size_multiple == models.vae_factor
+                    else f"the VAE factor {models.vae_factor} x the {args.model_family} patch size")
+            raise GenerateError(f"--height/--width must be multiples of {what} {models.size_multiple}")
+        # real encoding of the empty prompt, not zeros (official, SDXL too); sd3/flux: the pipeline encodes
+        uncond = None if isinstance(models, PipelineModels) else encode(models, [""])
         progress = tqdm(total=len(todo), desc=name, disable=not state.is_main_process)
         for start in range(0, len(todo), args.batch_size):
             batch = todo[start : start + args.batch_size]
@@ -671,8 +962,18 @@ def describe_weights(args: argparse.Namespace) -> str:
     """The weights --unet_path / --lora_path name, in words (the eval scripts print it in their header)."""
     if args.unet_path is not None and not os.path.exists(args.unet_path):
         raise GenerateError(f"--unet_path {args.unet_path} does not exist")
-    pretrain_path = args.pretrain_path or (SDXL_BASE if args.sdxl else SD15_BASE)
-    return resolve_weights(args.unet_path, args.lora_path).describe(pretrain_path)
+    try:
+        family = resolve_family(args)
+    except GenerateError:  # no readable model_index.json here (a hub id not in the cache): the weights' names decide
+        family = getattr(args, "model_family", None) or ("sdxl" if args.sdxl else None)
+    if family is None:
+        path = Path(args.unet_path or "")
+        transformer = (path.name.startswith("transformer") if path.is_file() else
+                       any((path / f).exists() for f in ("transformer", "transformer.safetensors", "transformer.pth")))
+        family = "sd3" if transformer else "sd"
+    defaults = FAMILY_DEFAULTS[family]
+    pretrain_path = args.pretrain_path or defaults.base
+    return resolve_weights(args.unet_path, args.lora_path, defaults.denoiser).describe(pretrain_path)
 
 
 def main(argv: list[str] | None = None) -> None:
