@@ -34,6 +34,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -291,6 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--dreamlike_pairs_only", action="store_true", help="Keep only pairs where both generators are Dreamlike.")
     data.add_argument("--streaming", action="store_true",
                       help="Stream the dataset (hub id or files) instead of downloading it first. WebDataset shards always stream.")
+    data.add_argument("--latents_cache", type=str, default=None,
+                      help="Train from VAE moments and text embeddings encoded once by latent_cache.py into this folder "
+                           "(no VAE or text encoder is loaded; README 'Cached latents').")
     data.add_argument("--shuffle_buffer_size", type=int, default=1000,
                       help="Streams only: rows in the seeded shuffling buffer (the shard order is shuffled too).")
 
@@ -455,6 +459,13 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--shuffle_buffer_size must be >= 1, got {args.shuffle_buffer_size}")
     check_numbers(parser, args)
     resolve_optimizer(parser, args)
+    if args.latents_cache:
+        from latent_cache import check_cacheable
+
+        try:
+            check_cacheable(args)
+        except ValueError as error:
+            parser.error(str(error))
     if args.fused_adam and args.optimizer != "adamw":
         parser.error(f"--fused_adam is for torch's AdamW; drop it with --optimizer {args.optimizer}")
     return args
@@ -1219,7 +1230,7 @@ def prune_checkpoints(output_dir: Path, keep: int):
 
 
 def compute_loss(args, batch, unet, reference, vae, text_encoders, family, noise_process, weight_dtype,
-                 log_weight_coefficients=None, choice_scorer=None):
+                 log_weight_coefficients=None, choice_scorer=None, latent_config=None):
     """One micro-batch, pixels to loss: the training step that `main` runs (and benchmarks/bench_train.py times).
 
     Encodes images and captions with the frozen VAE and text encoders, noises the latents with the family's
@@ -1229,21 +1240,32 @@ def compute_loss(args, batch, unet, reference, vae, text_encoders, family, noise
     disabled); `log_weight_coefficients` (noise_process.log_weight_coefficients()) is needed with
     --importance_weighting; `choice_scorer` relabels the pairs (--choice_model). Returns (loss, step metrics,
     importance-weight metrics, relabelled pairs or None), all device tensors: no host synchronisation here (except
-    the scorer's, with --choice_model); the caller reads them when it logs.
+    the scorer's, with --choice_model); the caller reads them when it logs. With --latents_cache the batch holds VAE
+    moments and text outputs instead of pixels and token ids (`vae` and `text_encoders` unused; `latent_config` has
+    the VAE's scaling and shift factors).
     """
     preference = args.train_method in PREFERENCE_METHODS
-    pixels = batch["pixel_values"].to(vae.device, dtype=weight_dtype)
     relabelled = None
-    if choice_scorer is not None:  # AI feedback: the scorer's preferred image goes first
-        pixels, relabelled = relabel_pairs(choice_scorer, batch, pixels)
-        if not preference:
-            pixels = pixels[:, :3]  # SFT on the scorer's winner
-    if preference:  # (B, 6, H, W) -> (2B, 3, H, W), winners first
-        pixels = torch.cat(pixels.chunk(2, dim=1))
-    with torch.inference_mode():  # frozen, never differentiated: faster than no_grad, same values (benchmarks/RESULTS.md)
-        latents = family.encode_images(vae, pixels)
-    with torch.no_grad():  # not inference_mode: the policy's cross-attention saves these for its backward
-        conditioning = family.encode_prompts(batch, text_encoders)
+    if "moments" in batch:  # --latents_cache: encoded once; the posterior sample is drawn here, as on the fly
+        from latent_cache import latents_from_moments
+
+        moments = batch["moments"].to(dtype=weight_dtype)  # (B, 2 or 1, 2C, h, w), winner first
+        moments = torch.cat(moments.unbind(1)) if preference else moments[:, 0]
+        with torch.inference_mode():
+            latents = latents_from_moments(family, moments, latent_config)
+        conditioning = batch["conditioning"]
+    else:
+        pixels = batch["pixel_values"].to(vae.device, dtype=weight_dtype)
+        if choice_scorer is not None:  # AI feedback: the scorer's preferred image goes first
+            pixels, relabelled = relabel_pairs(choice_scorer, batch, pixels)
+            if not preference:
+                pixels = pixels[:, :3]  # SFT on the scorer's winner
+        if preference:  # (B, 6, H, W) -> (2B, 3, H, W), winners first
+            pixels = torch.cat(pixels.chunk(2, dim=1))
+        with torch.inference_mode():  # frozen, never differentiated: faster than no_grad, same values (benchmarks/RESULTS.md)
+            latents = family.encode_images(vae, pixels)
+        with torch.no_grad():  # not inference_mode: the policy's cross-attention saves these for its backward
+            conditioning = family.encode_prompts(batch, text_encoders)
 
     pairs = latents.shape[0] // 2 if preference else latents.shape[0]
     noised = noise_process.sample(latents, pairs, preference, args)
@@ -1356,12 +1378,20 @@ def main(argv=None):
     base, revision = args.pretrained_model_name_or_path, args.revision
     family = make_family(args)
     family.check_components(base, revision)
-    tokenizers, text_encoders = family.load_text(weight_dtype)  # the tokenizer first: it names a missing model's fix
+    cache, latent_config = None, None
+    if args.latents_cache:  # the VAE and text encoders did their work once (latent_cache.py): not loaded
+        import latent_cache
+
+        cache = latent_cache.LatentCache(args.latents_cache, args)
+        latent_config = SimpleNamespace(**cache.index["latent"])
+        tokenizers, text_encoders = [], []
+    else:
+        tokenizers, text_encoders = family.load_text(weight_dtype)  # the tokenizer first: it names a missing model's fix
     noise_process = family.load_noise()
     if args.timestep_range[1] >= noise_process.num_timesteps:
         raise ValueError(f"--timestep_range {args.timestep_range[0]} {args.timestep_range[1]}: the scheduler of {base} "
                          f"has {noise_process.num_timesteps} timesteps; HI must be at most {noise_process.num_timesteps - 1}")
-    vae = family.load_vae(weight_dtype)
+    vae = family.load_vae(weight_dtype) if cache is None else None
     unet_source, unet_revision = args.unet_init or base, None if args.unet_init else revision
     unet = family.load_denoiser(unet_source, unet_revision)  # fp32 master weights
     ref_unet = None
@@ -1370,7 +1400,7 @@ def main(argv=None):
     elif preference:
         ref_unet = family.load_denoiser(unet_source, unet_revision, weight_dtype)
 
-    frozen = [vae, *text_encoders] + ([ref_unet] if ref_unet is not None else [])
+    frozen = [m for m in (vae, *text_encoders, ref_unet) if m is not None]
     for module in frozen:
         module.requires_grad_(False)
         module.eval()
@@ -1407,8 +1437,11 @@ def main(argv=None):
     optimizer = make_optimizer(args, params)
 
     # Data
-    with accelerator.main_process_first():
-        rows = filter_rows(load_rows(args), args, accelerator.is_main_process)
+    if cache is not None:
+        rows = None
+    else:
+        with accelerator.main_process_first():
+            rows = filter_rows(load_rows(args), args, accelerator.is_main_process)
     data_seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
     stream = None
     if isinstance(rows, datasets.IterableDataset):  # --streaming or WebDataset shards: PairStream shards by rank itself
@@ -1420,11 +1453,13 @@ def main(argv=None):
             generator=torch.Generator().manual_seed(data_seed),  # worker seeds must not draw from the global RNG (resume)
         )  # no persistent workers: every epoch they must see the stream's new epoch and start
     else:
-        dataset = PairDataset(rows, args)
+        if cache is not None:  # the same keys, choices and order as PairDataset, moments instead of pixels
+            dataset, collate = latent_cache.CachedPairDataset(cache, args), latent_cache.collate
+        else:
+            dataset, collate = PairDataset(rows, args), Collate(tokenizers, family.max_lengths())
         sampler = EpochSampler(len(dataset), data_seed, shuffle=args.split == "train")
         dataloader = torch.utils.data.DataLoader(
-            dataset, sampler=sampler, batch_size=args.train_batch_size, drop_last=True,
-            collate_fn=Collate(tokenizers, family.max_lengths()),
+            dataset, sampler=sampler, batch_size=args.train_batch_size, drop_last=True, collate_fn=collate,
             num_workers=args.dataloader_num_workers, pin_memory=torch.cuda.is_available(),
             persistent_workers=args.dataloader_num_workers > 0,
             generator=torch.Generator().manual_seed(data_seed),  # worker seeds must not draw from the global RNG (resume)
@@ -1574,7 +1609,7 @@ def main(argv=None):
             with accelerator.accumulate(unet):
                 loss, step_metrics, weight_metrics, relabelled = compute_loss(
                     args, batch, unet, reference, vae, text_encoders, family, noise_process, weight_dtype,
-                    log_weight_coefficients, choice_scorer)
+                    log_weight_coefficients, choice_scorer, latent_config)
                 finite = torch.isfinite(loss)
                 bad_update = torch.maximum(bad_update, (~finite).float())
                 loss = torch.where(finite, loss, torch.zeros_like(loss))  # a bad micro-batch contributes nothing

@@ -109,12 +109,15 @@ class Family:
         return [tokenizer.model_max_length for tokenizer in self.tokenizers]
 
     def encode_images(self, vae, pixels: torch.Tensor) -> torch.Tensor:
-        """Normalised latents in fp32: (sample - shift_factor) * scaling_factor (no shift for SD/SDXL)."""
-        latents = vae.encode(pixels).latent_dist.sample().float()
-        shift = getattr(vae.config, "shift_factor", None)
+        """Normalised latents in fp32 of a posterior sample of the frozen VAE."""
+        return self.normalise_latents(vae.encode(pixels).latent_dist.sample().float(), vae.config)
+
+    def normalise_latents(self, sample: torch.Tensor, config) -> torch.Tensor:
+        """(sample - shift_factor) * scaling_factor, from the VAE config (no shift for SD/SDXL)."""
+        shift = getattr(config, "shift_factor", None)
         if shift is not None:
-            latents = latents - shift
-        return latents * vae.config.scaling_factor
+            sample = sample - shift
+        return sample * config.scaling_factor
 
     def encode_prompts(self, batch: dict, text_encoders: list) -> dict:
         """Conditioning tensors, batch first (repeated for the loser half by the caller)."""

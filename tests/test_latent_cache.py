@@ -1,0 +1,136 @@
+"""latent_cache.py: the cache holds what the VAE and text encoders would compute, a run from it sees the same pairs,
+flips and noise as a run that encodes on the fly, resumes exactly, and a cache made with other settings is refused."""
+
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import latent_cache
+import train
+from test_train import ACCELERATE, REPO, metrics, reset_accelerate, run_train, train_args
+
+
+def build_cache(model, data, folder, *extra, dtype="float32", shard_size=16):
+    try:
+        return latent_cache.main(train_args(model, data, folder / "unused", *extra) + [
+            "--latents_cache", str(folder), "--latents_cache_dtype", dtype, "--latents_cache_shard_size", str(shard_size)])
+    finally:
+        reset_accelerate()
+
+
+@pytest.fixture(scope="module")
+def cache(tiny_sd15, pickapic, tmp_path_factory):
+    return build_cache(tiny_sd15, pickapic, tmp_path_factory.mktemp("cache") / "sd15")
+
+
+def test_cache_holds_the_vae_moments_of_the_same_pairs_and_flips(tiny_sd15, pickapic, cache):
+    """For a key, the cached example's moments are the VAE's moments of PairDataset's (winner-first, flipped) pixels."""
+    from diffusers import AutoencoderKL
+
+    args = train.parse_args(train_args(tiny_sd15, pickapic, "unused", "--latents_cache", str(cache)))
+    cached = latent_cache.CachedPairDataset(latent_cache.LatentCache(cache, args), args)
+    pairs = train.PairDataset(train.filter_rows(train.load_rows(args), args, True), args)
+    vae = AutoencoderKL.from_pretrained(tiny_sd15, subfolder="vae")
+    assert len(cached) == len(pairs)
+    flipped = 0
+    for key in [(0, epoch, index) for epoch in range(3) for index in (0, 5, 17, 40)]:
+        example, expected = cached[key], pairs[key]
+        assert example["skipped"] == expected["skipped"]
+        with torch.no_grad():
+            moments = vae.encode(torch.cat(expected["pixel_values"].unsqueeze(0).chunk(2, dim=1))).latent_dist.parameters
+        torch.testing.assert_close(example["moments"], moments, rtol=1e-4, atol=1e-4)
+        unflipped = latent_cache.CachedPairDataset(latent_cache.LatentCache(cache), train.parse_args(
+            train_args(tiny_sd15, pickapic, "unused", "--no_hflip")))[key]["moments"]
+        flipped += not torch.equal(unflipped, example["moments"])
+    assert flipped > 0  # both flips are stored and chosen per key
+
+
+def test_training_from_the_cache_matches_encoding_on_the_fly(tiny_sd15, pickapic, cache, tmp_path, monkeypatch):
+    import families
+
+    common = ["--train_method", "sft", "--checkpointing_steps", "2"]
+    run_train(tiny_sd15, pickapic, tmp_path / "fly", *common, steps=3)
+
+    def not_loaded(*args, **kwargs):
+        raise AssertionError("a run from the cache loaded the VAE or a text encoder")
+
+    monkeypatch.setattr(families.Family, "load_vae", not_loaded)
+    monkeypatch.setattr(families.StableDiffusion, "load_text", not_loaded)
+    run_train(tiny_sd15, pickapic, tmp_path / "cached", *common, "--latents_cache", str(cache), steps=3)
+    fly, cached = metrics(tmp_path / "fly"), metrics(tmp_path / "cached")
+    for a, b in zip(fly, cached):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-4)
+    a, b = load_file(str(tmp_path / "fly" / "unet.safetensors")), load_file(str(tmp_path / "cached" / "unet.safetensors"))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+
+
+def test_preference_run_from_a_float16_cache(tiny_sd15, pickapic, tmp_path):
+    folder = build_cache(tiny_sd15, pickapic, tmp_path / "fp16", dtype="float16")
+    run_train(tiny_sd15, pickapic, tmp_path / "fly", "--beta_dpo", "10", steps=2)
+    run_train(tiny_sd15, pickapic, tmp_path / "cached", "--beta_dpo", "10", "--latents_cache", str(folder), steps=2)
+    for a, b in zip(metrics(tmp_path / "fly"), metrics(tmp_path / "cached")):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=1e-3)  # the stored moments' precision
+        assert b["model_mse_unaccumulated"] == pytest.approx(a["model_mse_unaccumulated"], rel=1e-3)
+
+
+def test_resume_from_the_cache_is_exact(tiny_sd15, pickapic, cache, tmp_path):
+    common = ["--latents_cache", str(cache), "--checkpointing_steps", "2", "--use_winner_preserving",
+              "--winner_preserving_mu", "0.5"]
+    run_train(tiny_sd15, pickapic, tmp_path / "straight", *common, steps=4)
+    run_train(tiny_sd15, pickapic, tmp_path / "resumed", *common, steps=2)
+    run_train(tiny_sd15, pickapic, tmp_path / "resumed", *common, steps=4)
+    a, b = load_file(str(tmp_path / "straight" / "unet.safetensors")), load_file(str(tmp_path / "resumed" / "unet.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--resolution", "64"], "--resolution: 32 in the cache, 64 now"),
+    (["--no_hflip"], "--no_hflip: False in the cache, True now"),
+    (["--max_train_samples", "8"], "--max_train_samples: None in the cache, 8 now"),
+])
+def test_a_cache_with_other_settings_is_refused(tiny_sd15, pickapic, cache, tmp_path, flags, message):
+    with pytest.raises(ValueError, match=message.replace("[", r"\[")):
+        run_train(tiny_sd15, pickapic, tmp_path, "--latents_cache", str(cache), *flags)
+
+
+def test_settings_a_cache_cannot_hold_are_refused(tiny_sd15, pickapic, capsys, tmp_path):
+    with pytest.raises(SystemExit):
+        train.parse_args(train_args(tiny_sd15, pickapic, tmp_path, "--latents_cache", "x", "--random_crop"))
+    assert "random crops differ every epoch" in capsys.readouterr().err
+    with pytest.raises(FileNotFoundError, match="no index.json"):
+        run_train(tiny_sd15, pickapic, tmp_path, "--latents_cache", str(tmp_path / "absent"))
+
+
+def test_an_interrupted_cache_build_resumes_at_the_missing_shard(tiny_sd15, pickapic, cache, tmp_path):
+    folder = tmp_path / "copy"
+    shutil.copytree(cache, folder)
+    (folder / "shard-00001.safetensors").unlink()
+    (folder / "index.json").unlink()
+    before = {p.name: p.stat().st_mtime_ns for p in folder.glob("shard-*")}
+    build_cache(tiny_sd15, pickapic, folder)
+    after = {p.name: p.stat().st_mtime_ns for p in folder.glob("shard-*")}
+    assert {k: v for k, v in after.items() if k in before} == before and "shard-00001.safetensors" in after
+    assert json.loads((folder / "index.json").read_text()) == json.loads((cache / "index.json").read_text())
+    rebuilt, original = load_file(str(folder / "shard-00001.safetensors")), load_file(str(cache / "shard-00001.safetensors"))
+    assert all(torch.equal(rebuilt[k], original[k]) for k in original)
+
+
+def test_two_processes_build_the_same_cache(tiny_sd15, pickapic, cache, tmp_path):
+    import subprocess
+
+    launcher = ["--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                "--multi_gpu"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    result = subprocess.run([*ACCELERATE, *launcher, str(REPO / "latent_cache.py"),
+                             *train_args(tiny_sd15, pickapic, tmp_path / "unused"), "--latents_cache", str(tmp_path / "two"),
+                             "--latents_cache_dtype", "float32", "--latents_cache_shard_size", "16"],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((tmp_path / "two" / "index.json").read_text()) == json.loads((cache / "index.json").read_text())
+    for shard in cache.glob("shard-*"):
+        a, b = load_file(str(shard)), load_file(str(tmp_path / "two" / shard.name))
+        assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-5) for k in a)
