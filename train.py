@@ -134,7 +134,7 @@ def dspo_loss(
     weight = 1.0 - torch.sigmoid(margin)
     drift = win_pred - win_ref_pred
     if not sdxl:
-        residual = (win_pred - win_target) - beta * weight.view(-1, 1, 1, 1) * drift
+        residual = (win_pred - win_target) - beta * weight.view(-1, *[1] * (drift.dim() - 1)) * drift
         return residual.pow(2).flatten(1).mean(1)
     drift_sq = drift.pow(2).flatten(1).mean(1)
     far = drift.pow(2).mean() >= 0.1

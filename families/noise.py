@@ -34,6 +34,12 @@ class Noised:
     importance_target: torch.Tensor
 
 
+def ones(latents: torch.Tensor) -> tuple[int, ...]:
+    """(1,) * (latents.dim() - 1): broadcasts a per-sample value over a latent of any rank, (N, C, H, W) images or
+    (N, C, F, H, W) videos; for images exactly the former (1, 1, 1), so image runs draw and compute as before."""
+    return (1,) * (latents.dim() - 1)
+
+
 def gaussian_path_coefficients(alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
     """c_k with KL(q(x_{k-1}|x_k, x_0) || p_theta(x_{k-1}|x_k)) / d = c_k mean((x0_hat - x_0)^2), float64.
 
@@ -78,14 +84,14 @@ class DDPMNoise:
         offset noise, timesteps, then the input perturbation."""
         noise = torch.randn(pairs, *latents.shape[1:], device=latents.device)
         if args.noise_offset:
-            noise += args.noise_offset * torch.randn(pairs, latents.shape[1], 1, 1, device=latents.device)
+            noise += args.noise_offset * torch.randn(pairs, latents.shape[1], *ones(latents)[1:], device=latents.device)
         timesteps = torch.randint(args.timestep_range[0], args.timestep_range[1] + 1, (pairs,), device=latents.device)
         noise_in = noise
         if args.input_perturbation:  # perturb after sharing, so winner and loser get the same noise (B5)
             noise_in = noise + args.input_perturbation * torch.randn_like(noise)
         if preference:
-            noise, noise_in, timesteps = noise.repeat(2, 1, 1, 1), noise_in.repeat(2, 1, 1, 1), timesteps.repeat(2)
-        abar = self.alphas_cumprod[timesteps].view(-1, 1, 1, 1)
+            noise, noise_in, timesteps = noise.repeat(2, *ones(noise)), noise_in.repeat(2, *ones(noise)), timesteps.repeat(2)
+        abar = self.alphas_cumprod[timesteps].view(-1, *ones(latents))
         noisy = abar.sqrt() * latents + (1 - abar).sqrt() * noise_in  # DDPM q(x_t | x_0) in fp32
         if self.prediction_type == "epsilon":
             target, importance_target = noise, noise_in
@@ -101,7 +107,18 @@ class DDPMNoise:
 
         coefficients = importance_log_weight_coefficients(self.scheduler)
         if self.prediction_type == "v_prediction":
-            coefficients = (coefficients.double() * self.scheduler.alphas_cumprod.double()).float()
+            abar = self.scheduler.alphas_cumprod.double()
+            coefficients = coefficients.double() * abar
+            # A zero-terminal-SNR schedule (CogVideoX: rescale_betas_zero_snr) has abar_T = 0, where the epsilon
+            # coefficient divides by alpha_T = 0 and c_T abar_T is inf * 0. The v coefficient itself is finite:
+            # c_t abar_t = beta_t abar_{t-1} / (2 (1 - abar_{t-1})) (c_t = beta_t / (2 alpha_t (1 - abar_{t-1})),
+            # abar_t = alpha_t abar_{t-1}), at T (beta_T = 1) abar_{T-1} / (2 (1 - abar_{T-1})): from pure noise the
+            # reverse step is q(x_{T-1} | x_0) = N(sqrt(abar_{T-1}) x_0, 1 - abar_{T-1}) against the same Gaussian
+            # around x0_hat, and x0_hat - x_0 = -(v_hat - v) there. Only the non-finite entries are replaced, so
+            # schedules without a zero abar keep their numbers bit for bit.
+            previous = torch.cat([torch.ones(1, dtype=torch.float64), abar[:-1]])
+            limit = (1 - abar / previous) * previous / (2 * (1 - previous))
+            coefficients = torch.where(torch.isfinite(coefficients), coefficients, limit).float()
         return coefficients
 
 
@@ -153,15 +170,15 @@ class FlowNoise:
     def sample(self, latents: torch.Tensor, pairs: int, preference: bool, args) -> Noised:
         noise = torch.randn(pairs, *latents.shape[1:], device=latents.device)
         if args.noise_offset:
-            noise += args.noise_offset * torch.randn(pairs, latents.shape[1], 1, 1, device=latents.device)
+            noise += args.noise_offset * torch.randn(pairs, latents.shape[1], *ones(latents)[1:], device=latents.device)
         u = self.draw_u(pairs, latents.device)
         index = (u * self.num_timesteps).long().clamp(0, self.num_timesteps - 1)
         noise_in = noise
         if args.input_perturbation:
             noise_in = noise + args.input_perturbation * torch.randn_like(noise)
         if preference:
-            noise, noise_in, index = noise.repeat(2, 1, 1, 1), noise_in.repeat(2, 1, 1, 1), index.repeat(2)
-        sigma = self.sigmas[index].view(-1, 1, 1, 1)
+            noise, noise_in, index = noise.repeat(2, *ones(noise)), noise_in.repeat(2, *ones(noise)), index.repeat(2)
+        sigma = self.sigmas[index].view(-1, *ones(latents))
         noisy = (1 - sigma) * latents + sigma * noise_in
         # The coefficient table runs from the least noise (0) up, the scheduler's grid from the most: flip the index.
         return Noised(noisy, self.timesteps[index], self.num_timesteps - 1 - index, noise - latents, noise_in - latents)
