@@ -280,3 +280,15 @@ def test_flow_family_flops_use_the_real_architectures():
     parts = record["parts_tflop"]
     assert all(v > 0 for v in parts.values()) and abs(sum(parts.values()) - record["tflop_per_pair"]) < 1e-6
     assert parts["backward_and_loss"] == pytest.approx(2 * parts["policy_forward"], rel=0.05)
+
+
+def test_memory_table_arithmetic():
+    from benchmarks.memory_table import table
+
+    rows = {(r["model"], r["strategy"], r["latents_cache"]): r for r in table(gpus=8)}
+    sd15 = rows[("SD1.5", "DDP", False)]
+    assert sd15["denoiser_params"] == 859_520_964
+    assert sd15["state_gb"] == pytest.approx(18 * 859_520_964 / 1e9)
+    assert rows[("FLUX.1-dev", "DDP", False)]["fits"] == []  # a full FLUX fine-tune needs sharding
+    assert rows[("FLUX.1-dev", "FSDP x8", True)]["state_gb"] == pytest.approx(rows[("FLUX.1-dev", "DDP", True)]["state_gb"] / 8)
+    assert ("Wan2.1-1.3B", "LoRA", True) not in rows  # no cache for the video families

@@ -1,0 +1,118 @@
+"""Training-state memory per GPU, per model family and strategy, computed from the real architectures on the meta device.
+
+For each model the parameter counts come from its public config (the denoiser, the frozen text encoders and VAE,
+instantiated on the meta device: nothing is allocated). Bytes per GPU, before activations:
+
+- full fine-tune, DDP: policy fp32 weights (4 B/param) + fp32 gradients (4) + AdamW's two fp32 moments (8) + the
+  frozen reference in bf16 (2), all replicated on every GPU;
+- full fine-tune, FSDP on N GPUs (full shard): those four shares divided by N (the reference sharded too);
+- LoRA: the base in bf16 (2 B/param), the reference is the same weights with the adapters off, adapters negligible;
+- frozen text encoders and VAE in bf16 on every GPU, unless --latents_cache (then not loaded).
+
+Activations depend on resolution, frames, batch and gradient checkpointing and are measured only on a GPU
+(benchmarks/run_gpu.sh); the table says which combinations' fixed state fits 24, 40 and 80 GB, leaving room for them.
+
+    python benchmarks/memory_table.py [--gpus 8] [--markdown]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.flops_families import FLUX_DEV_TRANSFORMER, SD35_MEDIUM_TRANSFORMER, T5_XXL, VAE_16  # noqa: E402
+from benchmarks.models import CLIP_BIGG_TEXT, CLIP_L_TEXT, SD15_UNET, SDXL_UNET, VAE  # noqa: E402
+
+WAN_1_3B_TRANSFORMER = dict(  # Wan-AI/Wan2.1-T2V-1.3B-Diffusers transformer/config.json
+    patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
+    text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+    eps=1e-6,
+)
+COGVIDEOX_5B_TRANSFORMER = dict(  # THUDM/CogVideoX-5b transformer/config.json
+    num_attention_heads=48, attention_head_dim=64, in_channels=16, out_channels=16, time_embed_dim=512,
+    text_embed_dim=4096, num_layers=42, sample_width=90, sample_height=60, sample_frames=49, patch_size=2,
+    temporal_compression_ratio=4, max_text_seq_length=226, use_rotary_positional_embeddings=True,
+)
+UMT5_XXL = dict(T5_XXL, vocab_size=256384)  # Wan's text encoder (google/umt5-xxl encoder)
+IMAGE_MODELS = ("SD1.5", "SDXL", "SD3.5-medium", "FLUX.1-dev")
+
+
+def count(module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def models() -> dict:
+    """{name: (denoiser parameters, frozen text-encoder + VAE parameters)}, built on the meta device."""
+    from diffusers import (AutoencoderKL, AutoencoderKLCogVideoX, AutoencoderKLWan, CogVideoXTransformer3DModel,
+                           FluxTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel, WanTransformer3DModel)
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel
+
+    clip_l = lambda: CLIPTextModel(CLIPTextConfig(**CLIP_L_TEXT))  # noqa: E731
+    clip_l_proj = lambda: CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_L_TEXT))  # noqa: E731
+    clip_g = lambda: CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_BIGG_TEXT))  # noqa: E731
+    t5 = lambda: T5EncoderModel(T5Config(**T5_XXL))  # noqa: E731
+    specs = {
+        "SD1.5": (lambda: UNet2DConditionModel(**SD15_UNET), [clip_l, lambda: AutoencoderKL(**VAE)]),
+        "SDXL": (lambda: UNet2DConditionModel(**SDXL_UNET), [clip_l, clip_g, lambda: AutoencoderKL(**VAE)]),
+        "SD3.5-medium": (lambda: SD3Transformer2DModel(**SD35_MEDIUM_TRANSFORMER),
+                         [clip_l_proj, clip_g, t5, lambda: AutoencoderKL(**VAE_16)]),
+        "FLUX.1-dev": (lambda: FluxTransformer2DModel(**FLUX_DEV_TRANSFORMER), [clip_l, t5, lambda: AutoencoderKL(**VAE_16)]),
+        "Wan2.1-1.3B": (lambda: WanTransformer3DModel(**WAN_1_3B_TRANSFORMER),
+                        [lambda: UMT5EncoderModel(UMT5Config(**UMT5_XXL)), lambda: AutoencoderKLWan()]),
+        "CogVideoX-5B": (lambda: CogVideoXTransformer3DModel(**COGVIDEOX_5B_TRANSFORMER),
+                         [t5, lambda: AutoencoderKLCogVideoX()]),
+    }
+    counts = {}
+    with torch.device("meta"):
+        for name, (denoiser, frozen) in specs.items():
+            counts[name] = (count(denoiser()), sum(count(make()) for make in frozen))
+    return counts
+
+
+def table(gpus: int) -> list[dict]:
+    rows = []
+    for name, (denoiser, frozen) in models().items():
+        frozen_bytes = 2 * frozen
+        strategies = {
+            "DDP": 18 * denoiser,
+            f"FSDP x{gpus}": 18 * denoiser / gpus,
+            "LoRA": 2 * denoiser,
+        }
+        for strategy, state in strategies.items():
+            for cached in (False, True) if name in IMAGE_MODELS else (False,):  # the cache is for the image families
+                total = state + (0 if cached else frozen_bytes)
+                rows.append({"model": name, "denoiser_params": denoiser, "frozen_params": frozen, "strategy": strategy,
+                             "latents_cache": cached, "state_gb": state / 1e9, "frozen_gb": 0 if cached else frozen_bytes / 1e9,
+                             "total_gb": total / 1e9,
+                             "fits": [size for size in (24, 40, 80) if total / 1e9 <= 0.8 * size]})
+    return rows
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--gpus", type=int, default=8, help="GPUs the FSDP rows shard over.")
+    parser.add_argument("--markdown", action="store_true")
+    args = parser.parse_args(argv)
+    rows = table(args.gpus)
+    if not args.markdown:
+        for row in rows:
+            print(json.dumps(row))
+        return rows
+    print("| model | denoiser params | strategy | text encoders + VAE | training state GB/GPU | + frozen GB | total GB | fixed state fits (<= 80 % of) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        frozen = "cached (not loaded)" if row["latents_cache"] else f"{row['frozen_params'] / 1e9:.2f} B in bf16"
+        print(f"| {row['model']} | {row['denoiser_params'] / 1e9:.2f} B | {row['strategy']} | {frozen} | "
+              f"{row['state_gb']:.1f} | {row['frozen_gb']:.1f} | {row['total_gb']:.1f} | "
+              f"{', '.join(f'{s} GB' for s in row['fits']) or 'none'} |")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
