@@ -100,7 +100,8 @@ def bench_generation(args, config: str, folder: Path) -> list[dict]:
     dtype = generate.DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     models = generation_models(config, device, dtype, folder, args.pretrain_path)
     size = args.size or {"tiny": 32, "sd15": 512, "sdxl": 1024}[config]
-    gargs = generate.parse_args(["--steps", str(args.steps), "--height", str(size), "--width", str(size)])
+    gargs = generate.parse_args(["--steps", str(args.steps), "--height", str(size), "--width", str(size),
+                                 "--cfg", "7.5", "--guidance_formula", "official"])  # the SD protocol (resolve_args sets it)
     uncond = generate.encode(models, [""])
     records = []
     for batch in args.gen_batch:
