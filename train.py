@@ -368,6 +368,10 @@ def build_parser() -> argparse.ArgumentParser:
     flow.add_argument("--guidance_scale", type=float, default=3.5,
                       help="flux with a guidance embedding (FLUX.1-dev): the guidance value the transformer sees.")
 
+    from video_data import add_video_arguments
+
+    add_video_arguments(parser)  # --num_frames, --frame_stride, --target_fps, --video_size, --vae_tiling
+
     lora = parser.add_argument_group("LoRA (peft)")
     lora.add_argument("--use_lora", action="store_true",
                       help="Train LoRA adapters only; the reference is the same UNet with its adapters disabled (no second UNet).")
@@ -416,6 +420,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(str(error))
     args.sdxl = args.model_family == "sdxl"  # the official flag, which the SDXL-only code paths read
     family = FAMILIES[args.model_family]
+    from video_data import check_video_args
+
+    check_video_args(parser, args, family)  # video families: size, frames; image families: no video flags
     if args.resolution is None:
         args.resolution = family.default_resolution
     if args.lora_target_modules is None:
@@ -526,6 +533,10 @@ def load_rows(args):
     from datasets import DatasetDict, IterableDataset, IterableDatasetDict, load_dataset, load_from_disk
 
     source = args.dataset_name or args.train_data_dir
+    if FAMILIES[args.model_family].video and source.endswith(".jsonl"):  # a manifest of local video files
+        from video_data import load_manifest
+
+        return numeric_labels(load_manifest(source, args))
     data_dir = args.train_data_dir if args.dataset_name else None
     path = Path(source)
     shards = webdataset_shards(source, args.split)
@@ -702,14 +713,15 @@ def filter_rows(rows, args, is_main: bool):
     import numpy as np
     from datasets import IterableDataset
 
-    needed = list(PAIR_COLUMNS) + [args.caption_column]
+    columns = pair_columns(args)
+    needed = list(columns) + [args.caption_column]
     if args.dreamlike_pairs_only:
         needed += ["model_0", "model_1"]
     missing = [c for c in needed if c not in rows.column_names]
     if missing:
         raise ValueError(
             f"the dataset has no column {', '.join(missing)} (it has {rows.column_names}); train.py needs the Pick-a-Pic "
-            f"columns jpg_0, jpg_1, label_0 and a caption column (--caption_column)"
+            f"columns {', '.join(columns)} and a caption column (--caption_column)"
         )
     rows = rows.select_columns(needed)
     if isinstance(rows, IterableDataset):
@@ -878,6 +890,24 @@ class PairDataset(torch.utils.data.Dataset):
         return example
 
 
+def pair_columns(args) -> tuple:
+    """The pair columns rows need: jpg_0, jpg_1, label_0; for a video family mp4_0, mp4_1, label_0 (video_data.py)."""
+    if FAMILIES[args.model_family].video:
+        from video_data import VIDEO_COLUMNS
+
+        return VIDEO_COLUMNS
+    return PAIR_COLUMNS
+
+
+def pair_dataset(rows, args):
+    """PairDataset, or for a video family video_data.VideoPairDataset (the same keys, skips and random streams)."""
+    if FAMILIES[args.model_family].video:
+        from video_data import VideoPairDataset
+
+        return VideoPairDataset(rows, args)
+    return PairDataset(rows, args)
+
+
 class EpochSampler(torch.utils.data.Sampler):
     """Yields (seed, epoch, index) keys: a permutation seeded by (seed, epoch) when shuffling, else dataset order.
 
@@ -919,7 +949,7 @@ class PairStream(torch.utils.data.IterableDataset):
     """
 
     def __init__(self, rows, args, seed: int, shuffle: bool, rank: int = 0, world_size: int = 1):
-        self.rows, self.pairs = rows, PairDataset(None, args)
+        self.rows, self.pairs = rows, pair_dataset(None, args)
         self.seed, self.shuffle, self.buffer_size = seed, shuffle, args.shuffle_buffer_size
         self.batch_size, self.rank, self.world_size = args.train_batch_size, rank, world_size
         self.epoch, self.start, self.position = 0, 0, 0
@@ -1456,7 +1486,7 @@ def main(argv=None):
         if cache is not None:  # the same keys, choices and order as PairDataset, moments instead of pixels
             dataset, collate = latent_cache.CachedPairDataset(cache, args), latent_cache.collate
         else:
-            dataset, collate = PairDataset(rows, args), Collate(tokenizers, family.max_lengths())
+            dataset, collate = pair_dataset(rows, args), Collate(tokenizers, family.max_lengths())
         sampler = EpochSampler(len(dataset), data_seed, shuffle=args.split == "train")
         dataloader = torch.utils.data.DataLoader(
             dataset, sampler=sampler, batch_size=args.train_batch_size, drop_last=True, collate_fn=collate,
@@ -1789,6 +1819,8 @@ EVAL_SCRIPTS = {"sd": ("scripts/eval/test_sd15.sh", "stable-diffusion-v1-5/stabl
 
 
 def eval_command(args, output_dir: Path) -> str:
+    if args.model_family not in EVAL_SCRIPTS:  # the video families have no evaluation script yet
+        return f"no evaluation script for {args.model_family} yet; load it with diffusers' {FAMILIES[args.model_family].pipeline_class}"
     script, default_base = EVAL_SCRIPTS[args.model_family]
     target = output_dir if args.use_lora else output_dir / f"{FAMILIES[args.model_family].denoiser}.pth"
     env = f"PRETRAIN={args.pretrained_model_name_or_path} " if args.pretrained_model_name_or_path != default_base else ""

@@ -11,9 +11,12 @@ which pipeline saves and samples it:
 | `sdxl` | SDXL | UNet2DConditionModel | two CLIPs, penultimate states + pooled, time ids | DDPM, epsilon |
 | `sd3` | SD3, SD3.5 | SD3Transformer2DModel | two CLIPs + T5, pooled CLIPs | rectified flow, the scheduler's shift |
 | `flux` | FLUX.1-dev, -schnell | FluxTransformer2DModel | CLIP pooled + T5, guidance embedding | rectified flow |
+| `wan` | Wan2.1-T2V 1.3B, 14B | WanTransformer3DModel | UMT5, padded states zeroed | rectified flow, the scheduler's flow_shift |
+| `cogvideox` | CogVideoX-2b, -5b | CogVideoXTransformer3DModel (+ rotary) | T5, 226 tokens | DDPM v-prediction, zero terminal SNR |
 
 The family is read from the model's `model_index.json` (`_class_name`); `--model_family` overrides it; `--sdxl` means
 `--model_family sdxl`. Each family mirrors what its diffusers pipeline does at inference (read for facts, our code).
+The video families are in families/video.py.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ PIPELINE_FAMILIES = {
     "StableDiffusionXLPipeline": "sdxl",
     "StableDiffusion3Pipeline": "sd3",
     "FluxPipeline": "flux",
+    "WanPipeline": "wan",
+    "CogVideoXPipeline": "cogvideox",
 }
 
 
@@ -62,6 +67,7 @@ class Family:
     default_resolution = 512
     lora_targets = "to_k,to_q,to_v,to_out.0"
     dspo_variant = "sd"  # the official DSPO loss has a separate SDXL form (train.dspo_loss)
+    video = False  # video families (families/video.py): mp4 pairs, (N, C, F, H, W) latents
     components = ("tokenizer", "text_encoder", "vae", "scheduler")
 
     def __init__(self, args):
@@ -342,7 +348,9 @@ class Flux(Family):
         return out.reshape(batch, channels, height, width)
 
 
-FAMILIES = {family.name: family for family in (StableDiffusion, StableDiffusionXL, StableDiffusion3, Flux)}
+from families.video import CogVideoX, Wan  # noqa: E402 - they subclass Family
+
+FAMILIES = {family.name: family for family in (StableDiffusion, StableDiffusionXL, StableDiffusion3, Flux, Wan, CogVideoX)}
 
 
 def make_family(args) -> Family:
