@@ -262,7 +262,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="Another VAE (e.g. madebyollin/sdxl-vae-fp16-fix for SDXL), loaded without subfolder.")
     model.add_argument("--sdxl", action="store_true", help="The base model is SDXL (same as --model_family sdxl).")
     model.add_argument("--model_family", type=str, default=None, choices=list(FAMILIES),
-                       help="sd (SD1.x/2.x), sdxl, sd3 (SD3/SD3.5), flux (FLUX.1); default: from the model's model_index.json.")
+                       help="sd (SD1.x/2.x), sdxl, sd3 (SD3/SD3.5), flux (FLUX.1), wan (Wan2.1), cogvideox (CogVideoX); default: from the model's model_index.json.")
 
     data = parser.add_argument_group("data")
     data.add_argument("--dataset_name", type=str, default=None,
@@ -274,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--caption_column", type=str, default="caption", help="Column holding the prompt.")
     data.add_argument("--max_train_samples", type=int, default=None, help="After filtering: shuffle (seeded) and keep N rows.")
     data.add_argument("--cache_dir", type=str, default=None, help="Cache folder for the dataset download.")
-    data.add_argument("--resolution", type=int, default=None, help="Training resolution; default 512 (sd), 1024 (sdxl, sd3, flux).")
+    data.add_argument("--resolution", type=int, default=None, help="Training resolution; default 512 (sd), 1024 (sdxl, sd3, flux); wan, cogvideox: a square frame size (else --video_size).")
     data.add_argument("--random_crop", action="store_true", help="Random instead of center crop.")
     data.add_argument("--no_hflip", action="store_true", help="Disable the random horizontal flip (p = 0.5).")
     data.add_argument("--dataloader_num_workers", type=int, default=0, help="DataLoader worker processes.")
