@@ -11,11 +11,15 @@ same folder layout as its real counterpart, so the real loading code (`from_pret
     build_pickapic("work/pickapic", n_pairs=64)  # Pick-a-Pic v2 schema as parquet: train/ and test_unique/ splits
     build_pickapic_webdataset("work/pickapic-wds")  # the same rows as WebDataset shards (the v2 mirror's layout)
     build_tiny_scorers("work/scorers")           # {metric: load_scorer kwargs} for the five eval metrics
+    build_wan("work/tiny-wan")                   # Wan2.1-T2V-like WanPipeline (UMT5, AutoencoderKLWan, flow)
+    build_cogvideox("work/tiny-cogvideox")       # CogVideoX-2b-like (rotary=True: 5b-like), v-prediction, zero SNR
+    build_video_pairs("work/video-pairs")        # mp4 preference pairs: parquet, JSONL manifest, WebDataset shards
 """
 
 from tiny.diffusion import build_clip_tokenizer, build_sd2v, build_sd15, build_sdxl
 from tiny.flow import build_flux, build_sd3, build_t5_tokenizer
 from tiny.scorers import build_tiny_scorers
+from tiny.video import build_cogvideox, build_video_pairs, build_wan, encode_mp4
 from tiny.data import (ATTRIBUTE_COLOURS, SHAPES, build_pickapic, build_pickapic_webdataset, colour_score, draw_shape,
                        toy_captions)
 
@@ -23,6 +27,7 @@ __all__ = [
     "ATTRIBUTE_COLOURS",
     "SHAPES",
     "build_clip_tokenizer",
+    "build_cogvideox",
     "build_flux",
     "build_pickapic",
     "build_pickapic_webdataset",
@@ -32,7 +37,10 @@ __all__ = [
     "build_sdxl",
     "build_t5_tokenizer",
     "build_tiny_scorers",
+    "build_video_pairs",
+    "build_wan",
     "colour_score",
     "draw_shape",
+    "encode_mp4",
     "toy_captions",
 ]

@@ -128,7 +128,8 @@ def build_cogvideox(out_dir: str | os.PathLike, rotary: bool = False, resolution
     torch.manual_seed(seed + 1)
     vae = AutoencoderKLCogVideoX(
         block_out_channels=(8, 8, 16, 16), latent_channels=16, layers_per_block=1, norm_num_groups=4,
-        temporal_compression_ratio=4, sample_height=resolution, sample_width=resolution,
+        # sample size 2x the frames: tiled encoding (--vae_tiling) starts above half of it, as 240 x 360 px there
+        temporal_compression_ratio=4, sample_height=2 * resolution, sample_width=2 * resolution,
         scaling_factor=0.7 if rotary else 1.15258426,
     )
     pipe = CogVideoXPipeline(
