@@ -94,24 +94,28 @@ class GenerateError(Exception):
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--test_json", default="prompts/papv2.json", help="prompt file (JSON list of {prompt, ...})")
+    add_model_args(p)
+    p.add_argument("--output_path", "--output", default=None,
+                   help="where runs are written (default: --unet_path itself if a folder, else its parent folder)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial noise, the same for every prompt")
+    add_sampling_args(p)
+    p.add_argument("--max_prompts", type=int, default=None,
+                   help="only the first N prompts (smoke runs, demos); running again without it completes the run, "
+                        "and a run never shrinks: a manifest keeps listing the prompts it already had")
+    p.add_argument("--no_zip", dest="zip", action="store_false", help="do not write <run>.zip")
+    p.add_argument("--print_weights", action="store_true",
+                   help="only print which weights --unet_path / --lora_path name (UNet or transformer file or folder, "
+                        "LoRA adapter) and exit")
+    return p.parse_args(argv)
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """The model to sample from: base, fine-tuned denoiser, LoRA adapter, family, VAE (shared with eval.make_pairs)."""
     p.add_argument("--unet_path", "--transformer_path", dest="unet_path", default=None,
                    help="fine-tuned UNet (sd, sdxl) or transformer (sd3, flux): a .pth state dict (the released "
                         "checkpoints' format), a .safetensors file, a diffusers UNet/transformer folder, a pipeline "
                         "folder with unet/ or transformer/, or a train.py output folder holding unet.* / transformer.* "
-                        "(or a LoRA adapter). Omit to evaluate the base model (then --output_path is required).")
-    p.add_argument("--output_path", "--output", default=None,
-                   help="where runs are written (default: --unet_path itself if a folder, else its parent folder)")
-    p.add_argument("--height", type=int, default=None, help="default 512 (sd) / 1024 (sdxl, sd3, flux)")
-    p.add_argument("--width", type=int, default=None, help="default 512 (sd) / 1024 (sdxl, sd3, flux)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the initial noise, the same for every prompt")
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (default 50; sd3: 40)")
-    p.add_argument("--cfg", type=float, default=None,
-                   help="guidance scale, read as --guidance_formula says (default 7.5; sd3: 4.5; flux: 3.5, its "
-                        "guidance embedding)")
-    p.add_argument("--guidance_formula", choices=("official", "standard"), default=None,
-                   help="official: eps_c + cfg*(eps_c - eps_u) (= standard scale cfg+1), the default for sd/sdxl; "
-                        "standard: eps_u + cfg*(eps_c - eps_u) (diffusers), the default for sd3. A non-default formula "
-                        "is added to the run name ('_standard', '_official'). Not for flux (no unconditional branch).")
+                        "(or a LoRA adapter). Omit to use the base model (eval.generate then needs --output_path).")
     p.add_argument("--pretrain_path", default=None,
                    help=f"base model (default {SD15_BASE}; {SDXL_BASE} with --sdxl; {SD3_BASE} / {FLUX_BASE} with "
                         "--model_family sd3 / flux)")
@@ -124,19 +128,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help=f"VAE folder/repo, or a pipeline folder with vae/ (SDXL default {SDXL_VAE}; others: the "
                         "base VAE)")
     p.add_argument("--lora_path", default=None, help="LoRA adapter (train.py's output, read by pipeline.load_lora_weights)")
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    """How images are sampled: size, steps, guidance, batch, precision, device (shared with eval.make_pairs)."""
+    p.add_argument("--height", type=int, default=None, help="default 512 (sd) / 1024 (sdxl, sd3, flux)")
+    p.add_argument("--width", type=int, default=None, help="default 512 (sd) / 1024 (sdxl, sd3, flux)")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default 50; sd3: 40)")
+    p.add_argument("--cfg", type=float, default=None,
+                   help="guidance scale, read as --guidance_formula says (default 7.5; sd3: 4.5; flux: 3.5, its "
+                        "guidance embedding)")
+    p.add_argument("--guidance_formula", choices=("official", "standard"), default=None,
+                   help="official: eps_c + cfg*(eps_c - eps_u) (= standard scale cfg+1), the default for sd/sdxl; "
+                        "standard: eps_u + cfg*(eps_c - eps_u) (diffusers), the default for sd3. A non-default formula "
+                        "is added to the run name ('_standard', '_official'). Not for flux (no unconditional branch).")
     p.add_argument("--batch_size", type=int, default=1, help="prompts per forward pass (results do not depend on it)")
     p.add_argument("--dtype", choices=tuple(DTYPES), default=None,
                    help="text encoder(s) + UNet/transformer precision (default bf16 on CUDA as official, fp32 on CPU); "
                         "VAE is always fp32")
     p.add_argument("--device", default="auto", help="auto = cuda (this rank's GPU) if available, else cpu")
-    p.add_argument("--max_prompts", type=int, default=None,
-                   help="only the first N prompts (smoke runs, demos); running again without it completes the run, "
-                        "and a run never shrinks: a manifest keeps listing the prompts it already had")
-    p.add_argument("--no_zip", dest="zip", action="store_false", help="do not write <run>.zip")
-    p.add_argument("--print_weights", action="store_true",
-                   help="only print which weights --unet_path / --lora_path name (UNet or transformer file or folder, "
-                        "LoRA adapter) and exit")
-    return p.parse_args(argv)
 
 
 # ----------------------------------------------------------------------------------------------------------- setup
@@ -595,6 +605,17 @@ def initial_noise(seed: int, shape: tuple[int, ...]) -> torch.Tensor:
     return torch.randn(shape, generator=torch.Generator("cpu").manual_seed(seed), dtype=torch.float32)
 
 
+def batch_noise(seed: int, seeds: list[int] | None, n: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """Initial noise of a batch of n images, shape (n, *shape[1:]): `initial_noise(seed)` for every image (official
+    protocol), or, with `seeds` (one per image, eval.make_pairs' candidates), image j starts from
+    `initial_noise(seeds[j])`, the noise `--seed seeds[j]` would give it."""
+    if seeds is None:
+        return initial_noise(seed, shape).expand(n, *shape[1:])
+    if len(seeds) != n:
+        raise ValueError(f"got {len(seeds)} seeds for {n} prompts")
+    return torch.cat([initial_noise(s, shape) for s in seeds])
+
+
 def guide(eps_c: torch.Tensor, eps_u: torch.Tensor, cfg: float, formula: str) -> torch.Tensor:
     if formula == "official":
         return eps_c + cfg * (eps_c - eps_u)  # test_sd15.py:184 / test_sdxl.py:204; = standard with cfg + 1
@@ -602,14 +623,18 @@ def guide(eps_c: torch.Tensor, eps_u: torch.Tensor, cfg: float, formula: str) ->
 
 
 @torch.inference_mode()
-def sample(models: Models | PipelineModels, prompts: list[str], uncond, args: argparse.Namespace) -> torch.Tensor:
+def sample(models: Models | PipelineModels, prompts: list[str], uncond, args: argparse.Namespace,
+           seeds: list[int] | None = None) -> torch.Tensor:
     """Euler sampling for a batch of prompts; returns uint8 images (B, H, W, 3) on the CPU.
+
+    Every image starts from the noise of `args.seed` (official), or with `seeds` image j from that of `seeds[j]`
+    (`batch_noise`); an image does not depend on the others in its batch.
 
     The model's prediction is guided and handed to EulerDiscreteScheduler.step, which reads it as the scheduler
     config's `prediction_type` says: epsilon (SD1.5, SDXL) or v_prediction (SD2.x-768: x0 = x/(σ²+1) - v·σ/√(σ²+1)
     in Euler's scaled-sample terms). Guidance is linear, so guiding v equals guiding ε. sd3/flux: `sample_pipeline`."""
     if isinstance(models, PipelineModels):
-        return sample_pipeline(models, prompts, args)
+        return sample_pipeline(models, prompts, args, seeds)
     n, f = len(prompts), models.vae_factor
     cond_emb, cond_pooled = encode(models, prompts)
     uncond_emb, uncond_pooled = uncond
@@ -625,7 +650,10 @@ def sample(models: Models | PipelineModels, prompts: list[str], uncond, args: ar
     scheduler = models.scheduler
     scheduler.set_timesteps(args.steps, device=models.device)
     shape = (1, models.unet.config.in_channels, args.height // f, args.width // f)
-    latents = (initial_noise(args.seed, shape).to(models.device) * scheduler.init_noise_sigma).expand(n, -1, -1, -1)
+    if seeds is None:  # the official protocol, as it always was
+        latents = (initial_noise(args.seed, shape).to(models.device) * scheduler.init_noise_sigma).expand(n, -1, -1, -1)
+    else:
+        latents = batch_noise(args.seed, seeds, n, shape).to(models.device) * scheduler.init_noise_sigma
     for t in scheduler.timesteps:
         x = scheduler.scale_model_input(latents, t)
         pred = models.unet(torch.cat([x, x]).to(models.dtype), t, encoder_hidden_states=emb, **extra).sample.float()
@@ -647,7 +675,8 @@ def decode(vae, latents: torch.Tensor) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def sample_pipeline(models: PipelineModels, prompts: list[str], args: argparse.Namespace) -> torch.Tensor:
+def sample_pipeline(models: PipelineModels, prompts: list[str], args: argparse.Namespace,
+                    seeds: list[int] | None = None) -> torch.Tensor:
     """sd3 / flux: the pipeline's own sampler (FlowMatchEulerDiscreteScheduler, its shift or FLUX.1's resolution-
     dependent shift) on the same seeded fp32 CPU noise for every prompt as sd/sdxl (flow models start at sigma 1, the
     noise itself), passed in as `latents` so that images do not depend on the batch; decoded by `decode` (VAE fp32).
@@ -659,7 +688,7 @@ def sample_pipeline(models: PipelineModels, prompts: list[str], args: argparse.N
 
     pipe, n, f = models.pipeline, len(prompts), models.vae_factor
     height, width = args.height // f, args.width // f
-    noise = initial_noise(args.seed, (1, models.latent_channels, height, width)).repeat(n, 1, 1, 1)
+    noise = batch_noise(args.seed, seeds, n, (1, models.latent_channels, height, width)).contiguous()
     kwargs = {"height": args.height, "width": args.width, "num_inference_steps": args.steps,
               "max_sequence_length": models.max_sequence_length, "output_type": "latent", "return_dict": False}
     if models.family == "flux":
@@ -928,13 +957,7 @@ def generate(args: argparse.Namespace) -> dict:
         print(f"{name}: {weights}; {len(mine) - len(todo)} of {len(mine)} images done")
 
     if todo:
-        models = load_models(args, device, dtype)
-        if args.height % models.size_multiple or args.width % models.size_multiple:
-            what = ("the VAE factor" if models.size_multiple == models.vae_factor
-                    else f"the VAE factor {models.vae_factor} x the {args.model_family} patch size")
-            raise GenerateError(f"--height/--width must be multiples of {what} {models.size_multiple}")
-        # real encoding of the empty prompt, not zeros (official, SDXL too); sd3/flux: the pipeline encodes
-        uncond = None if isinstance(models, PipelineModels) else encode(models, [""])
+        models, uncond = load_sampler(args, device, dtype)
         progress = tqdm(total=len(todo), desc=name, disable=not state.is_main_process)
         for start in range(0, len(todo), args.batch_size):
             batch = todo[start : start + args.batch_size]
@@ -956,6 +979,18 @@ def generate(args: argparse.Namespace) -> dict:
             print(f"Partial run: {n} of {len(all_items)} prompts (--max_prompts). Run again without it to complete it.")
     return {"manifest": manifest, "run_name": name, "generated": len(todo), "skipped": len(mine) - len(todo),
             "n_prompts": n}
+
+
+def load_sampler(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
+    """(models, uncond) for `sample`: the models of a resolved namespace (resolve_args), the image size checked against
+    them, and the real encoding of the empty prompt (official, SDXL too; None for sd3/flux, whose pipeline encodes)."""
+    models = load_models(args, device, dtype)
+    if args.height % models.size_multiple or args.width % models.size_multiple:
+        what = ("the VAE factor" if models.size_multiple == models.vae_factor
+                else f"the VAE factor {models.vae_factor} x the {args.model_family} patch size")
+        raise GenerateError(f"--height/--width must be multiples of {what} {models.size_multiple}")
+    uncond = None if isinstance(models, PipelineModels) else encode(models, [""])
+    return models, uncond
 
 
 def describe_weights(args: argparse.Namespace) -> str:
