@@ -265,9 +265,10 @@ def test_missing_tools_are_named(stubs, tmp_path):
 
 
 def test_every_script_is_tested():
-    """The six official runs, {sd15, sdxl} x {diffusion_dpo, dspo, dmpo}, the two flow-family launchers, no other."""
+    """The six official runs, {sd15, sdxl} x {diffusion_dpo, dspo, dmpo}, the two flow-family launchers, the two video
+    launchers, no other."""
     assert sorted(p.stem for p in SCRIPTS.glob("*.sh") if not p.stem.startswith("_")) == sorted(
-        [*SHIPPED, "sd35_diffusion_dpo", "flux_diffusion_dpo"])
+        [*SHIPPED, "sd35_diffusion_dpo", "flux_diffusion_dpo", "wan_diffusion_dpo", "cogvideox_diffusion_dpo"])
 
 
 @pytest.mark.parametrize("script, family, beta", [("sd35_diffusion_dpo", "sd3", 500.0), ("flux_diffusion_dpo", "flux", 1500.0)])
@@ -282,3 +283,26 @@ def test_flow_family_launchers(script, family, beta, stubs, tmp_path):
     assert parsed.resolution == 1024 and parsed.gradient_checkpointing and parsed.dataset_name == "/local/pickapic"
     assert parsed.output_dir == str(REPO / "output" / script.replace("_", "-"))
     assert "add_k_proj" in parsed.lora_target_modules
+
+
+@pytest.mark.parametrize("script, family, beta, size, frames", [("wan_diffusion_dpo", "wan", 500.0, [480, 832], 81),
+                                                                 ("cogvideox_diffusion_dpo", "cogvideox", 1200.0, [480, 720], 49)])
+def test_video_family_launchers(script, family, beta, size, frames, stubs, tmp_path):
+    """The Wan2.1-1.3B and CogVideoX-2b launchers: their family named (no model needed to parse), LoRA at diffusers'
+    DPO LoRA rate without --scale_lr, the derived beta, the model's frame count and size, one pair per GPU; the data
+    must be given (there is no public default), and a smoke run (CPU=1) gets a square size."""
+    done, argv = launch(script, stubs, tmp_path, gpus=8)
+    assert done.returncode == 2 and argv is None and "give --dataset_name" in done.stderr
+    done, argv = launch(script, stubs, tmp_path, "--dataset_name", "/local/pairs.jsonl", gpus=8)
+    assert done.returncode == 0, done.stderr
+    parsed = train.parse_args(split(argv)[1])
+    assert parsed.model_family == family and parsed.use_lora and parsed.lora_rank == 8
+    assert parsed.learning_rate == 1e-5 and not parsed.scale_lr and parsed.beta_dpo == beta
+    assert parsed.video_size == size and parsed.num_frames == frames and parsed.train_batch_size == 1
+    assert parsed.gradient_checkpointing and parsed.use_winner_preserving and parsed.winner_preserving_mu == 0.9
+    assert parsed.dataset_name == "/local/pairs.jsonl" and parsed.mixed_precision == "bf16"
+    assert parsed.output_dir == str(REPO / "output" / script.replace("_", "-"))
+    assert parsed.lora_target_modules == "to_k,to_q,to_v,to_out.0"
+    _, argv = launch(script, stubs, tmp_path, "--dataset_name=/local/pairs", "--num_frames", "9", gpus=0, CPU="1")
+    parsed = train.parse_args(split(argv)[1])
+    assert parsed.video_size == [256, 256] and parsed.num_frames == 9 and parsed.mixed_precision == "no"
