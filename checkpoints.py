@@ -106,10 +106,17 @@ def saved_process_count(folder: Path) -> int:
         return 1
 
 
-def checkpoint_problems(folder: Path, weights: list[str], scaler: bool) -> list[str]:
-    """Every reason `folder` cannot be resumed exactly: a missing, truncated or unreadable file; [] if none."""
+def checkpoint_problems(folder: Path, weights: list[str], scaler: bool, fsdp: bool = False) -> list[str]:
+    """Every reason `folder` cannot be resumed exactly: a missing, truncated or unreadable file; [] if none. Under
+    FSDP accelerate keeps the model and optimizer in its own (sharded) layout, checked for presence."""
     problems = []
-    for name in required_files(weights, saved_process_count(folder), scaler):
+    names = required_files(weights, saved_process_count(folder), scaler)
+    if fsdp:
+        names.remove("optimizer.bin")
+        for choices in (("optimizer_0", "optimizer.bin"), ("pytorch_model_fsdp_0", "pytorch_model_fsdp.bin")):
+            if not any((folder / c).exists() for c in choices):
+                problems.append(f"{folder / choices[0]} is missing (accelerate's FSDP state)")
+    for name in names:
         path = folder / name
         if not path.is_file():
             problem = "is missing"

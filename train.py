@@ -1155,10 +1155,12 @@ def unet_state_dict(unet) -> dict:
 
 def trained_state(unet, ema=None, family=None) -> dict:
     """What training changes, on the CPU: the denoiser's state dict, or for LoRA its adapters in the format the
-    family's `pipeline.load_lora_weights` reads. With `ema`, its moving averages stand in for the trained values."""
+    family's `pipeline.load_lora_weights` reads. With `ema`, its moving averages stand in for the trained values.
+    Under FSDP the shards are gathered into full tensors: a collective, so every rank calls it."""
     state = unet.state_dict()
     if ema is not None:
         state.update({name: average for (name, _), average in zip(trainable_parameters(unet), ema.shadow_params)})
+    state = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in state.items()}  # FSDP2's DTensors
     if getattr(unet, "peft_config", None):
         from peft.utils import get_peft_model_state_dict
 
@@ -1192,13 +1194,15 @@ def save_unet(unet, folder: Path, formats=("safetensors", "pth"), name: str = "u
 LORA_WEIGHTS = "pytorch_lora_weights"  # diffusers' file name; load_lora_weights(folder) finds it
 
 
-def save_weights(unet, folder: Path, args, ema=None, formats=("safetensors", "pth"), family=None):
+def save_weights(unet, folder: Path, args, ema=None, formats=("safetensors", "pth"), family=None, write=True):
     """What training changed, into `folder`: unet.safetensors/.pth (transformer.* for sd3/flux), or with LoRA
     pytorch_lora_weights.safetensors (+ adapter config as metadata); with `ema`, the moving average beside it as
-    unet_ema.* or pytorch_lora_weights_ema.*."""
+    unet_ema.* or pytorch_lora_weights_ema.*. Under FSDP every rank calls it (the gather) and one writes (`write`)."""
     family = family or make_family(args)
     for suffix, average in [("", None)] + ([("_ema", ema)] if ema is not None else []):
         state = trained_state(unet, average, family)
+        if not write:
+            continue
         if not args.use_lora:
             save_unet(None, folder, formats, name=f"{family.denoiser}{suffix}", state=state)
             continue
@@ -1233,6 +1237,34 @@ def load_weights(unet, folder: Path, args, ema=None, family=None):
         load("_ema")
         ema.shadow_params = [param.detach().clone() for _, param in trainable_parameters(unet)]
     load("")
+
+
+def is_fsdp(accelerator) -> bool:
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.FSDP
+
+
+def enable_fsdp_on_cpu_ranks(accelerator):
+    """`accelerate launch --use_fsdp` on CPU ranks (gloo): accelerate enables FSDP only for accelerators, so it is
+    switched on here with the plugin the launcher's FSDP_* environment describes. This is how the tests run FSDP2
+    against DDP on two CPU processes; on GPUs accelerate does it itself."""
+    from accelerate import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    accelerator.state.fsdp_plugin = FullyShardedDataParallelPlugin()
+    for state in (accelerator.state, PartialState()):  # AcceleratorState re-reads PartialState's on every construction
+        state.distributed_type = DistributedType.FSDP
+
+
+def load_sharded_ema(unet, ema, path: Path):
+    """The EMA of a resumed FSDP run: the full averages from `path`, each sharded as its parameter is."""
+    from safetensors.torch import load_file
+    from torch.distributed.tensor import distribute_tensor
+
+    full = load_file(str(path))
+    ema.shadow_params = [distribute_tensor(full[name].to(param.dtype), param.device_mesh, param.placements)
+                         for name, param in trainable_parameters(unet)]
 
 
 def weight_file_names(args) -> list[str]:
@@ -1366,6 +1398,12 @@ def main(argv=None):
         log_with=None if args.report_to == "none" else args.report_to,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)),
     )
+    if cpu_ranks and os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        enable_fsdp_on_cpu_ranks(accelerator)
+    fsdp = is_fsdp(accelerator)
+    if fsdp and args.use_lora:
+        raise ValueError("--use_lora under FSDP is not supported (FSDP2 shards parameters of one dtype, and the LoRA "
+                         "base is frozen in bf16 beside fp32 adapters); LoRA's training state is small: use DDP")
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%m/%d/%Y %H:%M:%S",
                         level=logging.INFO)
     logger = get_logger("train")  # logs once, from the main process, unless told otherwise
@@ -1384,7 +1422,7 @@ def main(argv=None):
     weight_files = weight_file_names(args)
 
     def problems_of(folder):
-        return checkpoints.checkpoint_problems(folder, weight_files, accelerator.scaler is not None)
+        return checkpoints.checkpoint_problems(folder, weight_files, accelerator.scaler is not None, fsdp=fsdp)
 
     checkpoint = checkpoints.choose_checkpoint(output_dir, args.resume_from_checkpoint, problems_of)
     resumed_state = None
@@ -1448,12 +1486,20 @@ def main(argv=None):
     checkpoint_state = {}  # filled by save_checkpoint: what training_state.json records besides the weights
 
     def save_model_hook(models, weights, folder):
+        # unet.safetensors in every checkpoint (the eval scripts read it); under FSDP accelerate has also saved the
+        # sharded model and optimizer, and every rank takes part in gathering the full weights.
+        if accelerator.is_main_process or fsdp:
+            save_weights(accelerator.unwrap_model(models[0]), Path(folder), args, ema, formats=("safetensors",),
+                         family=family, write=accelerator.is_main_process)
         if accelerator.is_main_process:
-            save_weights(accelerator.unwrap_model(models[0]), Path(folder), args, ema, formats=("safetensors",), family=family)
             checkpoints.write_json_atomic(Path(folder) / checkpoints.TRAINING_STATE, checkpoint_state)
         weights.clear()
 
     def load_model_hook(models, folder):
+        if fsdp:  # accelerate has loaded the sharded model; the EMA comes from its full file, sharded like the params
+            if ema is not None:
+                load_sharded_ema(accelerator.unwrap_model(unet), ema, Path(folder) / weight_files[1])
+            return
         load_weights(accelerator.unwrap_model(models[0]), Path(folder), args, ema, family=family)
         models.clear()
 
@@ -1511,6 +1557,7 @@ def main(argv=None):
         num_training_steps=args.max_train_steps * accelerator.num_processes,
     ))
     data_state = sampler if stream is None else stream  # its state travels in training_state.json, not as a pickle
+    params = [p for _, p in trainable_parameters(accelerator.unwrap_model(unet))]  # FSDP2 replaced them by shards
     if args.use_ema:  # diffusers' EMA of the trained parameters, on the training device
         from diffusers.training_utils import EMAModel
 
@@ -1732,7 +1779,7 @@ def main(argv=None):
                              f"({accelerator.num_processes} processes); check the dataset, its filters and --train_batch_size")
 
     accelerator.wait_for_everyone()
-    if accelerator.num_processes > 1:  # DDP keeps replicas equal; check it rather than assume it
+    if accelerator.num_processes > 1 and not fsdp:  # DDP keeps replicas equal; check it rather than assume it
         params = [p.detach().double() for p in unet.parameters()]
         checksum = torch.stack([sum(p.sum() for p in params), sum(p.pow(2).sum() for p in params)]).unsqueeze(0)
         checksums = accelerator.gather(checksum)
@@ -1740,16 +1787,24 @@ def main(argv=None):
             raise RuntimeError(f"the ranks ended with different UNet weights (checksums {checksums.tolist()})")
         logger.info(f"all {accelerator.num_processes} ranks hold identical UNet weights (checksum {checksum[0, 0].item():.6f})")
     skipped_total = skipped_rows_before + count_skipped()
+    final_unet = accelerator.unwrap_model(unet)
+    if fsdp:  # every rank takes part in gathering the shards; rank 0 writes
+        save_weights(final_unet, output_dir, args, ema, family=family, write=accelerator.is_main_process)
     if accelerator.is_main_process:
         if skipped_total:
             logger.warning(f"{skipped_total} rows were skipped (undecodable image or unusable caption; each replaced "
                            f"by the next row)")
-        final_unet = accelerator.unwrap_model(unet)
-        final_bytes = sum(p.numel() * 4 for _, p in trainable_parameters(final_unet)) * (1 if args.use_lora else 2)
-        checkpoints.check_free_space(output_dir, final_bytes * (2 if ema is not None else 1), "the final weights")
-        save_weights(final_unet, output_dir, args, ema, family=family)
+        if not fsdp:
+            final_bytes = sum(p.numel() * 4 for _, p in trainable_parameters(final_unet)) * (1 if args.use_lora else 2)
+            checkpoints.check_free_space(output_dir, final_bytes * (2 if ema is not None else 1), "the final weights")
+            save_weights(final_unet, output_dir, args, ema, family=family)
         written = [output_dir / name for name in final_weight_names(args)]
         if args.save_pipeline:
+            if fsdp:  # the pipeline needs a whole model: the base architecture with the gathered weights
+                from safetensors.torch import load_file
+
+                final_unet = family.load_denoiser(args.unet_init or base, None if args.unet_init else revision)
+                final_unet.load_state_dict(load_file(str(output_dir / f"{family.denoiser}.safetensors")))
             save_pipeline(args, final_unet, output_dir)
         write_model_card(args, output_dir, global_step, final_logs)
         log_summary(args, output_dir, global_step, time.time() - started, final_logs, written, skipped_total)

@@ -1,0 +1,90 @@
+"""FSDP2 through accelerate on two CPU ranks (gloo): the same training as DDP to float rounding (weights, lambda,
+logged metrics), and a resume from an FSDP checkpoint bit-exact, EMA included."""
+
+import os
+import shutil
+import subprocess
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from test_train import ACCELERATE, REPO, metrics, train_args
+
+FSDP = ["--use_fsdp", "--fsdp_version", "2", "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP",
+        "--fsdp_transformer_layer_cls_to_wrap", "BasicTransformerBlock,ResnetBlock2D",
+        "--fsdp_state_dict_type", "SHARDED_STATE_DICT", "--fsdp_reshard_after_forward", "true"]
+
+
+def launch_two(strategy, *args):
+    launcher = ["--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    launcher += FSDP if strategy == "fsdp" else ["--multi_gpu"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    result = subprocess.run([*ACCELERATE, *launcher, str(REPO / "train.py"), *args], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_sd15, pickapic, tmp_path_factory):
+    root = tmp_path_factory.mktemp("fsdp")
+    common = ["--use_winner_preserving", "--winner_preserving_mu", "0.5", "--use_ema", "--checkpointing_steps", "2"]
+    launch_two("fsdp", *train_args(tiny_sd15, pickapic, root / "fsdp", *common, steps=4))
+    launch_two("ddp", *train_args(tiny_sd15, pickapic, root / "ddp", *common, steps=4))
+    return root, common
+
+
+def test_fsdp_trains_as_ddp(runs):
+    root, _ = runs
+    checkpoint = root / "fsdp" / "checkpoint-2"
+    assert (checkpoint / "optimizer_0").is_dir() and (checkpoint / "pytorch_model_fsdp_0").is_dir()  # sharded state
+    assert (checkpoint / "unet.safetensors").is_file()  # and the full weights the eval scripts read
+    for name in ("unet.safetensors", "unet_ema.safetensors"):
+        fsdp, ddp = load_file(str(root / "fsdp" / name)), load_file(str(root / "ddp" / name))
+        assert fsdp.keys() == ddp.keys()
+        assert max((fsdp[k] - ddp[k]).abs().max().item() for k in fsdp) < 1e-5
+    for a, b in zip(metrics(root / "fsdp"), metrics(root / "ddp")):
+        assert a["step"] == b["step"]
+        for key in ("avg_lose_l_scale", "implicit_acc_accumulated", "model_mse_unaccumulated"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+        # beta = 5000 turns the weights' 1e-6 rounding differences into ~1e-4 relative differences of the DPO loss
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=2e-3)
+
+
+def test_fsdp_resume_is_exact(runs, tiny_sd15, pickapic):
+    """A run killed after checkpoint-2 (its folder as it was then) resumes under FSDP to the undisturbed run's weights."""
+    root, common = runs
+    resumed = root / "resumed"
+    resumed.mkdir()
+    shutil.copytree(root / "fsdp" / "checkpoint-2", resumed / "checkpoint-2")
+    lines = (root / "fsdp" / "metrics.jsonl").read_text().splitlines()
+    (resumed / "metrics.jsonl").write_text("\n".join(lines[:3]) + "\n")  # step 3 was logged before the kill
+    launch_two("fsdp", *train_args(tiny_sd15, pickapic, resumed, *common, steps=4))
+    for name in ("unet.safetensors", "unet_ema.safetensors"):
+        a, b = load_file(str(root / "fsdp" / name)), load_file(str(resumed / name))
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    assert [m["step"] for m in metrics(resumed)] == [1, 2, 3, 4]
+    assert [m["train_loss"] for m in metrics(resumed)] == [m["train_loss"] for m in metrics(root / "fsdp")]
+
+
+def test_accelerate_configs_name_each_familys_block():
+    """configs/accelerate/fsdp_<family>.yaml: FSDP2, bf16, and a wrapping unit that exists in diffusers."""
+    import importlib
+
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    where = {"BasicTransformerBlock": "attention", "JointTransformerBlock": "attention", "ResnetBlock2D": "resnet",
+             "FluxTransformerBlock": "transformers.transformer_flux",
+             "FluxSingleTransformerBlock": "transformers.transformer_flux",
+             "WanTransformerBlock": "transformers.transformer_wan",
+             "CogVideoXBlock": "transformers.cogvideox_transformer_3d"}
+    expected = {"sd15": "BasicTransformerBlock,ResnetBlock2D", "sdxl": "BasicTransformerBlock,ResnetBlock2D",
+                "sd3": "JointTransformerBlock", "flux": "FluxTransformerBlock,FluxSingleTransformerBlock",
+                "wan": "WanTransformerBlock", "cogvideox": "CogVideoXBlock"}
+    for name, blocks in expected.items():
+        config = load_config_from_file(str(REPO / "configs" / "accelerate" / f"fsdp_{name}.yaml"))
+        assert config.fsdp_config["fsdp_version"] == 2 and config.mixed_precision == "bf16"
+        assert config.fsdp_config["fsdp_transformer_layer_cls_to_wrap"] == blocks
+        for block in blocks.split(","):
+            assert hasattr(importlib.import_module(f"diffusers.models.{where[block]}"), block), block
