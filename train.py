@@ -1401,6 +1401,8 @@ def main(argv=None):
     if cpu_ranks and os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
         enable_fsdp_on_cpu_ranks(accelerator)
     fsdp = is_fsdp(accelerator)
+    if fsdp:  # every rank loads the weights itself (from_pretrained); accelerate's rank-0-only loading path is not used
+        accelerator.state.fsdp_plugin.cpu_ram_efficient_loading = False
     if fsdp and args.use_lora:
         raise ValueError("--use_lora under FSDP is not supported (FSDP2 shards parameters of one dtype, and the LoRA "
                          "base is frozen in bf16 beside fp32 adapters); LoRA's training state is small: use DDP")

@@ -1,4 +1,5 @@
-"""FSDP2 through accelerate on two CPU ranks (gloo): the same training as DDP to float rounding (weights, lambda,
+"""FSDP2 through accelerate on two CPU ranks (gloo), with gradient checkpointing and EMA: the same training as DDP to
+float rounding (weights, lambda,
 logged metrics), and a resume from an FSDP checkpoint bit-exact, EMA included."""
 
 import os
@@ -29,7 +30,8 @@ def launch_two(strategy, *args):
 @pytest.fixture(scope="module")
 def runs(tiny_sd15, pickapic, tmp_path_factory):
     root = tmp_path_factory.mktemp("fsdp")
-    common = ["--use_winner_preserving", "--winner_preserving_mu", "0.5", "--use_ema", "--checkpointing_steps", "2"]
+    common = ["--use_winner_preserving", "--winner_preserving_mu", "0.5", "--use_ema", "--checkpointing_steps", "2",
+              "--gradient_checkpointing"]  # composes with FSDP
     launch_two("fsdp", *train_args(tiny_sd15, pickapic, root / "fsdp", *common, steps=4))
     launch_two("ddp", *train_args(tiny_sd15, pickapic, root / "ddp", *common, steps=4))
     return root, common
