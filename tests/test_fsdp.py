@@ -1,6 +1,5 @@
 """FSDP2 through accelerate on two CPU ranks (gloo), with gradient checkpointing and EMA: the same training as DDP to
-float rounding (weights, lambda,
-logged metrics), and a resume from an FSDP checkpoint bit-exact, EMA included."""
+float rounding (weights, lambda, logged metrics), and a resume from an FSDP checkpoint bit-exact, EMA included."""
 
 import os
 import shutil
