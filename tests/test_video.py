@@ -108,7 +108,15 @@ def test_every_method_trains_on_each_family(models, pairs, tmp_path, name, metho
         extra += ["--use_winner_preserving", "--winner_preserving_mu", "0.5"]
     if name == "cogvideox5":  # the memory options on the way
         extra += ["--gradient_checkpointing", "--vae_tiling"]
-    assert train_video(name, models, pairs["parquet"], tmp_path, *extra) == 2
+    save_pipeline = method == "sft" and not safeguard
+    assert train_video(name, models, pairs["parquet"], tmp_path, *extra, *(["--save_pipeline"] if save_pipeline else [])) == 2
+    if save_pipeline:  # the trained transformer in the model's own pipeline folder
+        import diffusers
+
+        pipeline_class = getattr(diffusers, families.FAMILIES[parse(models[name]).model_family].pipeline_class)
+        saved = pipeline_class.from_pretrained(tmp_path)
+        trained = load_file(str(tmp_path / "transformer.safetensors"))
+        assert all(torch.equal(saved.transformer.state_dict()[k], trained[k]) for k in trained)
     logged = metrics(tmp_path)
     assert all(math.isfinite(m["train_loss"]) for m in logged)
     trained = load_file(str(tmp_path / "transformer.safetensors"))
@@ -365,3 +373,27 @@ def test_wan_prompt_states_are_zero_past_the_caption(models):
     ours = family.encode_prompts({"input_ids": ids}, encoders)["prompt_embeds"]
     theirs = pipeline._get_t5_prompt_embeds(captions, max_sequence_length=512, device=torch.device("cpu"))
     torch.testing.assert_close(ours, theirs)
+
+
+def test_video_memory_tracker_counts_what_is_alive():
+    """benchmarks/video_memory.py's PeakMemory on fake tensors: new storages counted once while alive, views and the
+    given modules' parameters not at all, freed storages released (docs/video.md's memory table rests on it)."""
+    import gc
+
+    from benchmarks import video_memory
+
+    with video_memory.fake_cuda():
+        torch.empty(1000)  # before: not counted
+        linear = torch.nn.Linear(10, 10)
+        with video_memory.PeakMemory(linear) as tracker:
+            first = torch.empty(250)  # 1000 bytes
+            second = first * 2  # 1000 bytes
+            second[:10], linear.weight.t()  # noqa: B018 - views
+            del first
+            gc.collect()
+            third = torch.empty(500)  # 2000 bytes, after the first was freed
+    assert (tracker.peak, tracker.live) == (3000, 3000)
+    assert second.shape == (250,) and third.shape == (500,)
+    fixed = video_memory.fixed_bytes({"transformer": 10, "lora": 1, "text_encoder": 3, "vae": 2})
+    assert fixed["full"] == {"weights": 40, "gradients": 40, "optimizer": 80, "reference": 20, "frozen": 10}
+    assert fixed["lora"] == {"weights": 24, "gradients": 4, "optimizer": 8, "reference": 0, "frozen": 10}
