@@ -256,8 +256,9 @@ def load_pair_scorer(name: str, kwargs: dict) -> Scorer:
 
 
 class ImageMedia:
-    """How an image candidate is stored and encoded into a pair (video families would add their own class with the
-    video schema's columns and encodings)."""
+    """How an image candidate is stored and encoded into a pair. A video family would add its own class with the
+    same methods: train.py's video schema (video_data.py) has columns mp4_0/mp4_1 (encoded video bytes), WebDataset
+    fields <key>.mp4_0.mp4 / .mp4_1.mp4, candidates saved as <k>.mp4."""
 
     kind = "image"
     columns = ("jpg_0", "jpg_1")
@@ -568,8 +569,8 @@ def write_parquet_shards(pairs, out: Path, media: ImageMedia, shard_size: int) -
                 for row, file_0, file_1 in pairs[start:end]]
         name = f"train-{s:05d}-of-{len(slices):05d}.parquet"
         table = pa.Table.from_pylist(rows) if rows else pa.table({
-            "caption": pa.array([], pa.string()), "jpg_0": pa.array([], pa.binary()),
-            "jpg_1": pa.array([], pa.binary()), "label_0": pa.array([], pa.float64())})
+            "caption": pa.array([], pa.string()), media.columns[0]: pa.array([], pa.binary()),
+            media.columns[1]: pa.array([], pa.binary()), "label_0": pa.array([], pa.float64())})
         pq.write_table(table, tmp / name)
         names.append(f"{DATA}/{name}")
     replace_folder(tmp, out / DATA)
@@ -589,8 +590,8 @@ def write_webdataset_shards(pairs, out: Path, media: ImageMedia, shard_size: int
             for row, file_0, file_1 in pairs[start:end]:
                 key = f"{row['prompt_index']:06d}_{row['candidate_0']}_{row['candidate_1']}"
                 provenance = {k: v for k, v in row.items() if k not in ("caption", "label_0", "label_1")}
-                fields = {f"jpg_0.{media.extension}": media.encode(file_0),
-                          f"jpg_1.{media.extension}": media.encode(file_1),
+                fields = {f"{media.columns[0]}.{media.extension}": media.encode(file_0),
+                          f"{media.columns[1]}.{media.extension}": media.encode(file_1),
                           "label_0.txt": str(row["label_0"]).encode(), "label_1.txt": str(row["label_1"]).encode(),
                           "original_prompt.txt": row["caption"].encode("utf-8"),
                           "provenance.json": json.dumps(provenance, ensure_ascii=False).encode("utf-8")}
