@@ -48,12 +48,15 @@ import torch
 if not __package__:  # run as a file (`accelerate launch eval/generate.py`): families/ is in the repository root
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from families import PIPELINE_FAMILIES  # noqa: E402
+from eval.video import stored_video_prompt, write_mp4  # noqa: E402
 
 SD15_BASE = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 SDXL_BASE = "stabilityai/stable-diffusion-xl-base-1.0"
 SDXL_VAE = "madebyollin/sdxl-vae-fp16-fix"
 SD3_BASE = "stabilityai/stable-diffusion-3.5-medium"
 FLUX_BASE = "black-forest-labs/FLUX.1-dev"
+WAN_BASE = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
+COGVIDEOX_BASE = "THUDM/CogVideoX-2b"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 EXIF_IMAGE_DESCRIPTION = 0x010E
 LORA_FILE = "pytorch_lora_weights.safetensors"  # what train.py --use_lora writes (diffusers' file name)
@@ -72,6 +75,11 @@ class FamilyDefaults:
     formula: str
     denoiser: str  # the trained model's subfolder and weight-file stem (train.py: unet.pth / transformer.pth)
     pipeline: str
+    height: int = 0  # video families: their own height x width (0: size x size)
+    width: int = 0
+    num_frames: int = 0  # video families only: frames per video, the frame rule, frames per second of the mp4
+    frame_multiple: int = 0
+    fps: int = 0
 
 
 FAMILY_DEFAULTS = {
@@ -83,8 +91,17 @@ FAMILY_DEFAULTS = {
     # the black-forest-labs/FLUX.1-dev model card's diffusers example: 50 steps, guidance_scale 3.5 (the guidance
     # embedding of the guidance-distilled model: no unconditional branch)
     "flux": FamilyDefaults(FLUX_BASE, 1024, 50, 3.5, "distilled", "transformer", "FluxPipeline"),
+    # Wan-AI/Wan2.1-T2V-1.3B-Diffusers model card's diffusers example: 480 x 832, 81 frames, guidance_scale 5.0, and
+    # WanPipeline's default 50 steps (the card passes none); 16 fps, the rate Wan2.1 generates at (its repository's
+    # sample_fps; the card's export_to_video writes 15). 4k + 1 frames (causal VAE, 4x in time).
+    "wan": FamilyDefaults(WAN_BASE, 480, 50, 5.0, "standard", "transformer", "WanPipeline", 480, 832, 81, 4, 16),
+    # THUDM/CogVideoX-2b (and -5b) model card's example: 480 x 720, 49 frames, 50 steps, guidance_scale 6,
+    # export_to_video(fps=8). 8k + 1 frames (an odd number of latent frames decodes to 4k + 1 frames).
+    "cogvideox": FamilyDefaults(COGVIDEOX_BASE, 480, 50, 6.0, "standard", "transformer", "CogVideoXPipeline", 480, 720,
+                                49, 8, 8),
 }
 FLOW_FAMILIES = ("sd3", "flux")  # sampled with their diffusers pipeline
+VIDEO_FAMILIES = ("wan", "cogvideox")  # sampled with their diffusers pipeline, written as mp4
 
 
 class GenerateError(Exception):
@@ -99,6 +116,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="where runs are written (default: --unet_path itself if a folder, else its parent folder)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise, the same for every prompt")
     add_sampling_args(p)
+    p.add_argument("--num_frames", type=int, default=None,
+                   help="video families: frames per video (default: wan 81, 4k + 1; cogvideox 49, 8k + 1)")
+    p.add_argument("--fps", type=float, default=None,
+                   help="video families: frame rate written into the mp4 (default: wan 16, cogvideox 8); the frames "
+                        "do not depend on it")
+    p.add_argument("--negative_prompt", default="",
+                   help="video families: the unconditional branch's prompt (default \"\", as for the image families; "
+                        "Wan2.1's model card passes a long negative prompt: give it here to sample as the card does)")
     p.add_argument("--max_prompts", type=int, default=None,
                    help="only the first N prompts (smoke runs, demos); running again without it completes the run, "
                         "and a run never shrinks: a manifest keeps listing the prompts it already had")
@@ -121,7 +146,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         "--model_family sd3 / flux)")
     p.add_argument("--sdxl", action="store_true", help="SDXL mode (= --model_family sdxl)")
     p.add_argument("--model_family", choices=tuple(FAMILY_DEFAULTS), default=None,
-                   help="sd (SD1.x/2.x), sdxl, sd3 (SD3/3.5) or flux (FLUX.1). Default: read from --pretrain_path's "
+                   help="sd (SD1.x/2.x), sdxl, sd3 (SD3/3.5), flux (FLUX.1), wan (Wan2.1 T2V) or cogvideox "
+                        "(CogVideoX). Default: read from --pretrain_path's "
                         "model_index.json _class_name; needed only when that cannot be read (a contradiction is an "
                         "error)")
     p.add_argument("--vae_path", default=None,
@@ -214,8 +240,21 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     args.sdxl = family == "sdxl"
     defaults = FAMILY_DEFAULTS[family]
     args.pretrain_path = args.pretrain_path or defaults.base
-    args.height = args.height or defaults.size
-    args.width = args.width or defaults.size
+    args.height = args.height or defaults.height or defaults.size
+    args.width = args.width or defaults.width or defaults.size
+    if family in VIDEO_FAMILIES:
+        args.num_frames = getattr(args, "num_frames", None) or defaults.num_frames
+        args.fps = getattr(args, "fps", None) or defaults.fps
+        args.negative_prompt = getattr(args, "negative_prompt", "") or ""
+        if args.num_frames < 1 or (args.num_frames - 1) % defaults.frame_multiple:
+            rule = ("4k + 1 (Wan's causal VAE compresses time 4x)" if family == "wan" else
+                    "8k + 1 (CogVideoX decodes an odd number of latent frames to 4k + 1 frames)")
+            raise GenerateError(f"--num_frames {args.num_frames}: {family} needs {rule}, e.g. "
+                                f"{defaults.num_frames} or 9")
+        if args.fps <= 0:
+            raise GenerateError("--fps must be > 0")
+    elif getattr(args, "num_frames", None) is not None or getattr(args, "fps", None) is not None:
+        raise GenerateError(f"--num_frames / --fps are for the video families (wan, cogvideox), not {family}")
     args.steps = defaults.steps if args.steps is None else args.steps
     args.cfg = defaults.cfg if args.cfg is None else args.cfg
     if family == "flux" and args.guidance_formula is not None:
@@ -534,7 +573,8 @@ def load_transformer(args: argparse.Namespace, dtype: torch.dtype):
     file's weights (loaded in `dtype` first, so that a FLUX.1 transformer is never held in fp32)."""
     import diffusers
 
-    cls = getattr(diffusers, {"sd3": "SD3Transformer2DModel", "flux": "FluxTransformer2DModel"}[family_of(args)])
+    cls = getattr(diffusers, {"sd3": "SD3Transformer2DModel", "flux": "FluxTransformer2DModel",
+                              "wan": "WanTransformer3DModel", "cogvideox": "CogVideoXTransformer3DModel"}[family_of(args)])
     path = weights_of(args).unet
     if path is not None and os.path.isdir(path):
         return cls.from_pretrained(path, torch_dtype=dtype)
@@ -633,6 +673,8 @@ def sample(models: Models | PipelineModels, prompts: list[str], uncond, args: ar
     The model's prediction is guided and handed to EulerDiscreteScheduler.step, which reads it as the scheduler
     config's `prediction_type` says: epsilon (SD1.5, SDXL) or v_prediction (SD2.x-768: x0 = x/(σ²+1) - v·σ/√(σ²+1)
     in Euler's scaled-sample terms). Guidance is linear, so guiding v equals guiding ε. sd3/flux: `sample_pipeline`."""
+    if isinstance(models, VideoModels):
+        return sample_video(models, prompts, args, seeds)
     if isinstance(models, PipelineModels):
         return sample_pipeline(models, prompts, args, seeds)
     n, f = len(prompts), models.vae_factor
@@ -701,6 +743,132 @@ def sample_pipeline(models: PipelineModels, prompts: list[str], args: argparse.N
     if models.family == "flux":
         latents = FluxPipeline._unpack_latents(latents, args.height, args.width, f)
     return decode(models.vae, latents)
+
+
+# ----------------------------------------------------------------------------------------------------------- video
+
+
+@dataclass
+class VideoModels:
+    """wan / cogvideox: their diffusers pipeline (transformer and text encoder in `dtype`, trained weights loaded in,
+    the base model's own scheduler) and the video VAE in fp32, which decodes outside the pipeline."""
+
+    pipeline: object
+    vae: object
+    family: str
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def vae_factor(self) -> int:
+        return self.pipeline.vae_scale_factor_spatial
+
+    @property
+    def size_multiple(self) -> int:
+        """The VAE factor x the transformer's spatial patch size (wan (1, 2, 2), cogvideox 2): 16 for both."""
+        patch = self.pipeline.transformer.config.patch_size
+        return self.vae_factor * (patch[-1] if isinstance(patch, (list, tuple)) else patch)
+
+    def latent_shape(self, num_frames: int, height: int, width: int) -> tuple[int, ...]:
+        """One video's initial noise in the layout the pipeline takes as `latents`: wan (1, C, F', h, w),
+        cogvideox frame-first (1, F', C, h, w); F' = (num_frames - 1) / 4 + 1 (the VAE's temporal factor)."""
+        frames = (num_frames - 1) // self.pipeline.vae_scale_factor_temporal + 1
+        channels = self.pipeline.transformer.config.in_channels
+        h, w = height // self.vae_factor, width // self.vae_factor
+        return (1, channels, frames, h, w) if self.family == "wan" else (1, frames, channels, h, w)
+
+
+def video_seeds(items: list[dict], seed: int) -> list[int]:
+    """The noise seed of each prompt-file entry: `seed` for a prompt's first occurrence (every prompt starts from the
+    same noise, as for images), seed + k for its k-th repetition, so that a prompt file listing a prompt five times
+    (VBench's five samples per prompt) gets five different videos."""
+    seen: dict[str, int] = {}
+    seeds = []
+    for item in items:
+        k = seen.get(item["prompt"], 0)
+        seen[item["prompt"]] = k + 1
+        seeds.append(seed + k)
+    return seeds
+
+
+def load_video_vae(args: argparse.Namespace):
+    import diffusers
+
+    cls = getattr(diffusers, {"wan": "AutoencoderKLWan", "cogvideox": "AutoencoderKLCogVideoX"}[family_of(args)])
+    location = args.vae_path or args.pretrain_path
+    subfolder = "vae" if args.vae_path is None or (Path(location) / "vae" / "config.json").is_file() else None
+    return cls.from_pretrained(location, subfolder=subfolder, torch_dtype=torch.float32)
+
+
+def load_video_models(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> VideoModels:
+    """WanPipeline / CogVideoXPipeline from the base model, with the trained transformer (or a LoRA adapter through
+    pipeline.load_lora_weights), its own scheduler (Wan2.1: UniPCMultistepScheduler with flow sigmas and the model's
+    flow_shift; CogVideoX-2b: CogVideoXDDIMScheduler, -5b: CogVideoXDPMScheduler) and the VAE in fp32."""
+    import diffusers
+
+    family = family_of(args)
+    transformer = load_transformer(args, dtype)
+    vae = load_video_vae(args)
+    pipe = getattr(diffusers, FAMILY_DEFAULTS[family].pipeline).from_pretrained(
+        args.pretrain_path, transformer=transformer, vae=vae, torch_dtype=dtype)
+    pipe.set_progress_bar_config(disable=True)
+    adapter = weights_of(args).lora
+    if adapter is not None:
+        adapter = Path(adapter)
+        try:
+            if adapter.is_file():
+                pipe.load_lora_weights(str(adapter.parent), weight_name=adapter.name)
+            else:
+                pipe.load_lora_weights(str(adapter))
+        except (OSError, ValueError, KeyError) as e:
+            raise GenerateError(f"cannot load the LoRA adapter {adapter}: {e}") from e
+    for name, module in pipe.components.items():
+        if isinstance(module, torch.nn.Module):
+            module_dtype = torch.float32 if name == "vae" else dtype
+            torch.nn.Module.to(module, device=device, dtype=module_dtype).eval().requires_grad_(False)
+    return VideoModels(pipe, vae, family, device, dtype)
+
+
+@torch.inference_mode()
+def sample_video(models: VideoModels, prompts: list[str], args: argparse.Namespace,
+                 seeds: list[int] | None = None) -> torch.Tensor:
+    """wan / cogvideox: the pipeline's own sampler and guidance (standard formula, the negative prompt's real
+    encoding as the unconditional branch; `--guidance_formula official` passes cfg + 1), from the seeded fp32 CPU noise
+    of each video (`batch_noise`), passed in as `latents`, and one seeded CPU generator per video for a stochastic
+    scheduler (CogVideoX-5b's DPM), so that a video depends neither on its batch nor on the device's generator.
+    Decoded one video at a time by the fp32 VAE: wan z * latents_std + latents_mean, cogvideox z / scaling_factor.
+    Returns uint8 frames (B, F, H, W, 3) on the CPU."""
+    pipe, n = models.pipeline, len(prompts)
+    seeds = seeds if seeds is not None else [args.seed] * n
+    noise = batch_noise(args.seed, seeds, n, models.latent_shape(args.num_frames, args.height, args.width))
+    kwargs = {"height": args.height, "width": args.width, "num_frames": args.num_frames,
+              "num_inference_steps": args.steps, "negative_prompt": [args.negative_prompt] * n,
+              "guidance_scale": float(args.cfg) + (1.0 if args.guidance_formula == "official" else 0.0),
+              "generator": [torch.Generator("cpu").manual_seed(s) for s in seeds],
+              "max_sequence_length": 512 if models.family == "wan" else 226,  # the pipelines' defaults
+              "output_type": "latent", "return_dict": False}
+    latents = pipe(prompts, latents=noise.contiguous().to(models.device), **kwargs)[0]
+    if models.family == "cogvideox":
+        latents = latents.permute(0, 2, 1, 3, 4)  # (B, F', C, h, w) -> (B, C, F', h, w)
+    return decode_video(models.vae, latents, models.family)
+
+
+@torch.inference_mode()
+def decode_video(vae, latents: torch.Tensor, family: str) -> torch.Tensor:
+    """(B, C, F', h, w) latents -> uint8 (B, F, H, W, 3): denormalised as the family's pipeline does, decoded in
+    fp32 one video at a time, (x / 2 + 0.5) clamped, x 255, rounded."""
+    config, videos = vae.config, []
+    for latent in latents:
+        z = latent[None].float().to(next(vae.parameters()).device)
+        if family == "wan":
+            mean = torch.tensor(config.latents_mean, device=z.device).view(1, -1, 1, 1, 1)
+            std = torch.tensor(config.latents_std, device=z.device).view(1, -1, 1, 1, 1)
+            z = z * std + mean
+        else:
+            z = z / config.scaling_factor
+        x = vae.decode(z).sample  # (1, 3, F, H, W)
+        videos.append(((x / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)[0].permute(1, 2, 3, 0).cpu())
+    return torch.stack(videos)
 
 
 # --------------------------------------------------------------------------------------------------------- outputs
@@ -830,7 +998,8 @@ def run_fingerprint(args: argparse.Namespace, prompts: list[dict], dtype: torch.
     sampling settings. The batch size and the device do not (up to float rounding)."""
     texts = json.dumps([item["prompt"] for item in prompts], ensure_ascii=False)
     family = family_of(args)
-    flow = family in FLOW_FAMILIES  # sd/sdxl keep the keys they always had, so that their older run records resume
+    video = family in VIDEO_FAMILIES
+    flow = family in FLOW_FAMILIES or video  # sd/sdxl keep the keys they always had, so their older records resume
     fingerprint = {
         "model": {"transformer" if flow else "unet": source_digest(args.weights.unet),
                   "lora": source_digest(args.weights.lora),
@@ -838,11 +1007,15 @@ def run_fingerprint(args: argparse.Namespace, prompts: list[dict], dtype: torch.
         "prompts": {"count": len(prompts), "sha256": hashlib.sha256(texts.encode()).hexdigest()[:16]},
         "sampling": {"height": args.height, "width": args.width, "steps": args.steps, "cfg": float(args.cfg),
                      "seed": args.seed, "guidance_formula": args.guidance_formula,
-                     "scheduler": "FlowMatchEulerDiscreteScheduler" if flow else "EulerDiscreteScheduler",
+                     "scheduler": (f"{FAMILY_DEFAULTS[family].pipeline}'s (the base model's scheduler/)" if video
+                                   else "FlowMatchEulerDiscreteScheduler" if flow else "EulerDiscreteScheduler"),
                      "dtype": str(dtype).removeprefix("torch."), "sdxl": args.sdxl},
     }
     if flow:
         fingerprint["sampling"]["family"] = family
+    if video:  # the noise of a repeated prompt's k-th copy is --seed + k (see video_seeds)
+        fingerprint["sampling"].update(num_frames=args.num_frames, fps=float(args.fps),
+                                       negative_prompt=args.negative_prompt, seeds="seed + repetition")
     return fingerprint
 
 
@@ -935,14 +1108,17 @@ def generate(args: argparse.Namespace) -> dict:
         n = listed
     items = all_items[:n]
     image_dir.mkdir(parents=True, exist_ok=True)
-    paths = [os.path.join(args.output_path, name, f"{i}_{args.height}x{args.width}.png") for i in range(len(items))]
+    video = args.model_family in VIDEO_FAMILIES
+    suffix = ".mp4" if video else ".png"
+    paths = [os.path.join(args.output_path, name, f"{i}_{args.height}x{args.width}{suffix}") for i in range(len(items))]
     mine = range(state.process_index, len(items), state.num_processes)
-    stored = {i: stored_prompt(Path(paths[i])) for i in tqdm(mine, desc=f"checking {name}", leave=False,
-                                                             disable=not state.is_main_process)}
+    read_stored = stored_video_prompt if video else stored_prompt
+    stored = {i: read_stored(Path(paths[i])) for i in tqdm(mine, desc=f"checking {name}", leave=False,
+                                                           disable=not state.is_main_process)}
     todo = [i for i in mine if not prompt_matches(stored[i], items[i]["prompt"])]
     wrong = [i for i in todo if stored[i] is not None]
     if wrong:
-        print(f"[WARN] {len(wrong)} images in {image_dir} store another prompt (or none), e.g. {paths[wrong[0]]}: "
+        print(f"[WARN] {len(wrong)} {'videos' if video else 'images'} in {image_dir} store another prompt (or none), e.g. {paths[wrong[0]]}: "
               "generating them again")
     if previous is None and len(todo) < len(mine) and state.is_main_process:
         print(f"[WARN] {image_dir} has no {RUN_RECORD} (an older or official run): its images are kept when their "
@@ -954,16 +1130,21 @@ def generate(args: argparse.Namespace) -> dict:
                         "vae_path": args.vae_path, "test_json": args.test_json}}
     if state.is_main_process:
         write_json(image_dir / RUN_RECORD, record)  # before the first new image: a killed run keeps its fingerprint
-        print(f"{name}: {weights}; {len(mine) - len(todo)} of {len(mine)} images done")
+        print(f"{name}: {weights}; {len(mine) - len(todo)} of {len(mine)} {'videos' if video else 'images'} done")
 
     if todo:
         models, uncond = load_sampler(args, device, dtype)
         progress = tqdm(total=len(todo), desc=name, disable=not state.is_main_process)
+        seeds = video_seeds(all_items, args.seed) if video else None
         for start in range(0, len(todo), args.batch_size):
             batch = todo[start : start + args.batch_size]
-            images = sample(models, [items[i]["prompt"] for i in batch], uncond, args)
-            for i, image in zip(batch, images):
-                save_png(image, items[i]["prompt"], Path(paths[i]))
+            prompts = [items[i]["prompt"] for i in batch]
+            if video:
+                for i, frames in zip(batch, sample(models, prompts, uncond, args, [seeds[i] for i in batch])):
+                    write_mp4(frames, paths[i], args.fps, items[i]["prompt"])
+            else:
+                for i, image in zip(batch, sample(models, prompts, uncond, args)):
+                    save_png(image, items[i]["prompt"], Path(paths[i]))
             progress.update(len(batch))
         progress.close()
 
@@ -974,7 +1155,7 @@ def generate(args: argparse.Namespace) -> dict:
             raise GenerateError(f"{len(missing)} images are missing after generation (e.g. {missing[0]}); re-run to resume")
         manifest = write_outputs(items, paths, args.output_path, name, args.zip)
         write_json(image_dir / RUN_RECORD, {**record, "complete": n == len(all_items)})
-        print(f"Wrote {len(paths)} images to {image_dir} and the manifest {manifest} ({weights})")
+        print(f"Wrote {len(paths)} {'videos' if video else 'images'} to {image_dir} and the manifest {manifest} ({weights})")
         if n < len(all_items):
             print(f"Partial run: {n} of {len(all_items)} prompts (--max_prompts). Run again without it to complete it.")
     return {"manifest": manifest, "run_name": name, "generated": len(todo), "skipped": len(mine) - len(todo),
@@ -984,12 +1165,15 @@ def generate(args: argparse.Namespace) -> dict:
 def load_sampler(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
     """(models, uncond) for `sample`: the models of a resolved namespace (resolve_args), the image size checked against
     them, and the real encoding of the empty prompt (official, SDXL too; None for sd3/flux, whose pipeline encodes)."""
-    models = load_models(args, device, dtype)
+    if family_of(args) in VIDEO_FAMILIES:
+        models = load_video_models(args, device, dtype)
+    else:
+        models = load_models(args, device, dtype)
     if args.height % models.size_multiple or args.width % models.size_multiple:
         what = ("the VAE factor" if models.size_multiple == models.vae_factor
                 else f"the VAE factor {models.vae_factor} x the {args.model_family} patch size")
         raise GenerateError(f"--height/--width must be multiples of {what} {models.size_multiple}")
-    uncond = None if isinstance(models, PipelineModels) else encode(models, [""])
+    uncond = None if isinstance(models, (PipelineModels, VideoModels)) else encode(models, [""])
     return models, uncond
 
 
