@@ -22,7 +22,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from eval.manifest import ManifestError, check_images, pair_items, read_manifest, score_items
+from eval.manifest import DEFAULT_FRAMES, ManifestError, check_images, pair_items, read_manifest, score_items
 
 # metric -> (name in console/summary, file); dict order = the official summary order
 PAIR_FILES = {
@@ -31,6 +31,7 @@ PAIR_FILES = {
     "clip": ("CLIP", "pair_clip.json"),
     "aesthetics": ("Aesthetics", "pair_aesthetics.json"),
     "imagereward": ("ImageReward", "pair_imagereward.json"),
+    "temporal": ("TemporalConsistency", "pair_temporal.json"),  # videos only
 }
 RUN_ORDER = ("pickscore", "hpsv2", "aesthetics", "clip", "imagereward")  # the order test_vs.sh runs them
 SEP = "|--------------|----------|----------|--------------|------------------|------|"
@@ -132,6 +133,7 @@ def compare_manifests(
     ties_as_loss_for_a: bool = False,
     n_bootstrap: int = 10000,
     seed: int = 0,
+    frames: int = DEFAULT_FRAMES,
 ) -> dict:
     """Compare two manifests with each scorer, write pair_<metric>.json per scorer, then summarize `outdir`.
 
@@ -151,8 +153,8 @@ def compare_manifests(
     for scorer in scorers:
         metric, fname = PAIR_FILES[scorer.name]
         print(f">>> Running {metric}")
-        scores_a = score_items(scorer, pairs.a, batch_size, desc=f"{metric} A")
-        scores_b = score_items(scorer, pairs.b, batch_size, desc=f"{metric} B")
+        scores_a = score_items(scorer, pairs.a, batch_size, desc=f"{metric} A", frames=frames)
+        scores_b = score_items(scorer, pairs.b, batch_size, desc=f"{metric} B", frames=frames)
         del scorer  # let a generator's next model replace this one instead of sitting beside it
         res = {"model_a": label_a, "model_b": label_b}
         res.update(win_stats(scores_a, scores_b, ties_as_loss_for_a, n_bootstrap, seed))
@@ -248,8 +250,9 @@ def summarize(outdir: str | os.PathLike, plot: bool = True) -> dict:
         extras.append({k: d[k] for k in ("sign_test_p_value", "win_rate_ci95") if k in d})
     if not rows:
         raise ManifestError(f"no pair_*.json files in {outdir}: nothing to summarize")
-    if len(rows) < len(PAIR_FILES):
-        print(f"[WARN] summarizing {len(rows)} of {len(PAIR_FILES)} metrics: {', '.join(r['metric'] for r in rows)}")
+    expected = len(PAIR_FILES) - (0 if (outdir / PAIR_FILES["temporal"][1]).is_file() else 1)  # temporal: videos
+    if len(rows) < expected:
+        print(f"[WARN] summarizing {len(rows)} of {expected} metrics: {', '.join(r['metric'] for r in rows)}")
 
     total = sum(r["total_pairs"] for r in rows)
     summary = {
@@ -290,7 +293,6 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--summarize", default=None, metavar="DIR",
                         help="only summarize the pair_*.json files in DIR (utils/summary_vs_scores.py)")
     add_scorer_args(parser, batch_size=64)
-    parser.set_defaults(metrics=list(RUN_ORDER))
     args = parser.parse_args(argv)
     try:
         if args.summarize:
@@ -298,8 +300,12 @@ def main(argv: Sequence[str] | None = None) -> None:
             return
         if not (args.json_a and args.json_b):
             parser.error("give --json_a and --json_b (or --summarize DIR)")
+        from eval.score import default_metrics
+
+        args.metrics = args.metrics or default_metrics([args.json_a, args.json_b], RUN_ORDER)
         compare_manifests(args.json_a, args.json_b, iter_scorers(scorer_kwargs(args)), args.label_a, args.label_b,
-                          args.outdir, args.batch_size, args.ties_as_loss_for_a, args.n_bootstrap, args.seed)
+                          args.outdir, args.batch_size, args.ties_as_loss_for_a, args.n_bootstrap, args.seed,
+                          frames=args.frames)
     except ManifestError as exc:
         sys.exit(f"error: {exc}")
 

@@ -135,8 +135,63 @@ def load_image(item: Item) -> Image.Image:
         raise ManifestError(f"cannot read image {item.path} (manifest entry {item.index}): {exc}") from None
 
 
-def score_items(scorer, items: Sequence[Item], batch_size: int, desc: str = "") -> list[float]:
-    """The scoring loop: load `batch_size` images at a time and score (prompt, image) pairs with `scorer`."""
+DEFAULT_FRAMES = 8  # frames sampled per video for the image metrics (--frames); our choice, not a published protocol
+
+
+def is_video_item(item: Item) -> bool:
+    from eval.video import is_video
+
+    return is_video(item.path or item.image)
+
+
+def load_frames(item: Item, frames: int | None = None) -> list[Image.Image]:
+    """A video's frames (PIL RGB): `frames` of them spread evenly over the video (first and last included), or all
+    of them with frames=None."""
+    from eval.video import read_frames, sample_indices
+
+    try:
+        decoded = read_frames(item.path)
+    except ValueError as exc:
+        raise ManifestError(f"{exc} (manifest entry {item.index})") from None
+    if frames is None:
+        return decoded
+    return [decoded[i] for i in sample_indices(len(decoded), frames)]
+
+
+def score_video_items(scorer, items: Sequence[Item], frames: int, desc: str = "") -> list[float]:
+    """Videos: a scorer with `score_videos` (temporal consistency) gets every frame of each video; any image scorer
+    scores `frames` evenly sampled frames of each video, each as an image with the video's prompt, through its
+    `score` interface, and the video's score is their mean."""
+    scores: list[float] = []
+    with tqdm(total=len(items), desc=desc or scorer.name, unit="video") as bar:
+        for item in items:
+            if hasattr(scorer, "score_videos"):
+                scores.append(float(scorer.score_videos([load_frames(item)])[0]))
+            else:
+                sampled = load_frames(item, frames)
+                per_frame = scorer.score([item.prompt] * len(sampled), sampled)
+                if len(per_frame) != len(sampled):
+                    raise RuntimeError(f"scorer {scorer.name} returned {len(per_frame)} scores for {len(sampled)} frames")
+                scores.append(sum(float(s) for s in per_frame) / len(per_frame))
+            bar.update(1)
+    return scores
+
+
+def score_items(scorer, items: Sequence[Item], batch_size: int, desc: str = "",
+                frames: int = DEFAULT_FRAMES) -> list[float]:
+    """The scoring loop: load `batch_size` images at a time and score (prompt, image) pairs with `scorer`. Videos
+    (an .mp4 etc. as gen_image_path) are scored by `score_video_items` (`frames` frames each); a manifest mixing
+    images and videos is refused."""
+    kinds = {is_video_item(it) for it in items}
+    if len(kinds) > 1:
+        raise ManifestError("the manifest mixes images and videos: score them as separate manifests")
+    if kinds == {True}:
+        if frames < 1:
+            raise ManifestError("--frames must be >= 1")
+        return score_video_items(scorer, items, frames, desc)
+    if hasattr(scorer, "score_videos"):
+        raise ManifestError(f"{scorer.metric} scores videos (consecutive frames), and these manifest entries are "
+                            "images: drop it from --metrics")
     scores: list[float] = []
     with tqdm(total=len(items), desc=desc or scorer.name, unit="img") as bar:
         for start in range(0, len(items), batch_size):

@@ -22,7 +22,8 @@ import sys
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from eval.manifest import ManifestError, check_images, group_name, read_json_list, read_manifest, score_items
+from eval.manifest import (DEFAULT_FRAMES, ManifestError, check_images, group_name, is_video_item, read_json_list,
+                           read_manifest, score_items)
 
 # metric -> (official output-file suffix, per-item score field added to every manifest entry)
 OUTPUTS = {
@@ -31,8 +32,10 @@ OUTPUTS = {
     "aesthetics": ("_aesscore.json", "aes_score"),
     "clip": ("_clipscore.json", "clip_score"),
     "imagereward": ("_image_reward_score.json", "image_reward_score"),  # official field name
+    "temporal": ("_temporal_consistency.json", "temporal_consistency"),  # videos only
 }
-ALL_METRICS = tuple(OUTPUTS)  # CLI names in the official order (same as eval.scorers.METRICS)
+ALL_METRICS = ("pickscore", "hpsv2", "aesthetics", "clip", "imagereward")  # image metrics, the official order
+VIDEO_METRICS = ("temporal",)  # added by default when every manifest lists videos
 TABLE_HEADER = ("Prompt", "Predictor", "Score", "n")  # gather_log.py's columns, plus n = prompts scored
 GROUP_ORDER = ("papv2", "hpsv2", "partiprompts")  # the official table order
 N_LINE = re.compile(r"^total len of test data : (\d+)|over (\d+) samples")
@@ -154,11 +157,13 @@ def score_manifests(
     scorers: Iterable,
     batch_size: int = 32,
     output_dir: str | os.PathLike | None = None,
+    frames: int = DEFAULT_FRAMES,
 ) -> list[dict]:
     """Score every manifest with every scorer; print the official lines and write the output files.
 
     `scorers` is any iterable of eval.scorers.Scorer; a generator that loads them one by one keeps only one model
-    in memory. Output files go next to each manifest unless `output_dir` is given. Returns, per manifest,
+    in memory. Output files go next to each manifest unless `output_dir` is given. Videos get each image metric
+    averaged over `frames` evenly sampled frames, and "temporal" scores them (eval.manifest.score_video_items). Returns, per manifest,
     {manifest, group, total, means: {Metric: mean}, scores: {name: [per-item scores]}}.
     """
     manifests = [(Path(path), read_manifest(path, strict=True)) for path in manifest_paths]
@@ -180,7 +185,7 @@ def score_manifests(
     for scorer in scorers:
         suffix, field = OUTPUTS[scorer.name]
         for (path, items), res in zip(manifests, results):
-            scores = score_items(scorer, items, batch_size, desc=f"{scorer.metric} {res['group']}")
+            scores = score_items(scorer, items, batch_size, desc=f"{scorer.metric} {res['group']}", frames=frames)
             mean = sum(scores) / len(scores)
             res["scores"][scorer.name], res["means"][scorer.metric] = scores, mean
             print(f"Total {scorer.metric} score: {mean}  over {len(scores)} samples  [{path}]")
@@ -220,18 +225,31 @@ def default_device() -> str:
 
 def add_scorer_args(parser: argparse.ArgumentParser, batch_size: int) -> None:
     """Options shared by eval.score and eval.compare: which metrics, where their models are, device, batch size."""
-    parser.add_argument("--metrics", nargs="+", choices=ALL_METRICS, default=list(ALL_METRICS), metavar="METRIC",
-                        help=f"metrics to compute, in this order: any of {', '.join(ALL_METRICS)} (default: all)")
+    parser.add_argument("--metrics", nargs="+", choices=ALL_METRICS + VIDEO_METRICS, default=None, metavar="METRIC",
+                        help=f"metrics to compute, in this order: any of {', '.join(ALL_METRICS + VIDEO_METRICS)} "
+                             "(default: the five image metrics, and temporal when the manifests list videos)")
+    parser.add_argument("--frames", type=int, default=DEFAULT_FRAMES,
+                        help=f"videos: frames sampled evenly per video for the image metrics, whose scores are "
+                             f"averaged (default {DEFAULT_FRAMES}); temporal uses every frame")
     parser.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     parser.add_argument("--batch_size", type=int, default=batch_size, help=f"images per forward (default {batch_size})")
-    for name in ALL_METRICS:
-        parser.add_argument(f"--{name}_path", default=None, help=f"model location for {name} (default: official)")
+    for name in ALL_METRICS + VIDEO_METRICS:
+        default = " (default: --clip_path's model, the CLIP score image tower)" if name == "temporal" else \
+            " (default: official)"
+        parser.add_argument(f"--{name}_path", default=None, help=f"model location for {name}{default}")
     parser.add_argument("--scorer_config", default=None,
                         help="JSON file or inline JSON mapping metric -> extra eval.scorers.load_scorer kwargs")
 
 
+def default_metrics(manifest_paths: Sequence[str | os.PathLike], image_metrics: Sequence[str] = ALL_METRICS) -> list:
+    """The image metrics, plus temporal consistency when every manifest lists videos."""
+    videos = all(is_video_item(it) for path in manifest_paths if path for it in read_manifest(path, strict=False))
+    return list(image_metrics) + (list(VIDEO_METRICS) if videos else [])
+
+
 def scorer_kwargs(args: argparse.Namespace) -> dict[str, dict]:
-    """load_scorer kwargs per metric: device/batch size, updated by --scorer_config, then by --<metric>_path."""
+    """load_scorer kwargs per metric: device/batch size, updated by --scorer_config, then by --<metric>_path. The
+    temporal scorer is the CLIP score model's image tower: without its own settings it takes clip's."""
     config = {}
     if args.scorer_config:
         text = args.scorer_config
@@ -241,14 +259,15 @@ def scorer_kwargs(args: argparse.Namespace) -> dict[str, dict]:
             config = json.loads(text)
         except json.JSONDecodeError as exc:
             raise ManifestError(f"--scorer_config is neither a JSON file nor valid JSON: {exc}") from None
-        unknown = set(config) - set(ALL_METRICS)
+        unknown = set(config) - set(ALL_METRICS + VIDEO_METRICS)
         if not isinstance(config, dict) or unknown:
             raise ManifestError(f"--scorer_config must map metric names {ALL_METRICS} to kwargs; unknown: {unknown}")
     kwargs = {}
     for name in args.metrics:
-        kw = {"device": args.device or default_device(), "batch_size": args.batch_size, **config.get(name, {})}
-        if getattr(args, f"{name}_path"):
-            kw["model_path"] = getattr(args, f"{name}_path")
+        source = "clip" if name == "temporal" and name not in config and not args.temporal_path else name
+        kw = {"device": args.device or default_device(), "batch_size": args.batch_size, **config.get(source, {})}
+        if getattr(args, f"{source}_path"):
+            kw["model_path"] = getattr(args, f"{source}_path")
         kwargs[name] = kw
     return kwargs
 
@@ -284,8 +303,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         elif args.gather_scores is not None:
             gather_scores(args.gather_scores, args.table_out)
         else:
+            args.metrics = args.metrics or default_metrics(args.json_path)
             kwargs = scorer_kwargs(args)
-            score_manifests(args.json_path, iter_scorers(kwargs), batch_size=args.batch_size, output_dir=args.output_dir)
+            score_manifests(args.json_path, iter_scorers(kwargs), batch_size=args.batch_size, output_dir=args.output_dir,
+                            frames=args.frames)
     except ManifestError as exc:
         sys.exit(f"error: {exc}")
 

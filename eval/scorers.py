@@ -236,6 +236,38 @@ class CLIPScoreScorer(_OpenCLIPScorer):
         self._load(arch, str(model_path or OPENCLIP_PRETRAINED))
 
 
+class TemporalConsistencyScorer(CLIPScoreScorer):
+    """Temporal consistency of a video: the mean cosine similarity of consecutive frames' image embeddings from the
+    CLIP score model's image tower (OpenCLIP ViT-H-14 laion2B-s32B-b79K by default, the same weights and transform as
+    CLIPScoreScorer). 1 for a static video; the prompt is not used. A one-frame video scores 1."""
+
+    name, metric = "temporal", "TemporalConsistency"
+    video_metric = True
+
+    @torch.no_grad()
+    def embed(self, frames: list[Image.Image]) -> torch.Tensor:
+        """L2-normalised image embeddings of frames, (len(frames), dim), `batch_size` frames per forward."""
+        chunks = []
+        for start in range(0, len(frames), self.batch_size):
+            batch = [_checked_image(f, i) for i, f in enumerate(frames[start : start + self.batch_size], start)]
+            chunks.append(self.model.encode_image(self.pixels(batch).to(self.device), normalize=True).float())
+        return torch.cat(chunks)
+
+    def score_videos(self, videos: Sequence[Sequence[Image.Image]]) -> list[float]:
+        """One score per video (a sequence of frames, in order)."""
+        scores = []
+        for frames in videos:
+            if len(frames) < 2:
+                scores.append(1.0)
+                continue
+            features = self.embed(list(frames))
+            scores.append(float((features[:-1] * features[1:]).sum(-1).mean()))
+        return scores
+
+    def _score_batch(self, prompts, images):
+        raise ValueError("temporal consistency scores videos (score_videos), not single images")
+
+
 def load_aesthetic_mlp(path: str | os.PathLike | None = None) -> MLPHead:
     """The LAION aesthetic MLP, loaded strictly with ``weights_only=True``; input size read from the weights.
 
@@ -312,7 +344,8 @@ class ImageRewardScorer(Scorer):
 
 
 _SCORERS = {cls.name: cls for cls in (PickScoreScorer, HPSv2Scorer, AestheticsScorer, CLIPScoreScorer,
-                                      ImageRewardScorer)}
+                                      ImageRewardScorer, TemporalConsistencyScorer)}
+VIDEO_METRICS = ("temporal",)  # videos only: TemporalConsistencyScorer
 
 
 def load_scorer(name: str, device: str | torch.device = "cpu", batch_size: int = 32, model_path: str | None = None,
@@ -321,11 +354,12 @@ def load_scorer(name: str, device: str | torch.device = "cpu", batch_size: int =
 
     ``model_path`` and ``options`` locate the weights (defaults: the official hub ids); per metric:
     pickscore ``processor_path``; hpsv2 ``version`` ("v2.0" | "v2.1"), ``arch``; aesthetics ``mlp_path``;
-    clip ``arch``; imagereward ``med_config``, ``tokenizer``, ``vision_heads``.
+    clip and temporal (videos: consecutive frames' CLIP image embeddings) ``arch``; imagereward ``med_config``, ``tokenizer``, ``vision_heads``.
     """
     key = ALIASES.get(str(name).lower(), str(name).lower())
     if key not in _SCORERS:
-        raise ValueError(f"unknown metric {name!r}; valid names: {', '.join(METRICS)} (aliases: {', '.join(ALIASES)})")
+        raise ValueError(f"unknown metric {name!r}; valid names: {', '.join(METRICS + VIDEO_METRICS)} "
+                         f"(aliases: {', '.join(ALIASES)})")
     cls = _SCORERS[key]
     common = ("self", "device", "batch_size", "model_path")
     accepted = [p for p in inspect.signature(cls.__init__).parameters if p not in common]
