@@ -52,6 +52,7 @@ from eval import generate as gen  # noqa: E402
 from eval.scorers import ALIASES, METRICS, Scorer  # noqa: E402
 
 TOY_METRICS = ("colour",)
+IMAGE_FAMILIES = ("sd", "sdxl", "sd3", "flux")
 PAIR_RULES = ("best-worst", "margin")
 TIE_EPS = 1e-9  # |mixed-score gap| at or below this is a tie (float rounding of equal scores)
 RUN_RECORD = "run.json"
@@ -347,8 +348,9 @@ def make_pairs(args: argparse.Namespace) -> dict:
     if args.score_batch_size < 1:
         raise MakePairsError("--score_batch_size must be >= 1")
     g = generation_args(args)
-    if g.model_family not in ("sd", "sdxl", "sd3", "flux"):  # pragma: no cover - video families: not yet
-        raise MakePairsError(f"{g.model_family}: only image families are supported")
+    if g.model_family not in IMAGE_FAMILIES:  # video pairs (mp4_0/mp4_1) would need a VideoMedia: not yet
+        raise MakePairsError(f"--model_family {g.model_family} is a video family: eval.make_pairs makes image pairs "
+                             f"only ({', '.join(IMAGE_FAMILIES)})")
     media = ImageMedia(args.image_format, args.jpeg_quality)
     # several processes and no GPU (accelerate launch --multi_gpu on a CPU machine): gloo on the CPU, as train.py
     state = PartialState(cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", 1)) > 1)
