@@ -1047,7 +1047,7 @@ def check_same_run(image_dir: Path, manifest: Path, fingerprint: dict) -> dict |
     """Refuse to resume a folder whose images another model, prompt file or sampling setting made (they would be
     reused under the same names). Returns the folder's run record (None: none, or no image to protect)."""
     record = read_run_record(image_dir)
-    if record is None or not any(image_dir.glob("*.png")):
+    if record is None or not (any(image_dir.glob("*.png")) or any(image_dir.glob("*.mp4"))):
         return None
     differences = fingerprint_differences(record.get("fingerprint") or {}, fingerprint)
     if differences:
