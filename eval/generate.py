@@ -13,6 +13,8 @@ sd and sdxl run the hand-written official loop below: an SD2.x v-prediction mode
 `prediction_type` deciding how Euler reads the prediction. sd3 and flux run their diffusers pipeline
 (StableDiffusion3Pipeline / FluxPipeline, FlowMatchEulerDiscreteScheduler from the base model) with the trained
 transformer loaded in, the same seeded noise for every prompt, and the same outputs, run record and resume.
+wan and cogvideox (Wan2.1, CogVideoX) run WanPipeline / CogVideoXPipeline with their own schedulers and write one mp4
+per prompt (`--num_frames`, `--fps`), with the same names, manifest, run record and resume (docs/video.md).
 
 Official protocol (SPEC Part B §4.1), kept here:
 * `EulerDiscreteScheduler.from_pretrained(<base>, subfolder="scheduler")`, 50 steps. The real SD1.5 folder holds a PNDM

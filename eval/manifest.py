@@ -3,6 +3,8 @@
 A manifest (written by the generation scripts, SPEC §4.1) is a JSON list, in prompt order, of
 ``{"prompt", "gen_image_path", "raw_image_path", "metadata"}``. ``gen_image_path`` may be a list (the first
 non-empty string is used) and may be relative to the directory the generator ran in; `resolve_image` finds it.
+A manifest of videos (gen_image_path an .mp4 etc.) is scored per video (`score_video_items`): image metrics averaged
+over evenly sampled frames, video metrics (temporal consistency) on all frames.
 """
 
 from __future__ import annotations
