@@ -1257,14 +1257,19 @@ def enable_fsdp_on_cpu_ranks(accelerator):
         state.distributed_type = DistributedType.FSDP
 
 
-def load_sharded_ema(unet, ema, path: Path):
-    """The EMA of a resumed FSDP run: the full averages from `path`, each sharded as its parameter is."""
+def load_sharded_ema(unet, ema, path: Path, family):
+    """The EMA of a resumed FSDP run: the full averages from `path`, each sharded as its parameter is (a LoRA file
+    holds the adapters under the pipeline's names: mapped back to the parameters' as load_weights maps them)."""
     from safetensors.torch import load_file
     from torch.distributed.tensor import distribute_tensor
 
     full = load_file(str(path))
-    ema.shadow_params = [distribute_tensor(full[name].to(param.dtype), param.device_mesh, param.placements)
-                         for name, param in trainable_parameters(unet)]
+    if path.name.startswith(LORA_WEIGHTS):
+        from diffusers.utils import convert_unet_state_dict_to_peft
+
+        full = convert_unet_state_dict_to_peft({k.removeprefix(f"{family.denoiser}."): v for k, v in full.items()})
+    ema.shadow_params = [distribute_tensor(full[name.replace(".default", "")].to(param.dtype), param.device_mesh,
+                                           param.placements) for name, param in trainable_parameters(unet)]
 
 
 def weight_file_names(args) -> list[str]:
@@ -1403,9 +1408,7 @@ def main(argv=None):
     fsdp = is_fsdp(accelerator)
     if fsdp:  # every rank loads the weights itself (from_pretrained); accelerate's rank-0-only loading path is not used
         accelerator.state.fsdp_plugin.cpu_ram_efficient_loading = False
-    if fsdp and args.use_lora:
-        raise ValueError("--use_lora under FSDP is not supported (FSDP2 shards parameters of one dtype, and the LoRA "
-                         "base is frozen in bf16 beside fp32 adapters); LoRA's training state is small: use DDP")
+
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%m/%d/%Y %H:%M:%S",
                         level=logging.INFO)
     logger = get_logger("train")  # logs once, from the main process, unless told otherwise
@@ -1466,7 +1469,7 @@ def main(argv=None):
     unet = family.load_denoiser(unet_source, unet_revision)  # fp32 master weights
     ref_unet = None
     if args.use_lora:  # base frozen in weight_dtype, fp32 adapters; the reference is the base (adapters_disabled)
-        add_lora(unet, args, weight_dtype)
+        add_lora(unet, args, torch.float32 if fsdp else weight_dtype)  # FSDP2 shards one dtype: the base sharded in fp32
     elif preference:
         ref_unet = family.load_denoiser(unet_source, unet_revision, weight_dtype)
 
@@ -1500,7 +1503,7 @@ def main(argv=None):
     def load_model_hook(models, folder):
         if fsdp:  # accelerate has loaded the sharded model; the EMA comes from its full file, sharded like the params
             if ema is not None:
-                load_sharded_ema(accelerator.unwrap_model(unet), ema, Path(folder) / weight_files[1])
+                load_sharded_ema(accelerator.unwrap_model(unet), ema, Path(folder) / weight_files[1], family)
             return
         load_weights(accelerator.unwrap_model(models[0]), Path(folder), args, ema, family=family)
         models.clear()
