@@ -1,5 +1,7 @@
 #!/usr/bin/env python
-"""Preference fine-tuning of Stable Diffusion UNets on image pairs.
+"""Preference fine-tuning of diffusion models on image and video pairs: SD1.x/2.x, SDXL, SD3/SD3.5, FLUX.1, Wan2.1 and
+CogVideoX, each a model family (families/) behind one interface, so the losses and the loop below never branch on a
+model name.
 
 Methods (`--train_method`): Diffusion-DPO, DSPO, DMPO and plain SFT on the preferred images, each optionally with
 the winner-preserving safeguard of Diffusion-SDPO (`--use_winner_preserving`), which rescales the loser branch's
@@ -13,7 +15,8 @@ timestep masking (`--timestep_range`) and importance weights (`--importance_weig
 
 Arguments keep the official implementation's names and defaults (AIDC-AI/Diffusion-SDPO), so its launch scripts run
 unchanged. The file reads top to bottom: the losses (pure functions), the arguments, the data, then `main`.
-`import train` has no side effects.
+Beside it: families/ (models and parametrisations), checkpoints.py (checkpoint integrity, safe writes),
+video_data.py (video pairs), latent_cache.py (encode once, train without the VAE). `import train` has no side effects.
 """
 
 from __future__ import annotations
