@@ -106,16 +106,69 @@ def flops_per_pair(name: str, resolution: int, gradient_checkpointing: bool) -> 
                             "backward_and_loss": (total - encode - text - 2 * forward) / 1e12}}
 
 
+COGVIDEOX_2B_TRANSFORMER = dict(  # THUDM/CogVideoX-2b transformer/config.json
+    num_attention_heads=30, attention_head_dim=64, in_channels=16, out_channels=16, time_embed_dim=512,
+    text_embed_dim=4096, num_layers=30, sample_width=90, sample_height=60, sample_frames=49, patch_size=2,
+    temporal_compression_ratio=4, max_text_seq_length=226, use_rotary_positional_embeddings=False,
+)
+VIDEO = {"wan": ("wan", (480, 832), 81), "cogvideox2b": ("cogvideox", (480, 720), 49)}  # the pipelines' defaults
+
+
+def video_flops_per_pair(name: str) -> dict:
+    """FLOPs per pair of a video family's step (Wan2.1-1.3B, CogVideoX-2B) at the pipeline's default frames and size."""
+    from diffusers import (AutoencoderKLCogVideoX, AutoencoderKLWan, CogVideoXDDIMScheduler, CogVideoXTransformer3DModel,
+                           FlowMatchEulerDiscreteScheduler, WanTransformer3DModel)
+    from transformers import T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel
+
+    from benchmarks.memory_table import WAN_1_3B_TRANSFORMER
+
+    family_name, (height, width), frames = VIDEO[name]
+    args = train.parse_args(["--pretrained_model_name_or_path", f"<random {name}>", "--dataset_name", "<none>",
+                             "--model_family", family_name, "--video_size", str(height), str(width), "--num_frames",
+                             str(frames), "--train_batch_size", "1", "--use_winner_preserving", "--winner_preserving_mu",
+                             "0.9", "--mixed_precision", "no"])
+    family = families.make_family(args)
+    with torch.device("meta"):
+        if name == "wan":
+            make = lambda: WanTransformer3DModel(**WAN_1_3B_TRANSFORMER)  # noqa: E731
+            vae, encoders = AutoencoderKLWan(), [UMT5EncoderModel(UMT5Config(**dict(T5_XXL, vocab_size=256384)))]
+            noise = families.FlowNoise(FlowMatchEulerDiscreteScheduler(shift=3.0), args)
+            # the padding mask needs the ids' values, which meta tensors lack; it does not change the matmuls' FLOPs
+            family.encode_prompts = lambda batch, enc: {"prompt_embeds": enc[0](batch["input_ids"]).last_hidden_state}
+        else:
+            make = lambda: CogVideoXTransformer3DModel(**COGVIDEOX_2B_TRANSFORMER)  # noqa: E731
+            vae, encoders = AutoencoderKLCogVideoX(), [T5EncoderModel(T5Config(**T5_XXL))]
+            noise = families.DDPMNoise(CogVideoXDDIMScheduler(prediction_type="v_prediction", rescale_betas_zero_snr=True,
+                                                              timestep_spacing="trailing"))
+        policy, reference = make(), make()
+    if name != "wan":
+        family.transformer_config, family.vae_config, family.rotary_cache = policy.config, vae.config, {}
+    noise.to("meta")
+    batch = {"pixel_values": torch.empty(1, 6, frames, height, width, device="meta"),
+             "input_ids": torch.zeros(1, family.text_length, dtype=torch.long, device="meta")}
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        loss, *_ = train.compute_loss(args, batch, policy, reference, vae, encoders, family, noise, torch.float32)
+        loss.backward()
+    return {"family": name, "frames": frames, "size": [height, width],
+            "denoiser_params": sum(p.numel() for p in policy.parameters()), "tflop_per_pair": counter.get_total_flops() / 1e12}
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--family", nargs="+", default=["sd35", "flux"], choices=["sd35", "flux"])
+    parser.add_argument("--family", nargs="+", default=["sd35", "flux"], choices=["sd35", "flux", "wan", "cogvideox2b"])
     parser.add_argument("--resolution", type=int, default=1024)
     parser.add_argument("--gradient_checkpointing", action="store_true")
     parser.add_argument("--json", action="store_true", help="One JSON record per family instead of a table.")
     args = parser.parse_args(argv)
-    records = [flops_per_pair(name, args.resolution, args.gradient_checkpointing) for name in args.family]
+    records = [video_flops_per_pair(name) if name in VIDEO else flops_per_pair(name, args.resolution,
+                                                                               args.gradient_checkpointing)
+               for name in args.family]
     for record in records:
-        if args.json:
+        if args.json or record["family"] in VIDEO:
             print(json.dumps(record))
         else:
             parts = ", ".join(f"{k} {v:.1f}" for k, v in record["parts_tflop"].items())
