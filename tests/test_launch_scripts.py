@@ -265,10 +265,11 @@ def test_missing_tools_are_named(stubs, tmp_path):
 
 
 def test_every_script_is_tested():
-    """The six official runs, {sd15, sdxl} x {diffusion_dpo, dspo, dmpo}, the two flow-family launchers, the two video
+    """The six official runs, {sd15, sdxl} x {diffusion_dpo, dspo, dmpo}, the two flow-family launchers, the three video
     launchers, no other."""
     assert sorted(p.stem for p in SCRIPTS.glob("*.sh") if not p.stem.startswith("_")) == sorted(
-        [*SHIPPED, "sd35_diffusion_dpo", "flux_diffusion_dpo", "wan_diffusion_dpo", "cogvideox_diffusion_dpo"])
+        [*SHIPPED, "sd35_diffusion_dpo", "flux_diffusion_dpo", "wan_diffusion_dpo", "cogvideox_diffusion_dpo",
+         "cogvideox5b_diffusion_dpo"])
 
 
 @pytest.mark.parametrize("script, family, beta", [("sd35_diffusion_dpo", "sd3", 500.0), ("flux_diffusion_dpo", "flux", 1500.0)])
@@ -306,3 +307,27 @@ def test_video_family_launchers(script, family, beta, size, frames, stubs, tmp_p
     _, argv = launch(script, stubs, tmp_path, "--dataset_name=/local/pairs", "--num_frames", "9", gpus=0, CPU="1")
     parsed = train.parse_args(split(argv)[1])
     assert parsed.video_size == [256, 256] and parsed.num_frames == 9 and parsed.mixed_precision == "no"
+
+
+def test_importance_variants(stubs, tmp_path):
+    """VARIANT=cm (DPO-C&M) and VARIANT=is (importance-weighted, a batch of 1 pair made 2 with half the accumulation)."""
+    done, argv = launch("cogvideox_diffusion_dpo", stubs, tmp_path, "--dataset_name", "/data/videos", gpus=8, VARIANT="cm")
+    assert done.returncode == 0, done.stderr
+    parsed = train.parse_args(split(argv)[1])
+    assert parsed.importance_weighting == "clip_mask" and parsed.output_dir.endswith("cogvideox-diffusion-dpo-cm")
+    done, argv = launch("cogvideox_diffusion_dpo", stubs, tmp_path, "--dataset_name", "/data/videos", gpus=8, VARIANT="is")
+    parsed = train.parse_args(split(argv)[1])
+    assert parsed.importance_weighting == "full" and parsed.train_batch_size == 2
+    assert parsed.gradient_accumulation_steps == 8 and parsed.output_dir.endswith("-is")
+    done, _ = launch("sd15_dspo", stubs, tmp_path, gpus=8, VARIANT="xx")
+    assert done.returncode == 2 and "VARIANT=xx" in done.stderr
+
+
+def test_cogvideox5b_launcher(stubs, tmp_path):
+    done, argv = launch("cogvideox5b_diffusion_dpo", stubs, tmp_path, "--dataset_name", "/data/videos", gpus=8)
+    assert done.returncode == 0, done.stderr
+    parsed = train.parse_args(split(argv)[1])
+    assert parsed.pretrained_model_name_or_path == "THUDM/CogVideoX-5b" and parsed.model_family == "cogvideox"
+    assert parsed.beta_dpo == 1800 and parsed.use_lora and parsed.output_dir.endswith("cogvideox5b-diffusion-dpo")
+    done, _ = launch("cogvideox5b_diffusion_dpo", stubs, tmp_path, gpus=8)
+    assert done.returncode == 2 and "give --dataset_name" in done.stderr

@@ -28,6 +28,11 @@
 #                    accumulation, 256 px (SDXL 512), 4 steps, a checkpoint at step 2, 16 pairs, fp32, <= 2 data
 #                    workers) that the script's own arguments override
 #   SAFEGUARD=0      plain objective: drop --use_winner_preserving and its mu; output_dir gets "-no-safeguard"
+#   VARIANT=cm       DPO-C&M of arXiv 2505.21893 (our interpretation, docs/importance.md): --importance_weighting
+#                    clip_mask (pairs with importance weight < 0.9 masked); output_dir gets "-cm"
+#   VARIANT=is       importance-weighted objective: --importance_weighting full (weights clipped to [0.1, 1] and
+#                    normalised over the micro-batch, so a batch of 1 pair becomes 2 with half the accumulation
+#                    steps: the same pairs per update); output_dir gets "-is"
 #   PYTHON, ACCELERATE  interpreter and launcher (default: `python` and `accelerate` on PATH)
 
 if [[ -z ${NAME:-} || -z ${ARGS+x} ]]; then
@@ -58,6 +63,23 @@ if [[ ${SAFEGUARD:-1} == 0 ]]; then
     ARGS=("${KEPT[@]}")
     NAME=$NAME-no-safeguard
 fi
+
+case ${VARIANT:-} in
+    "") ;;
+    cm) ARGS+=(--importance_weighting clip_mask); NAME=$NAME-cm ;;
+    is)
+        ARGS+=(--importance_weighting full); NAME=$NAME-is
+        for ((i = 0; i < ${#ARGS[@]}; i++)); do  # the shipped batch and accumulation (the last occurrences win)
+            [[ ${ARGS[i]} == --train_batch_size ]] && batch=${ARGS[i + 1]}
+            [[ ${ARGS[i]} == --gradient_accumulation_steps ]] && accumulation=${ARGS[i + 1]}
+        done
+        if [[ ${batch:-1} == 1 ]]; then  # full normalises over the micro-batch: one pair would always weigh 1
+            accumulation=${accumulation:-1}
+            ARGS+=(--train_batch_size 2 --gradient_accumulation_steps $(((accumulation + 1) / 2)))
+        fi
+        ;;
+    *) echo "error: VARIANT=${VARIANT}: use cm (DPO-C&M) or is (importance-weighted), or leave it unset" >&2; exit 2 ;;
+esac
 
 given() {  # given --flag: the script's own arguments contain --flag or --flag=value
     local arg

@@ -25,7 +25,8 @@
 # pipe.load_lora_weights(output/cogvideox-diffusion-dpo) (video evaluation scripts: not yet in this repository).
 # A failed run ends with one line, `error: <cause> (exit status N)`, and exits with that status.
 # Environment (scripts/train/_launch.sh): NUM_GPUS, NUM_PROCESSES, ACCELERATE_ARGS, PYTHON, ACCELERATE,
-# CPU=1 (on the CPU with smoke-test settings; arguments override them), SAFEGUARD=0 (no safeguard).
+# CPU=1 (on the CPU with smoke-test settings; arguments override them), SAFEGUARD=0 (no safeguard),
+# VARIANT=cm (DPO-C&M: --importance_weighting clip_mask) or VARIANT=is (--importance_weighting full).
 set -euo pipefail
 
 if [[ " $* " != *" --dataset_name "* && " $* " != *" --dataset_name="* ]]; then
