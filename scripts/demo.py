@@ -356,7 +356,7 @@ def evaluate(paths: dict, work: Path, s: Settings, log_file: Path) -> dict:
             pair_file = outdir / "pair_colour.json"
             pair_file.write_text(json.dumps({"model_a": run, "model_b": "base", **colour_ab}, indent=2))
             per_metric = {COLOUR: colour_ab}
-            for metric, fname in PAIR_FILES.values():  # what compare_manifests wrote, one file per tiny metric
+            for metric, fname in (PAIR_FILES[key] for key in paths["scorers"]):  # one file per tiny metric
                 pair = json.loads((outdir / fname).read_text())
                 per_metric[metric] = {k: pair[k] for k in colour_ab if k in pair}
             results["ab"][run] = {"dir": str(outdir), "metrics": per_metric,
