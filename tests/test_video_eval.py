@@ -111,9 +111,11 @@ def test_repeated_prompt_gets_next_seed(models, tmp_path):
     prompts = [{"prompt": "a red cube"}, {"prompt": "a red cube"}]
     result = _generate(models["cogvideox"], "cogvideox", tmp_path / "rep", prompts=prompts)
     a, b = (e["gen_image_path"] for e in json.loads(Path(result["manifest"]).read_text()))
-    assert np.abs(_decoded(a) - _decoded(b)).max() > 2
+    other_seed = np.abs(_decoded(a) - _decoded(b)).mean()
     alone = _generate(models["cogvideox"], "cogvideox", tmp_path / "alone", prompts=prompts[:1])
-    assert np.abs(_decoded(a) - _decoded(json.loads(Path(alone["manifest"]).read_text())[0]["gen_image_path"])).max() <= 2
+    same_seed = np.abs(_decoded(a) - _decoded(json.loads(Path(alone["manifest"]).read_text())[0]["gen_image_path"])).mean()
+    # mp4 is lossy: float-level batch differences can move a few pixels by several levels, so compare means
+    assert same_seed < 1.0 and other_seed > 5 * same_seed
 
 
 def _video_manifest(folder: Path, videos: dict[str, np.ndarray], name="set_seed0.json") -> Path:
