@@ -272,3 +272,29 @@ def test_prompts_build_vbench(tmp_path):
     info.write_text(json.dumps([{"prompt": "x"}]))
     with pytest.raises(SystemExit, match="entry 0"):
         build.main(["vbench", "--from_file", str(info), "--out_dir", str(out), "--force"])
+
+
+def test_wan_eval_script_generates_and_scores(models, tiny_scorers, tmp_path):
+    """scripts/eval/test_wan.sh end to end on the tiny Wan model (its pipeline folder as the weights): mp4 per prompt
+    at HEIGHTxWIDTH, then the frame-averaged metrics and temporal consistency in the gathered table."""
+    import shutil
+    import subprocess
+
+    prompts = tmp_path / "prompts"
+    prompts.mkdir()
+    (prompts / "toy.json").write_text(json.dumps(PROMPTS))
+    config = tmp_path / "scorers.json"
+    config.write_text(json.dumps({"clip": tiny_scorers["clip"], "temporal": tiny_scorers["clip"]}))
+    out = tmp_path / "run"
+    shutil.copytree(models["wan"], out)
+    env = dict(os.environ, PYTHON=sys.executable, PRETRAIN=str(models["wan"]), PROMPTS_DIR=str(prompts),
+               PROMPT_GROUPS="toy", SIZE="32x48", STEP="2", DEVICE="cpu", HF_HUB_OFFLINE="1",
+               SCORE_ARGS=f"--scorer_config {config} --metrics clip temporal")
+    done = subprocess.run(["bash", str(ROOT / "scripts" / "eval" / "test_wan.sh"), str(out), "--num_frames", "5",
+                           "--no_zip"], env=env, capture_output=True, text=True, timeout=300)
+    log = (out / "joint_test_32x48.log").read_text()
+    assert done.returncode == 0, log[-3000:] + done.stderr[-2000:]
+    manifest = json.loads((out / "toy_seed0_32x48_2s_5.0cfg.json").read_text())
+    assert len(manifest) == 2 and all(e["gen_image_path"].endswith(".mp4") for e in manifest)
+    table = (out / "joint_test_32x48_table.md").read_text()
+    assert "TemporalConsistency" in table and "CLIP" in table

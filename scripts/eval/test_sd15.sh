@@ -58,9 +58,16 @@ case $FAMILY in
          WEIGHTS_LABEL=Transformer; PRETRAIN=${PRETRAIN:-stabilityai/stable-diffusion-3.5-medium} ;;
     flux) FAMILY_FLAG=(--model_family flux); DEFAULT_SIZE=1024; DEFAULT_STEP=50; DEFAULT_CFG=3.5
           WEIGHTS_LABEL=Transformer; PRETRAIN=${PRETRAIN:-black-forest-labs/FLUX.1-dev} ;;
-    *) echo "error: EVAL_FAMILY must be sd, sdxl, sd3 or flux, not $FAMILY" >&2; exit 2 ;;
+    # video (mp4 per prompt; frame-averaged metrics and temporal consistency): the pipelines' default sizes, the
+    # model cards' steps and guidance (docs/video.md)
+    wan) FAMILY_FLAG=(--model_family wan); DEFAULT_SIZE=480x832; DEFAULT_STEP=50; DEFAULT_CFG=5.0
+         WEIGHTS_LABEL=Transformer; PRETRAIN=${PRETRAIN:-Wan-AI/Wan2.1-T2V-1.3B-Diffusers} ;;
+    cogvideox) FAMILY_FLAG=(--model_family cogvideox); DEFAULT_SIZE=480x720; DEFAULT_STEP=50; DEFAULT_CFG=6.0
+               WEIGHTS_LABEL=Transformer; PRETRAIN=${PRETRAIN:-THUDM/CogVideoX-2b} ;;
+    *) echo "error: EVAL_FAMILY must be sd, sdxl, sd3, flux, wan or cogvideox, not $FAMILY" >&2; exit 2 ;;
 esac
 SIZE=${SIZE:-$DEFAULT_SIZE}
+if [[ $SIZE == *x* ]]; then HEIGHT=${SIZE%x*}; WIDTH=${SIZE#*x}; else HEIGHT=$SIZE; WIDTH=$SIZE; fi
 STEP=${STEP:-$DEFAULT_STEP}
 CFG=${CFG:-$DEFAULT_CFG}
 SEED=${SEED:-0}
@@ -70,7 +77,7 @@ PROMPTS_DIR=${PROMPTS_DIR:-$REPO/prompts}
 if [[ -d $UNET ]]; then OUTPUT=$UNET; else OUTPUT=$(dirname "$UNET"); fi
 LOG=$OUTPUT/joint_test_$SIZE.log
 
-GEN_ARGS=(--unet_path "$UNET" --output "$OUTPUT" --height "$SIZE" --width "$SIZE" --steps "$STEP" --cfg "$CFG"
+GEN_ARGS=(--unet_path "$UNET" --output "$OUTPUT" --height "$HEIGHT" --width "$WIDTH" --steps "$STEP" --cfg "$CFG"
           --seed "$SEED" "${FAMILY_FLAG[@]}")
 [[ -n ${PRETRAIN:-} ]] && GEN_ARGS+=(--pretrain_path "$PRETRAIN")
 [[ -n ${VAE:-} ]] && GEN_ARGS+=(--vae_path "$VAE")
@@ -98,14 +105,14 @@ run_all() {
         fi
         echo ">>> Generating $group (done images are checked and kept; a partial run is completed)"
         "${LAUNCHER[@]}" -m eval.generate --test_json "$prompts" "${GEN_ARGS[@]}" "$@"
-        manifests+=("$OUTPUT/${group}_seed${SEED}_${SIZE}x${SIZE}_${STEP}s_${CFG_NAME}cfg.json")
+        manifests+=("$OUTPUT/${group}_seed${SEED}_${HEIGHT}x${WIDTH}_${STEP}s_${CFG_NAME}cfg.json")
     done
     echo ">>> Scoring $PROMPT_GROUPS"
     "$PYTHON" -m eval.score --json_path "${manifests[@]}" "${SCORE_DEVICE[@]}" "${EXTRA_SCORE_ARGS[@]}"
     # the table of every set scored in OUTPUT with these settings, so re-running one set keeps the others
     local scores=()
     shopt -s nullglob
-    scores=("$OUTPUT"/*"_seed${SEED}_${SIZE}x${SIZE}_${STEP}s_${CFG_NAME}cfg_scores.json")
+    scores=("$OUTPUT"/*"_seed${SEED}_${HEIGHT}x${WIDTH}_${STEP}s_${CFG_NAME}cfg_scores.json")
     shopt -u nullglob
     "$PYTHON" -m eval.score --gather_scores "${scores[@]}" --table_out "$OUTPUT/joint_test_${SIZE}_table"
 }
