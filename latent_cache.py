@@ -27,7 +27,7 @@ import torch
 
 import checkpoints
 import train
-from families import FAMILIES, make_family
+from families import make_family
 
 logger = logging.getLogger("train")
 INDEX = "index.json"

@@ -1389,7 +1389,6 @@ def main(argv=None):
     started = time.time()
 
     import datasets
-    import numpy as np
     from accelerate import Accelerator
     from accelerate.logging import get_logger
     from accelerate.utils import ProjectConfiguration, send_to_device, set_seed

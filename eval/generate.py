@@ -586,16 +586,12 @@ def load_transformer(args: argparse.Namespace, dtype: torch.dtype):
     return transformer
 
 
-def load_pipeline_models(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> PipelineModels:
-    """StableDiffusion3Pipeline / FluxPipeline from the base model, with the trained transformer (and a LoRA adapter,
-    through pipeline.load_lora_weights) and the VAE in fp32; the scheduler is the base model's
-    (FlowMatchEulerDiscreteScheduler)."""
+def load_transformer_pipeline(args: argparse.Namespace, transformer, vae, device: torch.device, dtype: torch.dtype):
+    """The family's diffusers pipeline from the base model with the trained transformer, a LoRA adapter if one was
+    given (pipeline.load_lora_weights), everything on `device` in `dtype` but the VAE, kept in fp32."""
     import diffusers
 
-    family = family_of(args)
-    transformer = load_transformer(args, dtype)
-    vae = load_vae(args.vae_path, args.pretrain_path)
-    pipe = getattr(diffusers, FAMILY_DEFAULTS[family].pipeline).from_pretrained(
+    pipe = getattr(diffusers, FAMILY_DEFAULTS[family_of(args)].pipeline).from_pretrained(
         args.pretrain_path, transformer=transformer, vae=vae, torch_dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     adapter = weights_of(args).lora
@@ -612,6 +608,17 @@ def load_pipeline_models(args: argparse.Namespace, device: torch.device, dtype: 
         if isinstance(module, torch.nn.Module):
             module_dtype = torch.float32 if name == "vae" else dtype
             torch.nn.Module.to(module, device=device, dtype=module_dtype).eval().requires_grad_(False)
+    return pipe
+
+
+def load_pipeline_models(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> PipelineModels:
+    """StableDiffusion3Pipeline / FluxPipeline from the base model, with the trained transformer (and a LoRA adapter,
+    through pipeline.load_lora_weights) and the VAE in fp32; the scheduler is the base model's
+    (FlowMatchEulerDiscreteScheduler)."""
+    family = family_of(args)
+    transformer = load_transformer(args, dtype)
+    vae = load_vae(args.vae_path, args.pretrain_path)
+    pipe = load_transformer_pipeline(args, transformer, vae, device, dtype)
     # T5 tokens: the pipelines' defaults (SD3 256, FLUX.1-dev 512); FLUX.1-schnell (no guidance embedding) takes at
     # most 256, as its model card and diffusers' documentation say
     if family == "sd3":
@@ -806,28 +813,10 @@ def load_video_models(args: argparse.Namespace, device: torch.device, dtype: tor
     """WanPipeline / CogVideoXPipeline from the base model, with the trained transformer (or a LoRA adapter through
     pipeline.load_lora_weights), its own scheduler (Wan2.1: UniPCMultistepScheduler with flow sigmas and the model's
     flow_shift; CogVideoX-2b: CogVideoXDDIMScheduler, -5b: CogVideoXDPMScheduler) and the VAE in fp32."""
-    import diffusers
-
     family = family_of(args)
     transformer = load_transformer(args, dtype)
     vae = load_video_vae(args)
-    pipe = getattr(diffusers, FAMILY_DEFAULTS[family].pipeline).from_pretrained(
-        args.pretrain_path, transformer=transformer, vae=vae, torch_dtype=dtype)
-    pipe.set_progress_bar_config(disable=True)
-    adapter = weights_of(args).lora
-    if adapter is not None:
-        adapter = Path(adapter)
-        try:
-            if adapter.is_file():
-                pipe.load_lora_weights(str(adapter.parent), weight_name=adapter.name)
-            else:
-                pipe.load_lora_weights(str(adapter))
-        except (OSError, ValueError, KeyError) as e:
-            raise GenerateError(f"cannot load the LoRA adapter {adapter}: {e}") from e
-    for name, module in pipe.components.items():
-        if isinstance(module, torch.nn.Module):
-            module_dtype = torch.float32 if name == "vae" else dtype
-            torch.nn.Module.to(module, device=device, dtype=module_dtype).eval().requires_grad_(False)
+    pipe = load_transformer_pipeline(args, transformer, vae, device, dtype)
     return VideoModels(pipe, vae, family, device, dtype)
 
 

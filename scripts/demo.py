@@ -417,9 +417,13 @@ def plot_training_curves(runs: dict[str, list[dict]], base: list[dict], path: Pa
     plt.close(fig)
 
 
-def plot_figure1(runs: dict[str, list[dict]], path: Path) -> None:
-    """The paper's Figure 1 at toy scale: winner's and loser's error relative to the reference, runs side by side."""
+def plot_figure1(runs: dict[str, list[dict]], path: Path, labels: dict[str, str] | None = None,
+                 title: str = "Figure 1 at toy scale: does the winner's error rise?") -> None:
+    """The paper's Figure 1 at toy scale: winner's and loser's error relative to the reference, runs side by side
+    (`labels`: run -> panel title, by default the image demo's)."""
     import matplotlib.pyplot as plt
+
+    labels = labels or {run: RUNS[run][0] for run in runs}
 
     window = max(1, len(next(iter(runs.values()))) // 15)
     fig, axes = plt.subplots(1, len(runs), figsize=(6 * len(runs), 4.2), sharey=True)
@@ -431,11 +435,11 @@ def plot_figure1(runs: dict[str, list[dict]], path: Path) -> None:
             ax.plot(steps, values, color=colour, alpha=0.25, linewidth=0.8)
             ax.plot(steps, smooth(values, window), color=colour, label=f"{label}: L - L_ref")
         ax.axhline(0, color="grey", linestyle="--", linewidth=1)
-        ax.set_title(RUNS[run][0])
+        ax.set_title(labels[run])
         ax.set_xlabel("optimizer step")
         ax.legend()
     np.atleast_1d(axes)[0].set_ylabel("denoising error relative to the reference")
-    fig.suptitle("Figure 1 at toy scale: does the winner's error rise?")
+    fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -17,4 +17,4 @@ else
     PYTHON_BIN=$REPO/.venv/bin/python
 fi
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
-exec "$PYTHON_BIN" "$REPO/scripts/demo.py" "$@"
+exec "$PYTHON_BIN" "$REPO/scripts/${DEMO_SCRIPT:-demo.py}" "$@"  # DEMO_SCRIPT: scripts/video_demo.sh sets it

@@ -42,7 +42,7 @@ import torch  # noqa: E402
 
 import demo  # noqa: E402  (scripts/demo.py: the image demo; sets the offline environment variables)
 from demo import DemoError, load_average, phase_means, percent, read_metrics, run_training, say  # noqa: E402
-from demo import setting, smooth, tqdm_range  # noqa: E402
+from demo import setting, tqdm_range  # noqa: E402
 
 RESOLUTION = 32
 FRAMES = 5  # wan takes 4k + 1 frames; its causal VAE makes 2 latent frames of them
@@ -291,27 +291,9 @@ def plot_strip(manifest: str, title: str, path: Path, max_seeds: int = 3) -> Non
 
 
 def plot_error_curves(runs: dict[str, list[dict]], path: Path) -> None:
-    """Winner's and loser's denoising error relative to the reference, one panel per run (demo.plot_figure1's style)."""
-    import matplotlib.pyplot as plt
-
-    window = max(1, len(next(iter(runs.values()))) // 15)
-    fig, axes = plt.subplots(1, len(runs), figsize=(5.5 * len(runs), 4.2), sharey=True)
-    for ax, (run, metrics) in zip(np.atleast_1d(axes), runs.items()):
-        steps = [m["step"] for m in metrics]
-        for key, label, colour in (("avg_win_diff_loss", "winner", "tab:green"),
-                                   ("avg_lose_diff_loss", "loser", "tab:purple")):
-            values = [m[key] for m in metrics]
-            ax.plot(steps, values, color=colour, alpha=0.25, linewidth=0.8)
-            ax.plot(steps, smooth(values, window), color=colour, label=f"{label}: L - L_ref")
-        ax.axhline(0, color="grey", linestyle="--", linewidth=1)
-        ax.set_title(RUN_LABELS[run], fontsize=10)
-        ax.set_xlabel("optimizer step")
-        ax.legend()
-    np.atleast_1d(axes)[0].set_ylabel("denoising error relative to the reference")
-    fig.suptitle("Winner and loser error during training (thin: every step; thick: moving average)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    """Winner's and loser's denoising error relative to the reference, one panel per run (the image demo's figure)."""
+    demo.plot_figure1(runs, path, labels=RUN_LABELS,
+                      title="Winner and loser error during training (thin: every step; thick: moving average)")
 
 
 def importance_summary(metrics: list[dict]) -> dict:

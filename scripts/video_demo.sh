@@ -8,13 +8,4 @@
 # As scripts/demo.sh: installs requirements.txt into .venv if needed (scripts/setup.sh); DEMO_PYTHON=/path/to/python
 # skips that. Works from any directory.
 set -euo pipefail
-
-REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-if [[ -n ${DEMO_PYTHON:-} ]]; then
-    PYTHON_BIN=$DEMO_PYTHON
-else
-    bash "$REPO/scripts/setup.sh"
-    PYTHON_BIN=$REPO/.venv/bin/python
-fi
-export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1
-exec "$PYTHON_BIN" "$REPO/scripts/video_demo.py" "$@"
+DEMO_SCRIPT=video_demo.py exec bash "$(dirname "${BASH_SOURCE[0]}")/demo.sh" "$@"

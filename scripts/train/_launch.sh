@@ -89,6 +89,11 @@ given() {  # given --flag: the script's own arguments contain --flag or --flag=v
     return 1
 }
 USER_ARGS=("$@")
+if [[ ${VIDEO_PAIRS:-0} == 1 ]] && ! given --dataset_name; then  # the video scripts: no public default set
+    echo "error: give --dataset_name: your video pairs (parquet or WebDataset with mp4_0/mp4_1, or a JSONL manifest;" \
+         "docs/video.md)" >&2
+    exit 2
+fi
 
 # LoRA: diffusers' Diffusion-DPO LoRA recipe (header above) instead of the full fine-tune learning rate.
 LORA_ARGS=()

@@ -11,11 +11,7 @@
 # SAFEGUARD=0 (no safeguard), VARIANT=cm (DPO-C&M) or VARIANT=is (importance-weighted).
 set -euo pipefail
 
-if [[ " $* " != *" --dataset_name "* && " $* " != *" --dataset_name="* ]]; then
-    echo "error: give --dataset_name: your video pairs (parquet or WebDataset with mp4_0/mp4_1, or a JSONL manifest;" \
-         "docs/video.md)" >&2
-    exit 2
-fi
+VIDEO_PAIRS=1  # no public default dataset: _launch.sh asks for --dataset_name
 NAME=cogvideox5b-diffusion-dpo
 ARGS=(
     --pretrained_model_name_or_path THUDM/CogVideoX-5b --model_family cogvideox

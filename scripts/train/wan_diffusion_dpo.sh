@@ -28,11 +28,7 @@
 # VARIANT=cm (DPO-C&M: --importance_weighting clip_mask) or VARIANT=is (--importance_weighting full).
 set -euo pipefail
 
-if [[ " $* " != *" --dataset_name "* && " $* " != *" --dataset_name="* ]]; then
-    echo "error: give --dataset_name: your video pairs (parquet or WebDataset with mp4_0/mp4_1, or a JSONL manifest;" \
-         "docs/video.md)" >&2
-    exit 2
-fi
+VIDEO_PAIRS=1  # no public default dataset: _launch.sh asks for --dataset_name
 NAME=wan-diffusion-dpo
 ARGS=(
     --pretrained_model_name_or_path Wan-AI/Wan2.1-T2V-1.3B-Diffusers --model_family wan
