@@ -21,6 +21,7 @@ from PIL import Image
 
 from eval.generate import GenerateError, generate, main as generate_main, parse_args, prompt_matches, read_prompt, save_png
 from eval.score import ALL_METRICS, gather_scores, score_manifests
+from test_generate import images
 
 REPO = Path(__file__).resolve().parent.parent
 SIZE, STEPS = 32, 2
@@ -38,24 +39,12 @@ def run(base, prompts, out=None, unet=None, **flags):
     return generate(parse_args(argv))
 
 
-def images(manifest) -> list[np.ndarray]:
-    return [np.asarray(Image.open(x["gen_image_path"]), dtype=np.int16) for x in json.loads(Path(manifest).read_text())]
-
-
 def write_prompts(folder: Path, prompts: list[str]) -> Path:
     """A prompt file named papv2.json (the run name comes from the file name) in `folder`."""
     folder.mkdir(parents=True, exist_ok=True)
     entries = [{"prompt": p, "gen_image_path": "", "raw_image_path": "", "metadata": {}} for p in prompts]
     (folder / "papv2.json").write_text(json.dumps(entries, ensure_ascii=False), encoding="utf-8")
     return folder / "papv2.json"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -51,14 +51,6 @@ def mean_diff(a, b) -> float:
     return min(float(np.abs(x - y).mean()) for x, y in zip(a, b, strict=True))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def prompts(tmp_path_factory):
     path = tmp_path_factory.mktemp("prompts") / "toy.json"
