@@ -361,6 +361,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="clip_mask: pairs with w below this get weight 0 (0.9: per-element KL(q || p_theta) > 0.105).")
     pref.add_argument("--is_clip_min", type=float, default=0.1, help="full: lower clip of w, in (0, --is_clip_max].")
     pref.add_argument("--is_clip_max", type=float, default=1.0, help="full: upper clip of w (w <= 1 by construction).")
+    pref.add_argument("--pair_weight_column", type=str, default=None,
+                      help="A dataset column of per-pair loss weights (eval.make_pairs writes pair_weight, e.g. "
+                           "--gap_weight_power 1): each pair's loss term is multiplied by its weight (times the "
+                           "importance weight, if any). Default: none, every pair weighs 1.")
 
     flow = parser.add_argument_group("rectified flow (sd3, flux): timestep density as diffusers' SD3/FLUX training")
     flow.add_argument("--weighting_scheme", type=str, default="logit_normal", choices=["logit_normal", "mode", "uniform"],
@@ -478,6 +482,9 @@ def parse_args(argv=None) -> argparse.Namespace:
             parser.error(str(error))
     if args.fused_adam and args.optimizer != "adamw":
         parser.error(f"--fused_adam is for torch's AdamW; drop it with --optimizer {args.optimizer}")
+    if args.pair_weight_column and (args.latents_cache or family.video):
+        parser.error("--pair_weight_column reads the weights from image pair rows: it does not work with "
+                     "--latents_cache or a video family yet; drop one of them")
     return args
 
 
@@ -720,6 +727,8 @@ def filter_rows(rows, args, is_main: bool):
     needed = list(columns) + [args.caption_column]
     if args.dreamlike_pairs_only:
         needed += ["model_0", "model_1"]
+    if getattr(args, "pair_weight_column", None):
+        needed.append(args.pair_weight_column)
     missing = [c for c in needed if c not in rows.column_names]
     if missing:
         raise ValueError(
@@ -836,6 +845,7 @@ class PairDataset(torch.utils.data.Dataset):
         self.proportion_empty_prompts, self.caption_column = args.proportion_empty_prompts, args.caption_column
         self.for_scorer = bool(args.choice_model)
         self.winner_only = args.train_method == "sft" and not self.for_scorer  # SFT + scorer: the step picks the winner
+        self.pair_weight_column = getattr(args, "pair_weight_column", None)
 
     def __len__(self):
         return len(self.rows)
@@ -888,9 +898,25 @@ class PairDataset(torch.utils.data.Dataset):
         else:
             pixels = torch.cat([self.transform(image, rng) for image in images])
         example = {"pixel_values": pixels, "caption": caption, "skipped": skipped}
+        if self.pair_weight_column:
+            example["pair_weight"] = pair_weight_of(row, self.pair_weight_column)
         if self.for_scorer:
             example.update(images=images, prompt=full_caption, label_0=float(row["label_0"]))
         return example
+
+
+def pair_weight_of(row, column: str) -> float:
+    """--pair_weight_column: the row's loss weight, a finite number >= 0 (a WebDataset field holds it as text)."""
+    if column not in row:
+        raise ValueError(f"--pair_weight_column {column}: the dataset has no such column (it has {', '.join(row)}); "
+                         f"eval.make_pairs writes pair_weight")
+    try:
+        weight = float(row[column])
+    except (TypeError, ValueError):
+        weight = float("nan")
+    if not (math.isfinite(weight) and weight >= 0):
+        raise ValueError(f"--pair_weight_column {column}: {row[column]!r} is not a finite weight >= 0")
+    return weight
 
 
 def pair_columns(args) -> tuple:
@@ -1047,6 +1073,8 @@ class Collate:
                          label_0=torch.tensor([e["label_0"] for e in examples]))
         if "stream_position" in examples[0]:
             batch["stream_position"] = max(e["stream_position"] for e in examples)
+        if "pair_weight" in examples[0]:
+            batch["pair_weight"] = torch.tensor([e["pair_weight"] for e in examples], dtype=torch.float32)
         return batch
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1356,6 +1384,9 @@ def compute_loss(args, batch, unet, reference, vae, text_encoders, family, noise
         raw_weight = log_weight.exp()
         weight_metrics = {"is_weight_mean": raw_weight.mean(), "is_weight_min": raw_weight.min(),
                           "is_weight_max": raw_weight.max(), "is_masked_fraction": (pair_weight == 0).float().mean()}
+    if "pair_weight" in batch:  # --pair_weight_column: the dataset's weight of each pair (e.g. its score gap)
+        data_weight = batch["pair_weight"].to(model_pred.device)
+        pair_weight = data_weight if pair_weight is None else pair_weight * data_weight
     if preference:
         with torch.inference_mode():  # as the VAE: faster than no_grad, same values
             ref_pred = family.predict(reference, noised.noisy.to(weight_dtype), noised.timesteps, inputs)
@@ -1915,6 +1946,15 @@ def write_model_card(args, output_dir: Path, steps: int, logs: dict):
         usage = ("from safetensors.torch import load_file\n"
                  f"pipe = {family.pipeline_class}.from_pretrained(\"{base}\")\n"
                  f"pipe.{family.denoiser}.load_state_dict(load_file(\"{family.denoiser}.safetensors\"))")
+    sampling = ""
+    if args.model_family in EVAL_EULER_FAMILIES:  # what eval.generate does, so that users sample as evaluated
+        usage += ("\n# sample as evaluated (eval.generate): Euler from the base's scheduler config (the pipeline saved by "
+                  "--save_pipeline has it),\n# 50 steps, guidance_scale 8.5 (the official cfg 7.5: eps_c + 7.5 (eps_c - eps_u))\n"
+                  "from diffusers import EulerDiscreteScheduler\n"
+                  f"pipe.scheduler = EulerDiscreteScheduler.from_pretrained(\"{base}\", subfolder=\"scheduler\")\n"
+                  "image = pipe(prompt, num_inference_steps=50, guidance_scale=8.5).images[0]")
+        sampling = ("\nEvaluated with `eval.generate`: Euler built from the base's scheduler config, 50 steps, guidance "
+                    "scale 8.5 in diffusers' terms; the pipeline's own default scheduler samples differently.\n")
     loss = logs.get("train_loss")
     text = f"""---
 base_model: {base}
@@ -1929,7 +1969,7 @@ Trained with train.py of this project: {method}{safeguard}, beta {args.beta_dpo:
 {args.resolution} px, mixed precision {args.mixed_precision}, data `{args.dataset_name or args.train_data_dir}` (split `{args.split}`).
 Last logged train loss: {f'{loss:.4g}' if isinstance(loss, float) and math.isfinite(loss) else 'n/a'}.
 Every argument is in `training_config.json`; the training curves in `metrics.jsonl`.
-
+{sampling}
 ```python
 from diffusers import {family.pipeline_class}
 {usage}
@@ -1973,9 +2013,14 @@ def relabel_pairs(scorer, batch, pixels):
     return pixels, swap != (batch["label_0"].to(pixels.device) == 0)
 
 
+EVAL_EULER_FAMILIES = ("sd", "sdxl")  # eval.generate samples these with Euler from the base's scheduler config
+
+
 def save_pipeline(args, unet, output_dir: Path):
     """The full diffusers pipeline: trained UNet (fp32) and the frozen parts reloaded in their original precision
-    (the official saved bf16 copies of the SD1.5 VAE/text encoder, SPEC B4, and saved SDXL twice, B3).
+    (the official saved bf16 copies of the SD1.5 VAE/text encoder, SPEC B4, and saved SDXL twice, B3). For sd and
+    sdxl the scheduler is the one eval.generate samples with (Euler from the base's scheduler config: for SD1.5, whose
+    folder holds a PNDM config, "linspace" spacing), so the pipeline samples as the evaluation does.
 
     Written into a temporary folder and moved into output_dir with model_index.json last, so a failed save leaves no
     loadable half pipeline. The UNet weights are not kept twice: once written, unet/diffusion_pytorch_model.safetensors
@@ -1992,6 +2037,10 @@ def save_pipeline(args, unet, output_dir: Path):
         unet = family.load_denoiser(args.unet_init or args.pretrained_model_name_or_path,
                                     None if args.unet_init else args.revision)
     extra[family.denoiser] = unet
+    if family.name in EVAL_EULER_FAMILIES:  # the scheduler eval.generate samples with, not the base's own (SD1.5: PNDM)
+        from eval.generate import load_scheduler
+
+        extra["scheduler"] = load_scheduler(args.pretrained_model_name_or_path, args.revision)
     pipeline = pipeline_class.from_pretrained(args.pretrained_model_name_or_path, revision=args.revision, **extra)
     tmp = output_dir / ".pipeline.tmp"
     shutil.rmtree(tmp, ignore_errors=True)

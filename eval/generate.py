@@ -472,11 +472,12 @@ def load_vae(vae_path: str | None, pretrain_path: str):
         return AutoencoderKL.from_pretrained(vae_path, subfolder="vae")  # a hub pipeline repo
 
 
-def load_scheduler(pretrain_path: str):
-    """Official: Euler built from the base model's scheduler config (PNDM for SD1.5 -> Euler defaults apply)."""
+def load_scheduler(pretrain_path: str, revision: str | None = None):
+    """Official: Euler built from the base model's scheduler config (PNDM for SD1.5 -> Euler defaults apply).
+    train.py --save_pipeline saves this scheduler, so the saved pipeline samples as evaluated."""
     from diffusers import EulerDiscreteScheduler
 
-    return EulerDiscreteScheduler.from_pretrained(pretrain_path, subfolder="scheduler")
+    return EulerDiscreteScheduler.from_pretrained(pretrain_path, subfolder="scheduler", revision=revision)
 
 
 @dataclass

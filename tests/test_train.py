@@ -126,6 +126,59 @@ def test_save_pipeline_keeps_frozen_parts_in_original_precision(tiny_sd15, picka
     assert all(torch.equal(pipe.unet.state_dict()[k], trained[k]) for k in trained)
 
 
+def test_saved_pipeline_samples_with_eval_generate_s_scheduler(tiny_sd15, pickapic, tmp_path):
+    """The tiny SD1.5 folder holds a PNDM config, as the real one: the pipeline's own scheduler ("leading" spacing)
+    would sample differently from eval.generate's Euler ("linspace"), so --save_pipeline saves eval's."""
+    from diffusers import StableDiffusionPipeline
+
+    from eval.generate import load_scheduler
+
+    run_train(tiny_sd15, pickapic, tmp_path, "--save_pipeline")
+    saved = StableDiffusionPipeline.from_pretrained(tmp_path).scheduler
+    evaluated = load_scheduler(str(tiny_sd15))
+    assert type(saved) is type(evaluated)
+    settings = lambda config: {k: v for k, v in config.items() if not k.startswith("_")}  # noqa: E731 - not the load metadata
+    assert settings(saved.config) == settings(evaluated.config) and saved.config.timestep_spacing == "linspace"
+    saved.set_timesteps(2)
+    evaluated.set_timesteps(2)
+    assert torch.equal(saved.timesteps, evaluated.timesteps) and torch.equal(saved.sigmas, evaluated.sigmas)
+    card = (tmp_path / "README.md").read_text()
+    assert "EulerDiscreteScheduler.from_pretrained" in card and "guidance_scale=8.5" in card
+
+
+def with_pair_weights(pickapic, folder: Path, weight: float) -> Path:
+    """The pickapic training rows with a pair_weight column (the name eval.make_pairs writes)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    source = next((Path(pickapic) / "data").glob("train-*.parquet"))
+    table = pq.read_table(source)
+    table = table.append_column("pair_weight", pa.array([weight] * table.num_rows, pa.float64()))
+    (folder / "data").mkdir(parents=True)
+    pq.write_table(table, folder / "data" / source.name)
+    return folder
+
+
+def test_pair_weight_column_multiplies_each_pair_loss(tiny_sd15, pickapic, tmp_path):
+    run_train(tiny_sd15, pickapic, tmp_path / "plain", "--importance_weighting", "clip_mask")
+    # weight 1: each pair's loss times 1.0 is that loss exactly, so the run is bitwise the run without weights
+    run_train(tiny_sd15, with_pair_weights(pickapic, tmp_path / "ones", 1.0), tmp_path / "ones-run",
+              "--importance_weighting", "clip_mask", "--pair_weight_column", "pair_weight")
+    plain, ones = metrics(tmp_path / "plain"), metrics(tmp_path / "ones-run")
+    for key in ("train_loss", "implicit_acc_accumulated", "is_weight_mean"):
+        assert [m[key] for m in ones] == [m[key] for m in plain]
+    trained, reference = load_file(str(tmp_path / "ones-run" / "unet.safetensors")), \
+        load_file(str(tmp_path / "plain" / "unet.safetensors"))
+    assert all(torch.equal(trained[k], reference[k]) for k in reference)
+    # weight 2: the first step (same weights, same batch) has every pair's loss doubled, exactly (a power of two)
+    run_train(tiny_sd15, with_pair_weights(pickapic, tmp_path / "twos", 2.0), tmp_path / "twos-run",
+              "--importance_weighting", "clip_mask", "--pair_weight_column", "pair_weight")
+    twos = metrics(tmp_path / "twos-run")
+    assert twos[0]["train_loss"] == 2 * plain[0]["train_loss"] and twos[0]["is_weight_mean"] == plain[0]["is_weight_mean"]
+    with pytest.raises(ValueError, match="no column pair_weight"):
+        run_train(tiny_sd15, pickapic, tmp_path / "missing", "--pair_weight_column", "pair_weight")
+
+
 # --- data -----------------------------------------------------------------------------------------------------
 
 
