@@ -19,12 +19,20 @@ Steps, each resumable after a kill (run the same command again):
      and each prompt's candidates are paired: `best-worst` (the highest against the lowest mixed score) or `margin`
      (every two candidates whose gap exceeds --margin). A gap of at most --margin (or a tie, |gap| <= 1e-9) drops
      the pair. In a pair the lower candidate index is image 0, and label_0 is 1 when it scored higher, else 0.
+     --drop_gap_percentile P drops the P% of the kept pairs with the smallest gaps and --gap_weight_power ALPHA
+     weighs each pair gap^ALPHA / mean (VideoDPO's filter and reweighting; train.py --pair_weight_column pair_weight).
      Written atomically as `<output_dir>/data/train-0000s-of-0000N.parquet` (and, with --webdataset,
-     `<output_dir>/webdataset/train-0000s.tar`), then `summary.json` and `gaps.png`.
+     `<output_dir>/webdataset/train-0000s.tar`), then `summary.json` and `gaps.png`. A rebuild owns the folder: an
+     earlier build's output that this one does not write (webdataset/ without --webdataset) is removed, and named.
+
+--real_winner (SPIN-Diffusion's real-versus-generated pairs): every entry of the prompt file names its real image
+("image": a path relative to the file); each candidate of a prompt is paired against it, the real image as image 0
+and winner. No scorer is loaded (step 2 is skipped), --num_candidates may be 1.
 
 Every pair row holds train.py's columns (jpg_0, jpg_1: encoded images; label_0, label_1; caption) and its provenance:
 model, scorer_mix, pair_rule, seed_0/seed_1, score_0/score_1 (mixed), <metric>_0/<metric>_1 (raw scores),
-prompt_index, candidate_0/candidate_1. Metrics: the five of eval.scorers (pickscore, hpsv2, aesthetics, clip,
+prompt_index, candidate_0/candidate_1, score_gap (|score_0 - score_1|), pair_weight; with --real_winner also
+real_image (candidate_0 and seed_0 are -1: the real image). Metrics: the five of eval.scorers (pickscore, hpsv2, aesthetics, clip,
 imagereward; weights from --scorer_config / --<metric>_path as in eval.score) and `colour`, the toy metric of the
 demo (tiny.colour_score: mean red minus mean blue). See docs/onpolicy.md.
 """
@@ -54,6 +62,7 @@ from eval.scorers import ALIASES, METRICS, Scorer  # noqa: E402
 TOY_METRICS = ("colour",)
 IMAGE_FAMILIES = ("sd", "sdxl", "sd3", "flux")
 PAIR_RULES = ("best-worst", "margin")
+REAL_RULE = "real-vs-generated"  # --real_winner: the prompt file's real image against each candidate, no scorer
 TIE_EPS = 1e-9  # |mixed-score gap| at or below this is a tie (float rounding of equal scores)
 RUN_RECORD = "run.json"
 CANDIDATES = "candidates"
@@ -61,6 +70,7 @@ CANDIDATE_RECORD = "candidates.json"
 SCORES = "scores.json"
 DATA = "data"
 WEBDATASET = "webdataset"
+GAPS_PNG = "gaps.png"
 
 
 class MakePairsError(Exception):
@@ -99,6 +109,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "candidates whose gap exceeds --margin")
     p.add_argument("--margin", type=float, default=0.0,
                    help="drop pairs whose mixed-score gap (in z units) is at most this (default 0: ties only)")
+    p.add_argument("--drop_gap_percentile", type=float, default=0.0, metavar="P",
+                   help="drop the P%% of the kept pairs with the smallest score gaps (VideoDPO's filter; default 0)")
+    p.add_argument("--gap_weight_power", type=float, default=0.0, metavar="ALPHA",
+                   help="pair_weight column = gap^ALPHA / mean over the kept pairs of gap^ALPHA (mean 1); 0 (default): "
+                        "every weight 1, 1: proportional to the gap (VideoDPO's reweighting). train.py uses it with "
+                        "--pair_weight_column pair_weight")
+    p.add_argument("--real_winner", action="store_true",
+                   help="real-versus-generated pairs (SPIN-Diffusion): each prompt's real image (the prompt file's "
+                        "\"image\", a path relative to the file) is the winner against each of its candidates; no "
+                        "scorer is loaded and --scorers, --pair_rule, --margin are unused. K may be 1")
     p.add_argument("--shard_size", type=int, default=1000, help="pairs per parquet / WebDataset shard")
     p.add_argument("--webdataset", action="store_true",
                    help="also write WebDataset shards <output_dir>/webdataset/train-*.tar (train.py's layout)")
@@ -205,6 +225,25 @@ def pair_candidates(scores: list[float], rule: str, margin: float = 0.0) -> list
     raise ValueError(f"unknown pair rule {rule!r}; choose from {', '.join(PAIR_RULES)}")
 
 
+def filter_and_weight_by_gap(gaps: list[float], drop_percentile: float = 0.0, power: float = 0.0):
+    """VideoDPO's filter and reweighting of pairs by their score gap (|gap| of each kept pair, in order).
+
+    The floor(n * P / 100) pairs with the smallest gaps are dropped (the first of equal gaps first), as VideoDPO's
+    select_pairs drops its lowest filter_ratio; each remaining pair weighs gap^power / mean(gap^power) over the
+    remaining pairs, so the weights average 1 and the loss keeps its scale (power 0: every weight exactly 1).
+    Returns (keep, weight), one entry per pair (weight 0.0 where dropped)."""
+    n = len(gaps)
+    n_drop = math.floor(n * drop_percentile / 100 + 1e-9)  # 1e-9: 10 pairs x 30% is 3, not 2.9999
+    dropped = set(sorted(range(n), key=lambda j: (gaps[j], j))[:n_drop])
+    keep = [j not in dropped for j in range(n)]
+    powered = [gaps[j] ** power for j in range(n) if keep[j]]
+    mean = sum(powered) / len(powered) if powered else 1.0
+    if power != 0 and not mean > 0:
+        raise MakePairsError("--gap_weight_power: every kept pair has a zero score gap, so no weight can be formed")
+    weights = [(gaps[j] ** power / mean if power != 0 else 1.0) if keep[j] else 0.0 for j in range(n)]
+    return keep, weights
+
+
 # ------------------------------------------------------------------------------------------------------- scorers
 
 
@@ -281,14 +320,18 @@ class ImageMedia:
         return gen.prompt_matches(gen.stored_prompt(path), prompt)
 
     def encode(self, path: Path) -> bytes:
-        """The bytes that go into jpg_0/jpg_1: the PNG file itself (lossless) or a JPEG of it."""
-        if self.format == "png":
+        """The bytes that go into jpg_0/jpg_1: the PNG file itself (lossless) or a JPEG of it (a --real_winner image
+        in another format is converted to the chosen one)."""
+        if self.format == "png" and path.suffix.lower() == ".png":
             return path.read_bytes()
         from PIL import Image
 
         buffer = io.BytesIO()
         with Image.open(path) as image:
-            image.convert("RGB").save(buffer, format="JPEG", quality=self.quality)
+            if self.format == "png":
+                image.convert("RGB").save(buffer, format="PNG")
+            else:
+                image.convert("RGB").save(buffer, format="JPEG", quality=self.quality)
         return buffer.getvalue()
 
 
@@ -340,9 +383,11 @@ def make_pairs(args: argparse.Namespace) -> dict:
     from accelerate import PartialState
 
     started = time.time()
-    mix = parse_mix(args.scorers)
-    if args.num_candidates < 2:
-        raise MakePairsError("--num_candidates must be at least 2 (a pair needs two candidates)")
+    mix = {} if args.real_winner else parse_mix(args.scorers)  # real-vs-generated pairs need no scorer
+    if args.num_candidates < (1 if args.real_winner else 2):
+        raise MakePairsError("--num_candidates must be at least 2 (a pair needs two candidates; 1 with --real_winner)")
+    if not 0 <= args.drop_gap_percentile < 100 or not math.isfinite(args.gap_weight_power):
+        raise MakePairsError("--drop_gap_percentile must be in [0, 100) and --gap_weight_power a finite number")
     if args.margin < 0 or args.shard_size < 1 or not 1 <= args.jpeg_quality <= 100:
         raise MakePairsError("--margin must be >= 0, --shard_size >= 1 and --jpeg_quality in 1..100")
     if args.score_batch_size < 1:
@@ -361,6 +406,7 @@ def make_pairs(args: argparse.Namespace) -> dict:
     if n < 1:
         raise MakePairsError(f"{args.prompts} holds no prompt")
     items, K = all_items[:n], args.num_candidates
+    real_images = real_image_paths(items, args.prompts) if args.real_winner else None
     out = Path(args.output_dir)
     fingerprint = gen.run_fingerprint(g, all_items, dtype)
     fingerprint["candidates"] = {"num_candidates": K, "seed_rule": "seed + index * num_candidates + k",
@@ -374,25 +420,46 @@ def make_pairs(args: argparse.Namespace) -> dict:
     if state.is_main_process:
         (out / CANDIDATES).mkdir(parents=True, exist_ok=True)
         write_json(out / RUN_RECORD, record)
-        print(f"make_pairs: {n} prompts x {K} candidates from {model}; scorers {mix_label(mix)}; {args.pair_rule}")
+        print(f"make_pairs: {n} prompts x {K} candidates from {model}; "
+              + (f"{REAL_RULE} pairs" if args.real_winner else f"scorers {mix_label(mix)}; {args.pair_rule}"))
     state.wait_for_everyone()
     mine = list(range(state.process_index, n, state.num_processes))
     generate_candidates(g, items, mine, K, args.seed, out, media, device, dtype, state.is_main_process)
-    score_device = args.score_device or str(device)
-    score_candidates(items, mine, K, out, mix, scorer_settings(args, mix, score_device), media,
-                     state.is_main_process)
+    if not args.real_winner:
+        score_device = args.score_device or str(device)
+        score_candidates(items, mine, K, out, mix, scorer_settings(args, mix, score_device), media,
+                         state.is_main_process)
     state.wait_for_everyone()
     if not state.is_main_process:
         return {"rank": state.process_index}
-    summary = write_pairs(args, items, K, out, mix, media, model)
+    if args.real_winner:
+        summary = write_real_pairs(args, items, real_images, K, out, media, model)
+    else:
+        summary = write_pairs(args, items, K, out, mix, media, model)
     summary["seconds"] = round(time.time() - started, 1)
     write_json(out / "summary.json", summary)
     write_json(out / RUN_RECORD, {**record, "complete": n == len(all_items), "summary": "summary.json"})
-    print(f"make_pairs: {summary['pairs']} pairs from {n} prompts ({summary['ties_dropped']} ties and "
-          f"{summary['below_margin']} gaps within the margin dropped) in {out / DATA}; summary {out / 'summary.json'}")
+    print(f"make_pairs: {summary['pairs']} pairs from {n} prompts ({summary['ties_dropped']} ties, "
+          f"{summary['below_margin']} gaps within the margin and {summary['below_gap_percentile']} below the gap "
+          f"percentile dropped) in {out / DATA}; summary {out / 'summary.json'}")
     if n < len(all_items):
         print(f"Partial run: {n} of {len(all_items)} prompts (--max_prompts). Run again without it to add the others.")
     return summary
+
+
+def real_image_paths(items: list[dict], prompts_file: str) -> list[Path]:
+    """--real_winner: each prompt's real image, the entry's "image" (a path, relative to the prompt file's folder)."""
+    paths = []
+    for i, item in enumerate(items):
+        image = item.get("image")
+        if not isinstance(image, str) or not image:
+            raise MakePairsError(f"--real_winner: entry {i} of {prompts_file} has no \"image\" (the real image's path, "
+                                 f"relative to the prompt file): add one to every entry, or drop --real_winner")
+        path = Path(prompts_file).resolve().parent / image
+        if not path.is_file():
+            raise MakePairsError(f"--real_winner: entry {i} of {prompts_file} names the image {path}, which does not exist")
+        paths.append(path)
+    return paths
 
 
 def prompt_dir(out: Path, index: int) -> Path:
@@ -518,22 +585,80 @@ def write_pairs(args, items, K, out: Path, mix: dict, media: ImageMedia, model: 
             for name in mix:
                 row[f"{name}_0"], row[f"{name}_1"] = r["raw"][name][a], r["raw"][name][b]
             pairs.append((row, r["files"][a], r["files"][b]))
+    # VideoDPO's filter and reweighting by the gap; the gap and the weight go into the pair's provenance
+    keep, weights = filter_and_weight_by_gap([abs(d.gap) for d in decisions if d.kept], args.drop_gap_percentile,
+                                             args.gap_weight_power)
+    kept_decisions = iter([j for j, d in enumerate(decisions) if d.kept])
+    for (row, _, _), kept_pair, weight in zip(pairs, keep, weights):
+        j = next(kept_decisions)
+        row["score_gap"], row["pair_weight"] = abs(decisions[j].gap), weight
+        if not kept_pair:
+            decisions[j] = Decision(decisions[j].a, decisions[j].b, decisions[j].gap, False, "gap_percentile")
+    pairs = [pair for pair, kept_pair in zip(pairs, keep) if kept_pair]
+    removed = remove_stale_outputs(out, {DATA, GAPS_PNG} | ({WEBDATASET} if args.webdataset else set()))
     shards = write_parquet_shards(pairs, out, media, args.shard_size)
     wds = write_webdataset_shards(pairs, out, media, args.shard_size) if args.webdataset else []
     kept = [abs(d.gap) for d in decisions if d.kept]
-    plot_gaps(decisions, args.margin, args.pair_rule, out / "gaps.png")
+    plot_gaps(decisions, args.margin, args.pair_rule, out / GAPS_PNG)
     with_pair = len({row["prompt_index"] for row, _, _ in pairs})
     return {
         "pairs": len(pairs), "ties_dropped": sum(d.reason == "tie" for d in decisions),
         "below_margin": sum(d.reason == "margin" for d in decisions), "pairs_considered": len(decisions),
+        "below_gap_percentile": sum(d.reason == "gap_percentile" for d in decisions),
+        "drop_gap_percentile": args.drop_gap_percentile, "gap_weight_power": args.gap_weight_power,
+        "stale_outputs_removed": removed,
         "prompts": len(records), "prompts_without_pair": len(records) - with_pair, "num_candidates": K,
         "pair_rule": args.pair_rule, "margin": args.margin, "scorer_mix": label, "z_stats": stats,
         "label_0_fraction": (sum(row["label_0"] for row, _, _ in pairs) / len(pairs)) if pairs else None,
         "gap_kept": ({"min": min(kept), "mean": sum(kept) / len(kept), "max": max(kept)} if kept else None),
         "model": model, "image_format": media.format, "dataset": str(out), "parquet_shards": shards,
-        "webdataset_shards": wds, "gaps_png": str(out / "gaps.png"),
+        "webdataset_shards": wds, "gaps_png": str(out / GAPS_PNG),
+        "train_command": f"python train.py --dataset_name {out} ..."
+                         + (" --pair_weight_column pair_weight" if args.gap_weight_power != 0 else ""),
+    }
+
+
+def write_real_pairs(args, items, real_images: list[Path], K, out: Path, media: ImageMedia, model: str) -> dict:
+    """--real_winner (SPIN-Diffusion's pairs): each prompt's real image is image 0 and the winner (label_0 1) against
+    each of its K candidates; no score, so every pair_weight is 1 and nothing is dropped."""
+    records = read_candidates(items, K, out, {})
+    pairs = []
+    for r in records:
+        real = real_images[r["index"]]
+        for k in range(K):
+            row = {"caption": r["prompt"], "label_0": 1.0, "label_1": 0.0, "model": model, "scorer_mix": "none",
+                   "pair_rule": REAL_RULE, "real_image": str(real), "seed_0": -1, "seed_1": r["seeds"][k],
+                   "prompt_index": r["index"], "candidate_0": -1, "candidate_1": k, "pair_weight": 1.0}
+            pairs.append((row, real, r["files"][k]))
+    removed = remove_stale_outputs(out, {DATA} | ({WEBDATASET} if args.webdataset else set()))
+    shards = write_parquet_shards(pairs, out, media, args.shard_size)
+    wds = write_webdataset_shards(pairs, out, media, args.shard_size) if args.webdataset else []
+    return {
+        "pairs": len(pairs), "ties_dropped": 0, "below_margin": 0, "below_gap_percentile": 0,
+        "pairs_considered": len(pairs), "prompts": len(records), "prompts_without_pair": 0, "num_candidates": K,
+        "pair_rule": REAL_RULE, "scorer_mix": "none", "label_0_fraction": 1.0 if pairs else None,
+        "stale_outputs_removed": removed, "model": model, "image_format": media.format, "dataset": str(out),
+        "parquet_shards": shards, "webdataset_shards": wds,
         "train_command": f"python train.py --dataset_name {out} ...",
     }
+
+
+def remove_stale_outputs(out: Path, written: set[str]) -> list[str]:
+    """A rebuild owns the folder: an output of an earlier build that this one does not write (webdataset/ without
+    --webdataset, gaps.png in a --real_winner build) would hold other pairs beside the new data/, so it is removed,
+    before the new shards are written, and named."""
+    removed = []
+    for name in (WEBDATASET, GAPS_PNG):
+        path = out / name
+        if name in written or not (path.exists() or path.is_symlink()):
+            continue
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+        removed.append(name)
+        print(f"make_pairs: removed {path}, an earlier build's output that this build does not write")
+    return removed
 
 
 def shard_slices(n: int, size: int) -> list[tuple[int, int]]:
@@ -596,6 +721,7 @@ def write_webdataset_shards(pairs, out: Path, media: ImageMedia, shard_size: int
                           f"{media.columns[1]}.{media.extension}": media.encode(file_1),
                           "label_0.txt": str(row["label_0"]).encode(), "label_1.txt": str(row["label_1"]).encode(),
                           "original_prompt.txt": row["caption"].encode("utf-8"),
+                          "pair_weight.txt": str(row["pair_weight"]).encode(),  # train.py --pair_weight_column
                           "provenance.json": json.dumps(provenance, ensure_ascii=False).encode("utf-8")}
                 for field, data in fields.items():
                     member = tarfile.TarInfo(f"{key}.{field}")

@@ -328,3 +328,88 @@ def test_two_processes_shard_the_prompts_and_make_the_same_pairs(built, setup, t
     fields = ("prompt_index", "candidate_0", "candidate_1", "label_0", "seed_0", "seed_1")
     assert sorted(tuple(r[f] for f in fields) for r in rows_of(tmp_path / "two")) == \
         sorted(tuple(r[f] for f in fields) for r in rows_of(out))
+
+
+# ------------------------------------------------------------------------------- gap weights, rebuilds, real pairs
+
+
+def test_filter_and_weight_by_gap_by_hand():
+    keep, weights = mp.filter_and_weight_by_gap([0.5, 0.1, 0.9, 0.1, 0.4], drop_percentile=40, power=1)
+    assert keep == [True, False, True, False, True]  # floor(5 x 40%) = 2: the two smallest gaps
+    assert weights == pytest.approx([0.5 / 0.6, 0.0, 0.9 / 0.6, 0.0, 0.4 / 0.6])  # mean of 0.5, 0.9, 0.4 is 0.6
+    assert mp.filter_and_weight_by_gap([0.3, 0.2], power=0) == ([True, True], [1.0, 1.0])
+    assert sum(not k for k in mp.filter_and_weight_by_gap([float(g) for g in range(10)], 30)[0]) == 3
+    keep, weights = mp.filter_and_weight_by_gap([1.0, 3.0], power=2)  # 1 and 9, mean 5
+    assert weights == pytest.approx([0.2, 1.8])
+
+
+def copy_run(built, tmp_path):
+    import shutil
+
+    out, _ = built
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy)
+    return copy
+
+
+def test_gap_filter_weights_and_a_rebuild_that_owns_the_folder(built, setup, tmp_path):
+    """A rebuild with VideoDPO's gap filter and weights records them per pair (and in the WebDataset, as train.py
+    streams it); a later rebuild without --webdataset removes the earlier build's shards instead of leaving them."""
+    out = copy_run(built, tmp_path)
+    summary = run_pairs(pair_argv(setup, out, "--webdataset", "--drop_gap_percentile", "50", "--gap_weight_power", "1"))
+    expected, mixed = hand_pairs(out, "margin", 0.5)
+    gaps = {(i, a, b): abs(mixed[i, a] - mixed[i, b]) for i, a, b, _ in expected}
+    ranked = sorted(gaps, key=lambda key: (gaps[key], key))  # pairs are made prompt by prompt, a < b: that order
+    survivors = ranked[len(ranked) // 2:]
+    mean = sum(gaps[key] for key in survivors) / len(survivors)
+    rows = rows_of(out)
+    assert sorted((r["prompt_index"], r["candidate_0"], r["candidate_1"]) for r in rows) == sorted(survivors)
+    assert summary["below_gap_percentile"] == len(ranked) // 2 and summary["pairs"] == len(survivors)
+    for r in rows:
+        key = (r["prompt_index"], r["candidate_0"], r["candidate_1"])
+        assert r["score_gap"] == pytest.approx(gaps[key]) and r["pair_weight"] == pytest.approx(gaps[key] / mean)
+    args = train.parse_args(["--pretrained_model_name_or_path", str(setup["model"]), "--dataset_name",
+                             str(out / "webdataset"), "--resolution", "32", "--pair_weight_column", "pair_weight"])
+    streamed = list(train.filter_rows(train.load_rows(args), args, True))
+    assert sorted(float(r["pair_weight"]) for r in streamed) == pytest.approx(sorted(r["pair_weight"] for r in rows))
+
+    summary = run_pairs(pair_argv(setup, out))  # no --webdataset, no gap options
+    assert not (out / "webdataset").exists() and summary["stale_outputs_removed"] == ["webdataset"]
+    assert summary["webdataset_shards"] == [] and summary["pairs"] == len(ranked)
+    assert {r["pair_weight"] for r in rows_of(out)} == {1.0}
+
+
+def test_real_versus_generated_pairs(built, setup, tmp_path, monkeypatch):
+    """--real_winner: the prompt file's real image wins against each candidate of its prompt; no scorer is loaded."""
+    out = copy_run(built, tmp_path)
+    real_dir = tmp_path / "real"
+    real_dir.mkdir()
+    entries = []
+    for i, prompt in enumerate(PROMPTS):
+        Image.new("RGB", (40, 48), (40 * i, 200, 90)).save(real_dir / f"{i}.jpg", quality=90)
+        entries.append({"prompt": prompt, "image": f"real/{i}.jpg"})
+    prompts = tmp_path / "with_images.json"
+    prompts.write_text(json.dumps(entries))
+
+    def no_scorer(*args, **kwargs):
+        raise AssertionError("a scorer was loaded")
+
+    monkeypatch.setattr(mp, "load_pair_scorer", no_scorer)
+    argv = pair_argv(setup, out)
+    argv[argv.index("--prompts") + 1] = str(prompts)
+    summary = run_pairs([*argv, "--real_winner"])
+    rows = rows_of(out)
+    assert len(rows) == summary["pairs"] == len(PROMPTS) * K and summary["pair_rule"] == "real-vs-generated"
+    media = mp.ImageMedia()
+    for r in rows:
+        i, k = r["prompt_index"], r["candidate_1"]
+        assert (r["label_0"], r["label_1"], r["caption"], r["seed_1"]) == (1.0, 0.0, PROMPTS[i], 7 + i * K + k)
+        assert r["jpg_0"] == media.encode(real_dir / f"{i}.jpg")
+        assert r["jpg_1"] == media.encode(out / "candidates" / f"{i:06d}" / f"{k}.png")
+        assert r["real_image"] == str(real_dir / f"{i}.jpg") and r["pair_weight"] == 1.0
+    assert not (out / "gaps.png").exists() and "gaps.png" in summary["stale_outputs_removed"]
+
+    entries[2].pop("image")
+    prompts.write_text(json.dumps(entries))
+    with pytest.raises(SystemExit, match="entry 2 .* has no \"image\""):
+        run_pairs([*argv, "--real_winner"])
