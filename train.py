@@ -1948,13 +1948,14 @@ def write_model_card(args, output_dir: Path, steps: int, logs: dict):
                  f"pipe.{family.denoiser}.load_state_dict(load_file(\"{family.denoiser}.safetensors\"))")
     sampling = ""
     if args.model_family in EVAL_EULER_FAMILIES:  # what eval.generate does, so that users sample as evaluated
-        usage += ("\n# sample as evaluated (eval.generate): Euler from the base's scheduler config (the pipeline saved by "
-                  "--save_pipeline has it),\n# 50 steps, guidance_scale 8.5 (the official cfg 7.5: eps_c + 7.5 (eps_c - eps_u))\n"
+        usage += ("\n# sample as evaluated (eval.generate): Euler from the base's scheduler config (the pipeline "
+                  "saved by --save_pipeline has it),\n# 50 steps, guidance_scale 8.5 (the official cfg 7.5: "
+                  "eps_c + 7.5 (eps_c - eps_u))\n"
                   "from diffusers import EulerDiscreteScheduler\n"
                   f"pipe.scheduler = EulerDiscreteScheduler.from_pretrained(\"{base}\", subfolder=\"scheduler\")\n"
-                  "image = pipe(prompt, num_inference_steps=50, guidance_scale=8.5).images[0]")
-        sampling = ("\nEvaluated with `eval.generate`: Euler built from the base's scheduler config, 50 steps, guidance "
-                    "scale 8.5 in diffusers' terms; the pipeline's own default scheduler samples differently.\n")
+                  "image = pipe(\"a prompt\", num_inference_steps=50, guidance_scale=8.5).images[0]")
+        sampling = ("\nEvaluated with `eval.generate`: Euler built from the base's scheduler config (SD1.5's own "
+                    "PNDM samples differently), 50 steps, guidance scale 8.5 in diffusers' terms.\n")
     loss = logs.get("train_loss")
     text = f"""---
 base_model: {base}

@@ -32,9 +32,9 @@ and winner. No scorer is loaded (step 2 is skipped), --num_candidates may be 1.
 Every pair row holds train.py's columns (jpg_0, jpg_1: encoded images; label_0, label_1; caption) and its provenance:
 model, scorer_mix, pair_rule, seed_0/seed_1, score_0/score_1 (mixed), <metric>_0/<metric>_1 (raw scores),
 prompt_index, candidate_0/candidate_1, score_gap (|score_0 - score_1|), pair_weight; with --real_winner also
-real_image (candidate_0 and seed_0 are -1: the real image). Metrics: the five of eval.scorers (pickscore, hpsv2, aesthetics, clip,
-imagereward; weights from --scorer_config / --<metric>_path as in eval.score) and `colour`, the toy metric of the
-demo (tiny.colour_score: mean red minus mean blue). See docs/onpolicy.md.
+real_image (candidate_0 and seed_0 are -1: the real image). Metrics: the five of eval.scorers (pickscore, hpsv2,
+aesthetics, clip, imagereward; weights from --scorer_config / --<metric>_path as in eval.score) and `colour`, the toy
+metric of the demo (tiny.colour_score: mean red minus mean blue). See docs/onpolicy.md.
 """
 
 from __future__ import annotations
@@ -457,7 +457,8 @@ def real_image_paths(items: list[dict], prompts_file: str) -> list[Path]:
                                  f"relative to the prompt file): add one to every entry, or drop --real_winner")
         path = Path(prompts_file).resolve().parent / image
         if not path.is_file():
-            raise MakePairsError(f"--real_winner: entry {i} of {prompts_file} names the image {path}, which does not exist")
+            raise MakePairsError(f"--real_winner: entry {i} of {prompts_file} names the image {path}, which does "
+                                 f"not exist")
         paths.append(path)
     return paths
 

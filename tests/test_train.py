@@ -137,7 +137,7 @@ def test_saved_pipeline_samples_with_eval_generate_s_scheduler(tiny_sd15, pickap
     saved = StableDiffusionPipeline.from_pretrained(tmp_path).scheduler
     evaluated = load_scheduler(str(tiny_sd15))
     assert type(saved) is type(evaluated)
-    settings = lambda config: {k: v for k, v in config.items() if not k.startswith("_")}  # noqa: E731 - not the load metadata
+    settings = lambda config: {k: v for k, v in config.items() if not k.startswith("_")}  # noqa: E731 - no metadata
     assert settings(saved.config) == settings(evaluated.config) and saved.config.timestep_spacing == "linspace"
     saved.set_timesteps(2)
     evaluated.set_timesteps(2)
@@ -174,7 +174,8 @@ def test_pair_weight_column_multiplies_each_pair_loss(tiny_sd15, pickapic, tmp_p
     run_train(tiny_sd15, with_pair_weights(pickapic, tmp_path / "twos", 2.0), tmp_path / "twos-run",
               "--importance_weighting", "clip_mask", "--pair_weight_column", "pair_weight")
     twos = metrics(tmp_path / "twos-run")
-    assert twos[0]["train_loss"] == 2 * plain[0]["train_loss"] and twos[0]["is_weight_mean"] == plain[0]["is_weight_mean"]
+    assert twos[0]["train_loss"] == 2 * plain[0]["train_loss"]
+    assert twos[0]["is_weight_mean"] == plain[0]["is_weight_mean"]
     with pytest.raises(ValueError, match="no column pair_weight"):
         run_train(tiny_sd15, pickapic, tmp_path / "missing", "--pair_weight_column", "pair_weight")
 
