@@ -650,8 +650,12 @@ def remove_stale_outputs(out: Path, written: set[str]) -> list[str]:
     before the new shards are written, and named."""
     removed = []
     for name in (WEBDATASET, GAPS_PNG):
+        if name in written:
+            continue
+        for leftover in (out / f".{name}.tmp", out / f".{name}.old"):  # a killed earlier build's half-written shards
+            shutil.rmtree(leftover, ignore_errors=True)
         path = out / name
-        if name in written or not (path.exists() or path.is_symlink()):
+        if not (path.exists() or path.is_symlink()):
             continue
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
