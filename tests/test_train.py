@@ -93,6 +93,36 @@ def test_resume_is_exact(tiny_sd15, pickapic, tmp_path):
     assert [m["train_loss"] for m in metrics(tmp_path / "straight")] == [m["train_loss"] for m in metrics(tmp_path / "resumed")]
 
 
+def test_resume_without_a_seed_is_exact(tiny_sd15, pickapic, tmp_path):
+    """No --seed: the run draws one, records it (log, training_config.json, the checkpoint's data state) and a resume
+    reuses it, so the --max_train_samples subsample, the order and the noise are those of the unbroken run (which is
+    run here with the drawn seed given explicitly: the same code path once the seed is known, hence bit for bit)."""
+    common = ["--max_train_samples", "8", "--checkpointing_steps", "2"]
+
+    def run_without_seed(output_dir, steps):
+        argv = train_args(tiny_sd15, pickapic, output_dir, *common, steps=steps)
+        i = argv.index("--seed")
+        try:
+            return train.main(argv[:i] + argv[i + 2:])
+        finally:
+            reset_accelerate()
+
+    run_without_seed(tmp_path / "resumed", 2)
+    config = json.loads((tmp_path / "resumed" / "training_config.json").read_text())
+    assert config["arguments"]["seed"] is None
+    seed = int(config["resolved"]["seed"].split()[0])
+    assert config["resolved"]["seed"] == f"{seed} (drawn: no --seed given; a resume reuses it)"
+    state = json.loads((tmp_path / "resumed" / "checkpoint-2" / "training_state.json").read_text())
+    assert state["data"]["seed"] == seed
+    run_without_seed(tmp_path / "resumed", 4)
+    run_train(tiny_sd15, pickapic, tmp_path / "seeded", *common, "--seed", str(seed), steps=4)
+    assert json.loads((tmp_path / "seeded" / "training_config.json").read_text())["resolved"]["seed"] == seed
+    straight = load_file(str(tmp_path / "seeded" / "unet.safetensors"))
+    resumed = load_file(str(tmp_path / "resumed" / "unet.safetensors"))
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    assert [m["train_loss"] for m in metrics(tmp_path / "seeded")] == [m["train_loss"] for m in metrics(tmp_path / "resumed")]
+
+
 def test_finished_run_resumes_to_nothing(tiny_sd15, pickapic, tmp_path):
     run_train(tiny_sd15, pickapic, tmp_path)
     before = load_file(str(tmp_path / "unet.safetensors"))
