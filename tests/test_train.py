@@ -80,7 +80,8 @@ def test_every_method_trains(tiny_sd15, tiny_sdxl, pickapic, tmp_path, method, s
 
 
 def test_resume_is_exact(tiny_sd15, pickapic, tmp_path):
-    """6 steps straight == 3 steps, stop, resume, 3 more: same weights, bit for bit (crosses epoch boundaries)."""
+    """6 steps straight == 3 steps, stop, resume, 3 more: same weights, bit for bit (crosses epoch boundaries). Bitwise
+    by construction: the resumed run reloads weights, optimizer, RNG and data state and repeats the same operations."""
     common = ["--max_train_samples", "8", "--gradient_accumulation_steps", "2", "--checkpointing_steps", "3",
               "--use_winner_preserving", "--winner_preserving_mu", "0.5", "--random_crop"]
     run_train(tiny_sd15, pickapic, tmp_path / "straight", *common, steps=6)
