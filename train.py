@@ -1446,8 +1446,6 @@ def main(argv=None):
                         level=logging.INFO)
     logger = get_logger("train")  # logs once, from the main process, unless told otherwise
     logger.info(accelerator.state, main_process_only=False)
-    if args.seed is not None:
-        set_seed(args.seed + accelerator.process_index)  # official: every rank its own noise stream (Q27)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
     if args.allow_tf32:
@@ -1478,6 +1476,8 @@ def main(argv=None):
                            f"saved random state is newly drawn, so the run is not bit-identical to an unbroken one")
         for line in checkpoints.resumed_arguments(resumed_state["args"], requested):
             logger.info(f"Changed since {checkpoint.name}: {line}")
+    args.seed = run_seed(args.seed, resumed_state)
+    set_seed(args.seed + accelerator.process_index)  # official: every rank its own noise stream (Q27)
 
     # Models, through the family (families/): the frozen parts in weight_dtype, the policy denoiser (`unet`, a UNet or
     # a transformer) in fp32 under autocast, the reference a frozen copy.
@@ -1556,7 +1556,7 @@ def main(argv=None):
     else:
         with accelerator.main_process_first():
             rows = filter_rows(load_rows(args), args, accelerator.is_main_process)
-    data_seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
+    data_seed = args.seed
     stream = None
     if isinstance(rows, datasets.IterableDataset):  # --streaming or WebDataset shards: PairStream shards by rank itself
         stream = PairStream(rows, args, data_seed, shuffle=args.split == "train",
@@ -1870,6 +1870,18 @@ def resolved_location(name: str, revision=None) -> str:
         return f"{name} (hub)"
 
 
+def run_seed(seed: int | None, resumed_state: dict | None) -> int:
+    """--seed, else the seed of the run being resumed, else one drawn now (the same on every rank). Without a fixed
+    seed a resume would draw another subsample (--max_train_samples), data order and noise than the unbroken run."""
+    if seed is not None:
+        return seed
+    if resumed_state is not None:
+        return resumed_state["data"]["seed"]  # the data state records the seed the run used
+    from accelerate.utils import broadcast_object_list
+
+    return broadcast_object_list([random.SystemRandom().randrange(2**31)])[0]  # the main process's draw
+
+
 def describe_run(args, requested: dict, accelerator, weight_dtype, base_lr: float) -> dict:
     """What was loaded from where and the settings that matter, as logged at the start and kept in
     <output_dir>/training_config.json beside the arguments as given."""
@@ -1896,6 +1908,7 @@ def describe_run(args, requested: dict, accelerator, weight_dtype, base_lr: floa
         "gradient_clipping": f"max norm {args.max_grad_norm:g}" if args.max_grad_norm > 0 else "off",
         "processes": accelerator.num_processes,
         "effective_batch": args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps,
+        "seed": args.seed if requested["seed"] is not None else f"{args.seed} (drawn: no --seed given; a resume reuses it)",
     }
 
 

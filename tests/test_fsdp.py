@@ -9,7 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from test_train import ACCELERATE, REPO, metrics, train_args
+from test_latent_cache import LINEAR_ADAMW, relative_update_difference
+from test_train import ACCELERATE, REPO, base_unet, metrics, train_args
 
 FSDP = ["--use_fsdp", "--fsdp_version", "2", "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP",
         "--fsdp_transformer_layer_cls_to_wrap", "BasicTransformerBlock,ResnetBlock2D",
@@ -30,27 +31,33 @@ def launch_two(strategy, *args):
 def runs(tiny_sd15, pickapic, tmp_path_factory):
     root = tmp_path_factory.mktemp("fsdp")
     common = ["--use_winner_preserving", "--winner_preserving_mu", "0.5", "--use_ema", "--checkpointing_steps", "2",
-              "--gradient_checkpointing"]  # composes with FSDP
+              "--gradient_checkpointing", *LINEAR_ADAMW]  # composes with FSDP; a step linear in the gradients
     launch_two("fsdp", *train_args(tiny_sd15, pickapic, root / "fsdp", *common, steps=4))
     launch_two("ddp", *train_args(tiny_sd15, pickapic, root / "ddp", *common, steps=4))
     return root, common
 
 
-def test_fsdp_trains_as_ddp(runs):
+def test_fsdp_trains_as_ddp(runs, tiny_sd15):
+    """FSDP and DDP compute the same gradients with differently grouped float32 operations (sharded parameters
+    gathered per block, gradients reduce-scattered instead of all-reduced), so they agree to rounding, not bit for bit.
+    Compared: the total weight update of a step linear in the gradients (see LINEAR_ADAMW) and the logged numbers; a
+    rounding-sized gradient difference gives a relative update difference of about 1e-6 (measured 2e-6 to 5e-6 for the
+    cache's), while a missing or doubled rank's gradient moves it by O(1), so 1e-4 separates the two."""
     root, _ = runs
     checkpoint = root / "fsdp" / "checkpoint-2"
     assert (checkpoint / "optimizer_0").is_dir() and (checkpoint / "pytorch_model_fsdp_0").is_dir()  # sharded state
     assert (checkpoint / "unet.safetensors").is_file()  # and the full weights the eval scripts read
+    base = base_unet(tiny_sd15)
     for name in ("unet.safetensors", "unet_ema.safetensors"):
         fsdp, ddp = load_file(str(root / "fsdp" / name)), load_file(str(root / "ddp" / name))
         assert fsdp.keys() == ddp.keys()
-        assert max((fsdp[k] - ddp[k]).abs().max().item() for k in fsdp) < 1e-5
+        assert relative_update_difference(base, ddp, fsdp) < 1e-4, name
     for a, b in zip(metrics(root / "fsdp"), metrics(root / "ddp")):
         assert a["step"] == b["step"]
-        for key in ("avg_lose_l_scale", "implicit_acc_accumulated", "model_mse_unaccumulated"):
+        # what the loss is made of; the loss itself is not compared: beta = 5000 multiplies the MSEs' rounding
+        # (about 1e-6 of an MSE near 1) into ~1e-3 differences of its logit, which says nothing about the path
+        for key in ("avg_lose_l_scale", "implicit_acc_accumulated", "model_mse_unaccumulated", "ref_mse_unaccumulated"):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
-        # beta = 5000 turns the weights' 1e-6 rounding differences into ~1e-4 relative differences of the DPO loss
-        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=2e-3)
 
 
 def test_fsdp_resume_is_exact(runs, tiny_sd15, pickapic):
@@ -93,13 +100,12 @@ def test_accelerate_configs_name_each_familys_block():
 
 def test_fsdp_lora_with_ema_trains_as_ddp(tiny_sd15, pickapic, tmp_path):
     """LoRA under FSDP (the base sharded in fp32 beside the fp32 adapters): the same adapter and EMA as DDP."""
-    common = ["--use_lora", "--use_ema", "--learning_rate", "1e-3", "--checkpointing_steps", "2"]
+    common = ["--use_lora", "--use_ema", "--checkpointing_steps", "2", *LINEAR_ADAMW]
     launch_two("fsdp", *train_args(tiny_sd15, pickapic, tmp_path / "fsdp", *common, steps=2))
     launch_two("ddp", *train_args(tiny_sd15, pickapic, tmp_path / "ddp", *common, steps=2))
     for name in ("pytorch_lora_weights.safetensors", "pytorch_lora_weights_ema.safetensors"):
         fsdp, ddp = load_file(str(tmp_path / "fsdp" / name)), load_file(str(tmp_path / "ddp" / name))
         assert fsdp.keys() == ddp.keys()
-        # Adam's first steps act like sign(g) on tiny adapter gradients, so compare relative to the weights
-        difference = torch.sqrt(sum((fsdp[k] - ddp[k]).pow(2).sum() for k in fsdp))
-        assert difference / torch.sqrt(sum(ddp[k].pow(2).sum() for k in ddp)) < 1e-3
+        # the adapters start at B = 0, so the update is the adapter itself; see test_fsdp_trains_as_ddp for the bound
+        assert relative_update_difference({k: torch.zeros_like(v) for k, v in ddp.items()}, ddp, fsdp) < 1e-4, name
         assert any(v.abs().sum() > 0 for k, v in fsdp.items() if "lora.up" in k)  # B starts at 0: it trained

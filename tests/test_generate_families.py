@@ -41,7 +41,8 @@ def images(result_or_manifest) -> list[np.ndarray]:
 
 
 def assert_close(a, b, max_diff=1, frac=0.02):
-    """Same images up to float noise: no pixel off by more than `max_diff`, almost all identical."""
+    """Same images up to float noise: no pixel off by more than `max_diff`, almost all identical (the share of pixels a
+    float difference can move by one level is about that difference in levels: see test_generate.assert_close)."""
     for x, y in zip(a, b, strict=True):
         diff = np.abs(x - y)
         assert diff.max() <= max_diff and (diff > 0).mean() <= frac, (diff.max(), (diff > 0).mean())

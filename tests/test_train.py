@@ -80,7 +80,8 @@ def test_every_method_trains(tiny_sd15, tiny_sdxl, pickapic, tmp_path, method, s
 
 
 def test_resume_is_exact(tiny_sd15, pickapic, tmp_path):
-    """6 steps straight == 3 steps, stop, resume, 3 more: same weights, bit for bit (crosses epoch boundaries)."""
+    """6 steps straight == 3 steps, stop, resume, 3 more: same weights, bit for bit (crosses epoch boundaries). Bitwise
+    by construction: the resumed run reloads weights, optimizer, RNG and data state and repeats the same operations."""
     common = ["--max_train_samples", "8", "--gradient_accumulation_steps", "2", "--checkpointing_steps", "3",
               "--use_winner_preserving", "--winner_preserving_mu", "0.5", "--random_crop"]
     run_train(tiny_sd15, pickapic, tmp_path / "straight", *common, steps=6)
@@ -91,6 +92,36 @@ def test_resume_is_exact(tiny_sd15, pickapic, tmp_path):
     resumed = load_file(str(tmp_path / "resumed" / "unet.safetensors"))
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
     assert [m["train_loss"] for m in metrics(tmp_path / "straight")] == [m["train_loss"] for m in metrics(tmp_path / "resumed")]
+
+
+def test_resume_without_a_seed_is_exact(tiny_sd15, pickapic, tmp_path):
+    """No --seed: the run draws one, records it (log, training_config.json, the checkpoint's data state) and a resume
+    reuses it, so the --max_train_samples subsample, the order and the noise are those of the unbroken run (which is
+    run here with the drawn seed given explicitly: the same code path once the seed is known, hence bit for bit)."""
+    common = ["--max_train_samples", "8", "--checkpointing_steps", "2"]
+
+    def run_without_seed(output_dir, steps):
+        argv = train_args(tiny_sd15, pickapic, output_dir, *common, steps=steps)
+        i = argv.index("--seed")
+        try:
+            return train.main(argv[:i] + argv[i + 2:])
+        finally:
+            reset_accelerate()
+
+    run_without_seed(tmp_path / "resumed", 2)
+    config = json.loads((tmp_path / "resumed" / "training_config.json").read_text())
+    assert config["arguments"]["seed"] is None
+    seed = int(config["resolved"]["seed"].split()[0])
+    assert config["resolved"]["seed"] == f"{seed} (drawn: no --seed given; a resume reuses it)"
+    state = json.loads((tmp_path / "resumed" / "checkpoint-2" / "training_state.json").read_text())
+    assert state["data"]["seed"] == seed
+    run_without_seed(tmp_path / "resumed", 4)
+    run_train(tiny_sd15, pickapic, tmp_path / "seeded", *common, "--seed", str(seed), steps=4)
+    assert json.loads((tmp_path / "seeded" / "training_config.json").read_text())["resolved"]["seed"] == seed
+    straight = load_file(str(tmp_path / "seeded" / "unet.safetensors"))
+    resumed = load_file(str(tmp_path / "resumed" / "unet.safetensors"))
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    assert [m["train_loss"] for m in metrics(tmp_path / "seeded")] == [m["train_loss"] for m in metrics(tmp_path / "resumed")]
 
 
 def test_finished_run_resumes_to_nothing(tiny_sd15, pickapic, tmp_path):
