@@ -76,7 +76,8 @@ def safetensors_problem(path: Path) -> str | None:
 
 
 def torch_file_problem(path: Path, load: bool = False) -> str | None:
-    """Whether a torch.save file (a zip archive) is whole; `load` also reads it with weights_only=True."""
+    """Whether a torch.save file (a zip archive) is whole; `load` also reads it with weights_only=True, memory-mapped
+    (the pickle is checked, the tensors' bytes are not read: an optimizer state costs no second copy in memory)."""
     try:
         with zipfile.ZipFile(path) as archive:
             archive.infolist()
@@ -86,9 +87,72 @@ def torch_file_problem(path: Path, load: bool = False) -> str | None:
         from accelerate.utils import load as safe_load  # torch.load(weights_only=True) + numpy arrays
 
         try:
-            safe_load(path, map_location="cpu")
+            safe_load(path, map_location="cpu", mmap=True)
         except Exception as error:  # noqa: BLE001 - anything that is not plain data is refused
             return f"cannot be read as plain data with weights_only=True ({type(error).__name__}: {str(error)[:200]})"
+    return None
+
+
+# training_state.json: each key and what its value must be. `step` must also equal the folder's number.
+STATE_KEYS = ("format", "step", "num_processes", "data", "skipped_rows", "ema", "args")
+DATA_KEYS = {"seed": 0, "epoch": 0, "position": 0}  # a map-style run saves the seed; a stream also epoch and position
+EMA_KEYS = {"decay": (float, 0.0, 1.0), "min_decay": (float, 0.0, 1.0), "optimization_step": (int, 0, None),
+            "update_after_step": (int, 0, None), "use_ema_warmup": (bool, None, None),
+            "inv_gamma": (float, 0.0, None), "power": (float, 0.0, None)}  # diffusers' EMAModel.state_dict
+
+
+def _number_problem(field: str, value, kind, low=None, high=None) -> str | None:
+    """Why `value` is not a `kind` (int, float or bool) in [low, high]; None if it is. JSON numbers: an int is a float."""
+    ok_type = (isinstance(value, bool) if kind is bool else not isinstance(value, bool) and
+               isinstance(value, int if kind is int else (int, float)))
+    if not ok_type:
+        return f"has field {field!r} = {value!r} (must be {'an integer' if kind is int else 'a boolean' if kind is bool else 'a number'})"
+    if kind is float and not math.isfinite(value):
+        return f"has field {field!r} = {value!r} (must be a finite number)"
+    if (low is not None and value < low) or (high is not None and value > high):
+        bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
+        return f"has field {field!r} = {value!r} (must be {bounds})"
+    return None
+
+
+def training_state_problem(state, folder: Path) -> str | None:
+    """What is wrong with a checkpoint's training_state.json (already parsed), naming the field; None if nothing.
+
+    Every field is checked against what save_checkpoint writes: a damaged or edited state (a negative step, a text
+    where a number belongs, a step that is not the folder's) would otherwise resume wrong or crash mid-resume."""
+    if not isinstance(state, dict):
+        return f"is {type(state).__name__}, not a JSON object"
+    if state.get("format") != STATE_FORMAT:
+        return f"has an unknown format (field 'format' is {state.get('format')!r}, expected {STATE_FORMAT})"
+    unknown, missing = sorted(set(state) - set(STATE_KEYS)), [k for k in STATE_KEYS if k not in state]
+    if unknown or missing:
+        return "; ".join(([f"has unknown fields {unknown}"] if unknown else []) +
+                         ([f"lacks the fields {missing}"] if missing else []))
+    problem = (_number_problem("step", state["step"], int, 1) or _number_problem("num_processes", state["num_processes"], int, 1)
+               or _number_problem("skipped_rows", state["skipped_rows"], int, 0))
+    if problem:
+        return problem
+    number = Path(folder).name.split("-")[-1]  # checkpoint-N (a folder renamed by hand has no number to match)
+    if "-" in Path(folder).name and number.isdigit() and state["step"] != int(number):
+        return f"has field 'step' = {state['step']} (must be {number}, the number of its folder {Path(folder).name})"
+    data = state["data"]
+    if not isinstance(data, dict) or "seed" not in data or set(data) - set(DATA_KEYS):
+        return f"has field 'data' = {data!r} (must hold 'seed', and for a stream 'epoch' and 'position')"
+    for key, value in data.items():
+        problem = _number_problem(f"data.{key}", value, int, DATA_KEYS[key])
+        if problem:
+            return problem
+    ema = state["ema"]
+    if ema is not None:
+        if not isinstance(ema, dict) or set(ema) - set(EMA_KEYS):
+            return f"has field 'ema' = {ema!r} (must be null or an object with the fields {list(EMA_KEYS)})"
+        for key, value in ema.items():
+            kind, low, high = EMA_KEYS[key]
+            problem = _number_problem(f"ema.{key}", value, kind, low, high)
+            if problem:
+                return problem
+    if not isinstance(state["args"], dict):
+        return f"has field 'args' = {state['args']!r} (must be an object of the run's arguments)"
     return None
 
 
@@ -99,10 +163,12 @@ def required_files(weights: list[str], num_processes: int, scaler: bool) -> list
 
 
 def saved_process_count(folder: Path) -> int:
-    """How many processes wrote the checkpoint (their RNG files are all required); 1 if the state is unreadable."""
+    """How many processes wrote the checkpoint (their RNG files are all required); 1 if the state is unreadable or
+    damaged (its own problem is reported then)."""
     try:
-        return int(json.loads((Path(folder) / TRAINING_STATE).read_text())["num_processes"])
-    except (OSError, ValueError, KeyError, TypeError):
+        state = json.loads((Path(folder) / TRAINING_STATE).read_text())
+        return state["num_processes"] if training_state_problem(state, folder) is None else 1
+    except (OSError, ValueError):
         return 1
 
 
@@ -127,12 +193,11 @@ def checkpoint_problems(folder: Path, weights: list[str], scaler: bool, fsdp: bo
             problem = safetensors_problem(path)
         elif name == TRAINING_STATE:
             try:
-                state = json.loads(path.read_text())
-                problem = None if isinstance(state, dict) and state.get("format") == STATE_FORMAT else "has an unknown format"
+                problem = training_state_problem(json.loads(path.read_text()), folder)
             except (OSError, ValueError) as error:
                 problem = f"is not readable JSON ({error})"
-        else:
-            problem = torch_file_problem(path, load=name.startswith("random_states") or name == "scaler.pt")
+        else:  # every pickle accelerate reads is read here first: a refused one is named and `latest` falls back
+            problem = torch_file_problem(path, load=True)
         if problem:
             problems.append(f"{path} {problem}")
     for stray in sorted(folder.glob("custom_checkpoint_*.pkl")):  # accelerate would unpickle these in full
