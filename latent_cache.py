@@ -295,6 +295,8 @@ def main(argv=None):
             del argv[i:i + 2]
     if extra["--latents_cache_dtype"] not in DTYPES:
         raise SystemExit(f"--latents_cache_dtype must be one of {', '.join(DTYPES)}")
+    if not extra["--latents_cache_shard_size"].isdigit() or int(extra["--latents_cache_shard_size"]) < 1:
+        raise SystemExit(f"--latents_cache_shard_size must be an integer >= 1, got {extra['--latents_cache_shard_size']}")
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     args = train.parse_args(argv)
     if not args.latents_cache:

@@ -79,7 +79,7 @@ def check_video_args(parser, args, family):
         args.video_size = [args.resolution] * 2 if args.resolution is not None else list(family.default_video_size)
     height, width = args.video_size
     if height < 16 or width < 16 or height % 16 or width % 16:
-        parser.error(f"the video size must be multiples of 16 for {args.model_family} (8x VAE, then 2x2 patches), "
+        parser.error(f"--video_size (or --resolution): the video size must be multiples of 16 for {args.model_family} (8x VAE, then 2x2 patches), "
                      f"got {height} x {width}")
     args.resolution = min(height, width)  # what the image checks and the logs read
     if args.num_frames is None:
