@@ -82,6 +82,12 @@ class LatentCache:
             if differences:
                 raise ValueError(f"--latents_cache {folder} was made with other settings: {'; '.join(differences)}. "
                                  f"Make a cache for these settings (another folder) or use the cache's")
+        for name in [shard_name(n) for n in range(len(self.index["shards"]))] + ["empty.safetensors"]:
+            shard = self.folder / name  # checked whole now (headers only), not found broken mid-run
+            problem = checkpoints.safetensors_problem(shard) if shard.is_file() else "is missing"
+            if problem:
+                raise ValueError(f"--latents_cache {folder}: {shard} {problem}. Delete it and run latent_cache.py "
+                                 f"again with the run's arguments: it encodes only the missing shards")
         self.labels, self.bad = self.index["label_0"], self.index["bad"]
         self.handles = {}
 
