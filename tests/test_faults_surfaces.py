@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 
 import train
 import video_data
-from test_train import REPO, metrics, run_train
+from test_train import REPO, metrics, reset_accelerate, run_train
 
 # --- video pairs -------------------------------------------------------------------------------------------------
 
@@ -148,3 +148,108 @@ def test_a_manifest_path_that_is_not_a_string_names_its_line(tmp_path, value):
                         json.dumps({"caption": "c", "video_0": "a.mp4", "video_1": value, "label_0": 1}) + "\n")
     with pytest.raises(ValueError, match=f"pairs.jsonl, line 2: video_1 is {value!r}, not a file path"):
         train.load_rows(video_args(manifest))
+
+
+# --- kill -9 -----------------------------------------------------------------------------------------------------
+
+
+def kill_when(command, ready, timeout=300) -> subprocess.Popen:
+    """Start `command`, SIGKILL it as soon as `ready()` holds (polled every 2 ms); fail if it ends first."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + timeout
+    while not ready():
+        if process.poll() is not None:
+            pytest.fail(f"the process ended before the kill: {process.stderr.read().decode()[-2000:]}")
+        if time.monotonic() > deadline:
+            process.kill()
+            pytest.fail("the moment to kill never came")
+        time.sleep(0.002)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL
+    process.stderr.close()
+    return process
+
+
+def test_flux_run_killed_while_writing_a_checkpoint_resumes_bit_exact(tiny_flux, pickapic, tmp_path):
+    """A rectified-flow run (flux) SIGKILLed while it writes checkpoint-4 resumes from checkpoint-2 (the partial
+    folder is not a checkpoint) and ends with the undisturbed run's weights and losses, bit for bit: the same steps
+    from the same saved state, on one thread (the killed run is another process with the same thread count)."""
+    from test_train import train_args
+
+    common = ["--max_train_samples", "8", "--checkpointing_steps", "2", "--use_winner_preserving", "--winner_preserving_mu", "0.5"]
+    run_train(tiny_flux, pickapic, tmp_path / "straight", *common, steps=6)
+    killed = tmp_path / "killed"
+    kill_when([sys.executable, str(REPO / "train.py"), *train_args(tiny_flux, pickapic, killed, *common, steps=6)],
+              lambda: (killed / ".checkpoint-4.tmp").exists() or (killed / "checkpoint-4").exists())
+    assert (killed / "checkpoint-2").is_dir() and not (killed / "transformer.safetensors").exists()
+    run_train(tiny_flux, pickapic, killed, *common, steps=6)
+    straight = load_file(str(tmp_path / "straight" / "transformer.safetensors"))
+    resumed = load_file(str(killed / "transformer.safetensors"))
+    assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+    assert [m["train_loss"] for m in metrics(killed)] == [m["train_loss"] for m in metrics(tmp_path / "straight")]
+    assert not list(killed.glob(".checkpoint-*"))  # the partial folder was cleared by the next save
+
+
+def test_eval_generate_killed_mid_run_resumes_to_the_same_images(tiny_sd15, tmp_path):
+    """eval.generate SIGKILLed after its first images: run again, it generates only the missing ones, and every
+    image equals the undisturbed run's, bit for bit (each image's noise comes from its own seed)."""
+    from eval.generate import generate, parse_args
+    from PIL import Image
+
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps([{"prompt": f"a shape number {i}"} for i in range(10)]))
+
+    def argv(out):
+        return ["--pretrain_path", str(tiny_sd15), "--test_json", str(prompts), "--height", "32", "--width", "32",
+                "--steps", "3", "--output_path", str(out), "--device", "cpu", "--dtype", "fp32"]
+
+    generate(parse_args(argv(tmp_path / "straight")))
+    killed = tmp_path / "killed"
+    kill_when([sys.executable, "-m", "eval.generate", *argv(killed)], lambda: len(list(killed.rglob("*.png"))) >= 2)
+    done = len(list(killed.rglob("*.png")))
+    assert done < 10
+    result = generate(parse_args(argv(killed)))
+    assert result["generated"] >= 10 - done and result["generated"] < 10
+    straight, resumed = sorted((tmp_path / "straight").rglob("*.png")), sorted(killed.rglob("*.png"))
+    assert [p.name for p in straight] == [p.name for p in resumed] and len(straight) == 10
+    for a, b in zip(straight, resumed):
+        assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b))), b.name
+
+
+def test_eval_make_pairs_killed_mid_run_resumes_to_the_same_pairs(tiny_sd15, tmp_path):
+    """eval.make_pairs SIGKILLed while it generates candidates: run again, it ends with the undisturbed run's
+    candidates (bit for bit: batch size 1, each candidate from its own seed) and the same pairs, scores included."""
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from eval import make_pairs
+
+    prompts = tmp_path / "prompts.json"
+    prompts.write_text(json.dumps([{"prompt": f"a shape number {i}"} for i in range(6)]))
+
+    def argv(out):
+        return ["--prompts", str(prompts), "--output_dir", str(out), "--pretrain_path", str(tiny_sd15), "--height", "32",
+                "--width", "32", "--steps", "2", "--num_candidates", "3", "--seed", "7", "--batch_size", "1",
+                "--scorers", "colour", "--pair_rule", "margin", "--margin", "0.1", "--device", "cpu", "--dtype", "fp32"]
+
+    def rows(out):
+        return [row for f in sorted((out / "data").glob("train-*.parquet")) for row in pq.read_table(f).to_pylist()]
+
+    def make(out):
+        try:
+            return make_pairs.main(argv(out))
+        finally:
+            reset_accelerate()  # make_pairs holds accelerate's process state
+
+    make(tmp_path / "straight")
+    killed = tmp_path / "killed"
+    kill_when([sys.executable, "-m", "eval.make_pairs", *argv(killed)],
+              lambda: len(list((killed / "candidates").rglob("*.png"))) >= 2 if (killed / "candidates").is_dir() else False)
+    assert len(list((killed / "candidates").rglob("*.png"))) < 18 and not (killed / "data").exists()
+    make(killed)
+    assert rows(killed) == rows(tmp_path / "straight") and rows(killed)
+    straight = sorted(p.relative_to(tmp_path / "straight") for p in (tmp_path / "straight" / "candidates").rglob("*.png"))
+    assert straight == sorted(p.relative_to(killed) for p in (killed / "candidates").rglob("*.png"))
+    for path in straight:
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "straight" / path)), np.asarray(Image.open(killed / path)))
