@@ -156,6 +156,55 @@ def training_state_problem(state, folder: Path) -> str | None:
     return None
 
 
+class _ShardIndexUnpickler:
+    """Reads torch.distributed.checkpoint's `.metadata` (a pickle, which torch itself loads with plain pickle.load)
+    admitting only its own record types, paths, torch sizes, dtypes and layouts: a planted object is refused unrun."""
+
+    ALLOWED = {("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("torch", "Size"),
+               ("torch.serialization", "_get_layout"), ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+               ("collections", "OrderedDict")}
+
+    @classmethod
+    def load(cls, path: Path):
+        import pickle
+
+        import torch
+
+        class Unpickler(pickle.Unpickler):
+            def find_class(self, module, name):
+                found = super().find_class(module, name) if module.startswith(("torch", "pathlib", "collections")) else None
+                if (module, name) in cls.ALLOWED or (
+                        module == "torch" and isinstance(found, (torch.dtype, torch.layout, torch.memory_format))) or (
+                        module == "torch.distributed.checkpoint.metadata" and isinstance(found, type)
+                        and found.__module__ == module):
+                    return found
+                raise pickle.UnpicklingError(f"{module}.{name} is not part of a sharded checkpoint's index")
+
+        with open(path, "rb") as f:
+            return Unpickler(f).load()
+
+
+def sharded_state_problem(folder: Path) -> str | None:
+    """Whether accelerate's sharded (FSDP) state folder is whole: its `.metadata` lists each rank's shard file and
+    the bytes read from it; every file must be there and that long. None if it is."""
+    index = folder / ".metadata"
+    if not index.is_file():
+        return f"{index} is missing (the index of the ranks' shards)"
+    try:
+        needed = {}
+        for info in _ShardIndexUnpickler.load(index).storage_data.values():
+            needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    except Exception as error:  # noqa: BLE001 - a damaged or planted index is refused, whatever it raises
+        return f"{index} is not a readable shard index ({type(error).__name__}: {str(error)[:200]})"
+    for name, size in sorted(needed.items()):
+        path = folder / name
+        if not path.is_file():
+            return f"{path} is missing (one rank's shard)"
+        if path.stat().st_size < size:
+            return f"{path} is truncated ({path.stat().st_size} bytes, its index says at least {size})"
+    return None
+
+
 def required_files(weights: list[str], num_processes: int, scaler: bool) -> list[str]:
     files = list(weights) + ["optimizer.bin", "scheduler.bin", TRAINING_STATE]
     files += [f"random_states_{rank}.pkl" for rank in range(num_processes)]
@@ -182,6 +231,8 @@ def checkpoint_problems(folder: Path, weights: list[str], scaler: bool, fsdp: bo
         for choices in (("optimizer_0", "optimizer.bin"), ("pytorch_model_fsdp_0", "pytorch_model_fsdp.bin")):
             if not any((folder / c).exists() for c in choices):
                 problems.append(f"{folder / choices[0]} is missing (accelerate's FSDP state)")
+            elif (folder / choices[0]).is_dir():  # sharded: each rank's file, as its index lists them
+                problems += [p for p in [sharded_state_problem(folder / choices[0])] if p]
     for name in names:
         path = folder / name
         if not path.is_file():
