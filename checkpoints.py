@@ -4,9 +4,10 @@ A checkpoint `checkpoint-N/` holds the trained weights (`unet.safetensors`, or t
 optimizer, scheduler and per-rank RNG files, and `training_state.json`: the data position, EMA step count, the
 skipped-row count and the run's arguments. Nothing here unpickles arbitrary objects: the JSON is read as JSON, and
 accelerate reads its `.bin`/`.pkl` files with `torch.load(weights_only=True)` (tensors, numbers and numpy arrays only).
-Before a resume, every file a checkpoint must hold is checked (present, complete, readable), so a damaged checkpoint
-stops the run with a message naming the file, or, with `--resume_from_checkpoint latest`, gives way to the newest
-complete one.
+Before a resume, every file a checkpoint must hold is checked (present, complete, readable; each field of
+training_state.json; under FSDP each rank's shard against the shards' index, itself read by a restricted unpickler),
+so a damaged checkpoint stops the run with a message naming the file (and the field), or, with
+`--resume_from_checkpoint latest`, gives way to the newest complete one.
 """
 
 from __future__ import annotations
@@ -106,12 +107,12 @@ def _number_problem(field: str, value, kind, low=None, high=None) -> str | None:
     ok_type = (isinstance(value, bool) if kind is bool else not isinstance(value, bool) and
                isinstance(value, int if kind is int else (int, float)))
     if not ok_type:
-        return f"has field {field!r} = {value!r} (must be {'an integer' if kind is int else 'a boolean' if kind is bool else 'a number'})"
+        return f"has field {field!r} = {value!r:.80} (must be {'an integer' if kind is int else 'a boolean' if kind is bool else 'a number'})"
     if kind is float and not math.isfinite(value):
-        return f"has field {field!r} = {value!r} (must be a finite number)"
+        return f"has field {field!r} = {value!r:.80} (must be a finite number)"
     if (low is not None and value < low) or (high is not None and value > high):
         bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
-        return f"has field {field!r} = {value!r} (must be {bounds})"
+        return f"has field {field!r} = {value!r:.80} (must be {bounds})"
     return None
 
 
@@ -137,7 +138,7 @@ def training_state_problem(state, folder: Path) -> str | None:
         return f"has field 'step' = {state['step']} (must be {number}, the number of its folder {Path(folder).name})"
     data = state["data"]
     if not isinstance(data, dict) or "seed" not in data or set(data) - set(DATA_KEYS):
-        return f"has field 'data' = {data!r} (must hold 'seed', and for a stream 'epoch' and 'position')"
+        return f"has field 'data' = {data!r:.80} (must hold 'seed', and for a stream 'epoch' and 'position')"
     for key, value in data.items():
         problem = _number_problem(f"data.{key}", value, int, DATA_KEYS[key])
         if problem:
@@ -145,14 +146,14 @@ def training_state_problem(state, folder: Path) -> str | None:
     ema = state["ema"]
     if ema is not None:
         if not isinstance(ema, dict) or set(ema) - set(EMA_KEYS):
-            return f"has field 'ema' = {ema!r} (must be null or an object with the fields {list(EMA_KEYS)})"
+            return f"has field 'ema' = {ema!r:.80} (must be null or an object with the fields {list(EMA_KEYS)})"
         for key, value in ema.items():
             kind, low, high = EMA_KEYS[key]
             problem = _number_problem(f"ema.{key}", value, kind, low, high)
             if problem:
                 return problem
     if not isinstance(state["args"], dict):
-        return f"has field 'args' = {state['args']!r} (must be an object of the run's arguments)"
+        return f"has field 'args' = {state['args']!r:.80} (must be an object of the run's arguments)"
     return None
 
 

@@ -48,8 +48,8 @@ class VideoTooLarge(ValueError):
     pass
 
 
-# The largest frame decoded: 8K UHD. A file's header can claim any size (a few KB of H.264 can hold 8192 x 8192
-# black frames); a clip of such frames would take gigabytes as RGB and as floats, so larger frames skip their row.
+# The largest frame decoded: 8K UHD. A file's header can claim any size, and a small file can hold huge frames that
+# compress well (a uniform colour); a clip of such frames would take gigabytes as RGB and as floats: its row is skipped.
 MAX_FRAME_PIXELS = 7680 * 4320
 
 
@@ -89,8 +89,8 @@ def check_video_args(parser, args, family):
         args.video_size = [args.resolution] * 2 if args.resolution is not None else list(family.default_video_size)
     height, width = args.video_size
     if height < 16 or width < 16 or height % 16 or width % 16:
-        parser.error(f"--video_size (or --resolution): the video size must be multiples of 16 for {args.model_family} (8x VAE, then 2x2 patches), "
-                     f"got {height} x {width}")
+        parser.error(f"--video_size (or --resolution): the video size must be multiples of 16 for {args.model_family} "
+                     f"(8x VAE, then 2x2 patches), got {height} x {width}")
     args.resolution = min(height, width)  # what the image checks and the logs read
     if args.num_frames is None:
         args.num_frames = family.default_num_frames

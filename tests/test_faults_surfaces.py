@@ -106,8 +106,8 @@ def test_a_huge_frame_header_is_refused_before_decoding(tmp_path):
 
 def test_frames_over_the_limit_are_refused(monkeypatch):
     """The limit is read from the stream's header, before decoding: with it lowered below the tiny clip's 32 x 32
-    the clip is refused (a real over-limit file, e.g. a few KB of H.264 holding 8192 x 8192 frames, takes seconds
-    and gigabytes to make and decode)."""
+    the clip is refused (a real over-limit clip, e.g. 8192 x 8192 frames of one colour, is small on disk but takes
+    seconds and gigabytes to make and decode)."""
     data = clip(100)
     assert video_data.decode_clip(data, 5).shape == (5, 32, 32, 3)
     monkeypatch.setattr(video_data, "MAX_FRAME_PIXELS", 32 * 32 - 1)
