@@ -4,9 +4,10 @@ A checkpoint `checkpoint-N/` holds the trained weights (`unet.safetensors`, or t
 optimizer, scheduler and per-rank RNG files, and `training_state.json`: the data position, EMA step count, the
 skipped-row count and the run's arguments. Nothing here unpickles arbitrary objects: the JSON is read as JSON, and
 accelerate reads its `.bin`/`.pkl` files with `torch.load(weights_only=True)` (tensors, numbers and numpy arrays only).
-Before a resume, every file a checkpoint must hold is checked (present, complete, readable), so a damaged checkpoint
-stops the run with a message naming the file, or, with `--resume_from_checkpoint latest`, gives way to the newest
-complete one.
+Before a resume, every file a checkpoint must hold is checked (present, complete, readable; each field of
+training_state.json; under FSDP each rank's shard against the shards' index, itself read by a restricted unpickler),
+so a damaged checkpoint stops the run with a message naming the file (and the field), or, with
+`--resume_from_checkpoint latest`, gives way to the newest complete one.
 """
 
 from __future__ import annotations
@@ -76,7 +77,8 @@ def safetensors_problem(path: Path) -> str | None:
 
 
 def torch_file_problem(path: Path, load: bool = False) -> str | None:
-    """Whether a torch.save file (a zip archive) is whole; `load` also reads it with weights_only=True."""
+    """Whether a torch.save file (a zip archive) is whole; `load` also reads it with weights_only=True, memory-mapped
+    (the pickle is checked, the tensors' bytes are not read: an optimizer state costs no second copy in memory)."""
     try:
         with zipfile.ZipFile(path) as archive:
             archive.infolist()
@@ -86,9 +88,121 @@ def torch_file_problem(path: Path, load: bool = False) -> str | None:
         from accelerate.utils import load as safe_load  # torch.load(weights_only=True) + numpy arrays
 
         try:
-            safe_load(path, map_location="cpu")
+            safe_load(path, map_location="cpu", mmap=True)
         except Exception as error:  # noqa: BLE001 - anything that is not plain data is refused
             return f"cannot be read as plain data with weights_only=True ({type(error).__name__}: {str(error)[:200]})"
+    return None
+
+
+# training_state.json: each key and what its value must be. `step` must also equal the folder's number.
+STATE_KEYS = ("format", "step", "num_processes", "data", "skipped_rows", "ema", "args")
+DATA_KEYS = {"seed": 0, "epoch": 0, "position": 0}  # a map-style run saves the seed; a stream also epoch and position
+EMA_KEYS = {"decay": (float, 0.0, 1.0), "min_decay": (float, 0.0, 1.0), "optimization_step": (int, 0, None),
+            "update_after_step": (int, 0, None), "use_ema_warmup": (bool, None, None),
+            "inv_gamma": (float, 0.0, None), "power": (float, 0.0, None)}  # diffusers' EMAModel.state_dict
+
+
+def _number_problem(field: str, value, kind, low=None, high=None) -> str | None:
+    """Why `value` is not a `kind` (int, float or bool) in [low, high]; None if it is. JSON numbers: an int is a float."""
+    ok_type = (isinstance(value, bool) if kind is bool else not isinstance(value, bool) and
+               isinstance(value, int if kind is int else (int, float)))
+    if not ok_type:
+        return f"has field {field!r} = {value!r:.80} (must be {'an integer' if kind is int else 'a boolean' if kind is bool else 'a number'})"
+    if kind is float and not math.isfinite(value):
+        return f"has field {field!r} = {value!r:.80} (must be a finite number)"
+    if (low is not None and value < low) or (high is not None and value > high):
+        bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
+        return f"has field {field!r} = {value!r:.80} (must be {bounds})"
+    return None
+
+
+def training_state_problem(state, folder: Path) -> str | None:
+    """What is wrong with a checkpoint's training_state.json (already parsed), naming the field; None if nothing.
+
+    Every field is checked against what save_checkpoint writes: a damaged or edited state (a negative step, a text
+    where a number belongs, a step that is not the folder's) would otherwise resume wrong or crash mid-resume."""
+    if not isinstance(state, dict):
+        return f"is {type(state).__name__}, not a JSON object"
+    if state.get("format") != STATE_FORMAT:
+        return f"has an unknown format (field 'format' is {state.get('format')!r}, expected {STATE_FORMAT})"
+    unknown, missing = sorted(set(state) - set(STATE_KEYS)), [k for k in STATE_KEYS if k not in state]
+    if unknown or missing:
+        return "; ".join(([f"has unknown fields {unknown}"] if unknown else []) +
+                         ([f"lacks the fields {missing}"] if missing else []))
+    problem = (_number_problem("step", state["step"], int, 1) or _number_problem("num_processes", state["num_processes"], int, 1)
+               or _number_problem("skipped_rows", state["skipped_rows"], int, 0))
+    if problem:
+        return problem
+    number = Path(folder).name.split("-")[-1]  # checkpoint-N (a folder renamed by hand has no number to match)
+    if "-" in Path(folder).name and number.isdigit() and state["step"] != int(number):
+        return f"has field 'step' = {state['step']} (must be {number}, the number of its folder {Path(folder).name})"
+    data = state["data"]
+    if not isinstance(data, dict) or "seed" not in data or set(data) - set(DATA_KEYS):
+        return f"has field 'data' = {data!r:.80} (must hold 'seed', and for a stream 'epoch' and 'position')"
+    for key, value in data.items():
+        problem = _number_problem(f"data.{key}", value, int, DATA_KEYS[key])
+        if problem:
+            return problem
+    ema = state["ema"]
+    if ema is not None:
+        if not isinstance(ema, dict) or set(ema) - set(EMA_KEYS):
+            return f"has field 'ema' = {ema!r:.80} (must be null or an object with the fields {list(EMA_KEYS)})"
+        for key, value in ema.items():
+            kind, low, high = EMA_KEYS[key]
+            problem = _number_problem(f"ema.{key}", value, kind, low, high)
+            if problem:
+                return problem
+    if not isinstance(state["args"], dict):
+        return f"has field 'args' = {state['args']!r:.80} (must be an object of the run's arguments)"
+    return None
+
+
+class _ShardIndexUnpickler:
+    """Reads torch.distributed.checkpoint's `.metadata` (a pickle, which torch itself loads with plain pickle.load)
+    admitting only its own record types, paths, torch sizes, dtypes and layouts: a planted object is refused unrun."""
+
+    ALLOWED = {("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("torch", "Size"),
+               ("torch.serialization", "_get_layout"), ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+               ("collections", "OrderedDict")}
+
+    @classmethod
+    def load(cls, path: Path):
+        import pickle
+
+        import torch
+
+        class Unpickler(pickle.Unpickler):
+            def find_class(self, module, name):
+                found = super().find_class(module, name) if module.startswith(("torch", "pathlib", "collections")) else None
+                if (module, name) in cls.ALLOWED or (
+                        module == "torch" and isinstance(found, (torch.dtype, torch.layout, torch.memory_format))) or (
+                        module == "torch.distributed.checkpoint.metadata" and isinstance(found, type)
+                        and found.__module__ == module):
+                    return found
+                raise pickle.UnpicklingError(f"{module}.{name} is not part of a sharded checkpoint's index")
+
+        with open(path, "rb") as f:
+            return Unpickler(f).load()
+
+
+def sharded_state_problem(folder: Path) -> str | None:
+    """Whether accelerate's sharded (FSDP) state folder is whole: its `.metadata` lists each rank's shard file and
+    the bytes read from it; every file must be there and that long. None if it is."""
+    index = folder / ".metadata"
+    if not index.is_file():
+        return f"{index} is missing (the index of the ranks' shards)"
+    try:
+        needed = {}
+        for info in _ShardIndexUnpickler.load(index).storage_data.values():
+            needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    except Exception as error:  # noqa: BLE001 - a damaged or planted index is refused, whatever it raises
+        return f"{index} is not a readable shard index ({type(error).__name__}: {str(error)[:200]})"
+    for name, size in sorted(needed.items()):
+        path = folder / name
+        if not path.is_file():
+            return f"{path} is missing (one rank's shard)"
+        if path.stat().st_size < size:
+            return f"{path} is truncated ({path.stat().st_size} bytes, its index says at least {size})"
     return None
 
 
@@ -99,10 +213,12 @@ def required_files(weights: list[str], num_processes: int, scaler: bool) -> list
 
 
 def saved_process_count(folder: Path) -> int:
-    """How many processes wrote the checkpoint (their RNG files are all required); 1 if the state is unreadable."""
+    """How many processes wrote the checkpoint (their RNG files are all required); 1 if the state is unreadable or
+    damaged (its own problem is reported then)."""
     try:
-        return int(json.loads((Path(folder) / TRAINING_STATE).read_text())["num_processes"])
-    except (OSError, ValueError, KeyError, TypeError):
+        state = json.loads((Path(folder) / TRAINING_STATE).read_text())
+        return state["num_processes"] if training_state_problem(state, folder) is None else 1
+    except (OSError, ValueError):
         return 1
 
 
@@ -116,6 +232,8 @@ def checkpoint_problems(folder: Path, weights: list[str], scaler: bool, fsdp: bo
         for choices in (("optimizer_0", "optimizer.bin"), ("pytorch_model_fsdp_0", "pytorch_model_fsdp.bin")):
             if not any((folder / c).exists() for c in choices):
                 problems.append(f"{folder / choices[0]} is missing (accelerate's FSDP state)")
+            elif (folder / choices[0]).is_dir():  # sharded: each rank's file, as its index lists them
+                problems += [p for p in [sharded_state_problem(folder / choices[0])] if p]
     for name in names:
         path = folder / name
         if not path.is_file():
@@ -127,12 +245,11 @@ def checkpoint_problems(folder: Path, weights: list[str], scaler: bool, fsdp: bo
             problem = safetensors_problem(path)
         elif name == TRAINING_STATE:
             try:
-                state = json.loads(path.read_text())
-                problem = None if isinstance(state, dict) and state.get("format") == STATE_FORMAT else "has an unknown format"
+                problem = training_state_problem(json.loads(path.read_text()), folder)
             except (OSError, ValueError) as error:
                 problem = f"is not readable JSON ({error})"
-        else:
-            problem = torch_file_problem(path, load=name.startswith("random_states") or name == "scaler.pt")
+        else:  # every pickle accelerate reads is read here first: a refused one is named and `latest` falls back
+            problem = torch_file_problem(path, load=True)
         if problem:
             problems.append(f"{path} {problem}")
     for stray in sorted(folder.glob("custom_checkpoint_*.pkl")):  # accelerate would unpickle these in full

@@ -82,6 +82,12 @@ class LatentCache:
             if differences:
                 raise ValueError(f"--latents_cache {folder} was made with other settings: {'; '.join(differences)}. "
                                  f"Make a cache for these settings (another folder) or use the cache's")
+        for name in [shard_name(n) for n in range(len(self.index["shards"]))] + ["empty.safetensors"]:
+            shard = self.folder / name  # checked whole now (headers only), not found broken mid-run
+            problem = checkpoints.safetensors_problem(shard) if shard.is_file() else "is missing"
+            if problem:
+                raise ValueError(f"--latents_cache {folder}: {shard} {problem}. Delete it and run latent_cache.py "
+                                 f"again with the run's arguments: it encodes only the missing shards")
         self.labels, self.bad = self.index["label_0"], self.index["bad"]
         self.handles = {}
 
@@ -295,6 +301,8 @@ def main(argv=None):
             del argv[i:i + 2]
     if extra["--latents_cache_dtype"] not in DTYPES:
         raise SystemExit(f"--latents_cache_dtype must be one of {', '.join(DTYPES)}")
+    if not extra["--latents_cache_shard_size"].isdigit() or int(extra["--latents_cache_shard_size"]) < 1:
+        raise SystemExit(f"--latents_cache_shard_size must be an integer >= 1, got {extra['--latents_cache_shard_size']}")
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
     args = train.parse_args(argv)
     if not args.latents_cache:

@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 import checkpoints
+import flag_ranges
 from families import FAMILIES, make_family, resolve_family
 
 logger = logging.getLogger("train")
@@ -488,6 +489,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+# Every numeric flag's range, checked at parse time (flag_ranges.py; the video flags come from video_data.py). Orderings
+# (--timestep_range, --is_clip_min <= --is_clip_max) and multiples (--resolution) are checked in parse_args.
+FLAG_RANGES = {
+    "max_train_samples": ">= 1", "resolution": ">= 8", "dataloader_num_workers": ">= 0",
+    "proportion_empty_prompts": "[0, 1]", "choice_model_batch_size": ">= 1", "shuffle_buffer_size": ">= 1",
+    "train_batch_size": ">= 1", "num_train_epochs": ">= 1", "max_train_steps": ">= 1",
+    "gradient_accumulation_steps": ">= 1", "learning_rate": "> 0", "lr_warmup_steps": ">= 0",
+    "adam_beta1": "[0, 1)", "adam_beta2": "[0, 1)", "adam_weight_decay": ">= 0", "adam_epsilon": "> 0",
+    "max_grad_norm": ">= 0",  # 0 switches clipping off
+    "seed": "[0, 4294967295]", "noise_offset": ">= 0", "input_perturbation": ">= 0", "local_rank": ">= -1",
+    "beta_dpo": "> 0", "winner_preserving_mu": "[0, 1]", "dmpo_alpha": "[0, 1)", "timestep_range": ">= 0",
+    "is_mask_below": "[0, 1]", "is_clip_min": "> 0", "is_clip_max": "> 0",
+    "logit_mean": "finite", "logit_std": "> 0", "mode_scale": ">= 0", "guidance_scale": ">= 0",
+    "num_frames": ">= 1", "frame_stride": ">= 1", "target_fps": "> 0", "video_size": ">= 16",
+    "lora_rank": ">= 1", "lora_alpha": "> 0", "ema_decay": "(0, 1)", "ema_update_after_step": ">= 0",
+    "ema_power": "> 0", "checkpointing_steps": ">= 1", "checkpoints_total_limit": ">= 1", "max_nonfinite_steps": ">= 1",
+}
+
+
 def check_numbers(parser, args):
     """Values that would fail (or silently misbehave) only after the models have loaded, refused up front."""
     at_least_one = ["train_batch_size", "gradient_accumulation_steps", "max_train_steps", "checkpointing_steps",
@@ -506,6 +526,7 @@ def check_numbers(parser, args):
         parser.error(f"--dmpo_alpha must be in [0, 1) (the target probability is 1 - alpha), got {args.dmpo_alpha}")
     if args.dataloader_num_workers < 0:
         parser.error(f"--dataloader_num_workers must be >= 0, got {args.dataloader_num_workers}")
+    flag_ranges.check_ranges(parser, args, FLAG_RANGES)  # after the checks above, whose messages say more
     for parent in [Path(args.output_dir).absolute(), *Path(args.output_dir).absolute().parents]:
         if parent.exists():
             if not parent.is_dir():

@@ -16,8 +16,9 @@ is centred in the video, or starts at a random frame with `--random_crop`. Frame
 `--video_size` (the shorter side to `--resolution` for a square size; bilinear, antialiased), cropped (centre, or
 random with `--random_crop`), flipped with p = 0.5 unless `--no_hflip`, and scaled to [-1, 1]: one crop and one flip
 per video, the same for all of its frames. Every random choice comes from the generator keyed by (seed, epoch,
-index), as for images, so batches are identical after a resume. A video that cannot be decoded, or has fewer frames
-than the clip needs, skips its row (the next row takes its place) and is counted in `skipped_rows`.
+index), as for images, so batches are identical after a resume. A video that cannot be decoded, has fewer frames
+than the clip needs, or frames larger than 8K UHD (refused from its header, before any frame is decoded), skips its
+row (the next row takes its place) and is counted in `skipped_rows`.
 
 An example's `pixel_values` are (2 x 3, F, H, W): the winner's (3, F, H, W) then the loser's along the channels, as
 image pairs are (6, H, W); SFT keeps the winner alone.
@@ -41,6 +42,15 @@ VIDEO_COLUMNS = ("mp4_0", "mp4_1", "label_0")
 
 class VideoTooShort(ValueError):
     pass
+
+
+class VideoTooLarge(ValueError):
+    pass
+
+
+# The largest frame decoded: 8K UHD. A file's header can claim any size, and a small file can hold huge frames that
+# compress well (a uniform colour); a clip of such frames would take gigabytes as RGB and as floats: its row is skipped.
+MAX_FRAME_PIXELS = 7680 * 4320
 
 
 # --- arguments -------------------------------------------------------------------------------------------------
@@ -79,8 +89,8 @@ def check_video_args(parser, args, family):
         args.video_size = [args.resolution] * 2 if args.resolution is not None else list(family.default_video_size)
     height, width = args.video_size
     if height < 16 or width < 16 or height % 16 or width % 16:
-        parser.error(f"the video size must be multiples of 16 for {args.model_family} (8x VAE, then 2x2 patches), "
-                     f"got {height} x {width}")
+        parser.error(f"--video_size (or --resolution): the video size must be multiples of 16 for {args.model_family} "
+                     f"(8x VAE, then 2x2 patches), got {height} x {width}")
     args.resolution = min(height, width)  # what the image checks and the logs read
     if args.num_frames is None:
         args.num_frames = family.default_num_frames
@@ -105,14 +115,17 @@ def is_manifest(source: str) -> bool:
 
 def load_manifest(source: str, args):
     """A JSONL manifest of local video pairs as a datasets.Dataset with mp4_0/mp4_1 (absolute paths), label_0 and
-    the caption column. Relative paths are resolved against the manifest's folder. A line that is not JSON or lacks
-    a field stops the run naming the line; a missing file is found when decoded (its row is skipped and counted)."""
+    the caption column. Relative paths are resolved against the manifest's folder (not the working directory);
+    absolute paths, `..` and symbolic links are followed as written: the manifest is the user's own list of local
+    files, trusted as the command line is. A line that is not JSON, lacks a field or gives a path that is not a string
+    stops the run naming the line; a missing file is found when decoded (its row is skipped and counted)."""
     from datasets import Dataset
 
     path = Path(source)
     if not path.is_file():
         raise FileNotFoundError(f"--dataset_name {source}: no such manifest file")
     needed = ("video_0", "video_1", "label_0", args.caption_column)
+    folder = path.absolute().parent  # relative paths resolve here, whatever the working directory
     rows = []
     with open(path) as lines:
         for number, line in enumerate(lines, 1):
@@ -126,7 +139,10 @@ def load_manifest(source: str, args):
             if missing:
                 raise ValueError(f"{source}, line {number}: no {', '.join(missing)}; a video manifest line needs "
                                  f"{', '.join(needed)}")
-            row = {"mp4_0": str(path.parent / entry["video_0"]), "mp4_1": str(path.parent / entry["video_1"]),
+            for key in ("video_0", "video_1"):
+                if not isinstance(entry[key], str) or not entry[key]:
+                    raise ValueError(f"{source}, line {number}: {key} is {entry[key]!r}, not a file path")
+            row = {"mp4_0": str(folder / entry["video_0"]), "mp4_1": str(folder / entry["video_1"]),
                    "label_0": entry["label_0"], args.caption_column: entry[args.caption_column]}
             rows.append(row)
     if not rows:
@@ -176,6 +192,7 @@ def decode_clip(value, num_frames: int, stride: int = 1, target_fps: float | Non
     """The clip's frames, (F, H, W, 3) uint8. Frames are decoded in order up to the clip's last one only."""
     with open_video(value) as container:
         stream = container.streams.video[0]
+        check_frame_size(stream.codec_context.width, stream.codec_context.height)  # before any frame is decoded
         fps = float(stream.average_rate or stream.guessed_rate or 0) or None
         total = stream.frames
         if not total:  # no count in the container: count the packets (demuxing only, no decoding), then rewind
@@ -185,6 +202,7 @@ def decode_clip(value, num_frames: int, stride: int = 1, target_fps: float | Non
         frames, keep = [], collections_counter(wanted)
         for index, frame in enumerate(container.decode(stream)):
             if index in keep:
+                check_frame_size(frame.width, frame.height)  # a stream can change size midway
                 array = torch.from_numpy(frame.to_ndarray(format="rgb24"))
                 frames.extend([array] * keep[index])  # a low source rate can repeat a frame under --target_fps
             if index >= wanted[-1]:
@@ -192,6 +210,11 @@ def decode_clip(value, num_frames: int, stride: int = 1, target_fps: float | Non
     if len(frames) < num_frames:
         raise VideoTooShort(f"decoded {len(frames)} of the {num_frames} frames the clip needs")
     return torch.stack(frames)
+
+
+def check_frame_size(width: int, height: int):
+    if width * height > MAX_FRAME_PIXELS:
+        raise VideoTooLarge(f"{width} x {height} frames, more than the {MAX_FRAME_PIXELS} pixels (8K UHD) decoded")
 
 
 def collections_counter(items) -> dict:

@@ -275,8 +275,12 @@ def summarize(outdir: str | os.PathLike, plot: bool = True) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------------- CLI
+COMPARE_RANGES = {"n_bootstrap": ">= 0", "seed": ">= 0"}  # with eval.score's SCORER_RANGES (flag_ranges.py)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    from eval.score import add_scorer_args, iter_scorers, scorer_kwargs
+    from eval.score import SCORER_RANGES, add_scorer_args, iter_scorers, scorer_kwargs
+    from flag_ranges import check_ranges
 
     parser = argparse.ArgumentParser(prog="python -m eval.compare", description=__doc__.split("\n\n")[0])
     parser.add_argument("--json_a", help="manifest of model A")
@@ -294,6 +298,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="only summarize the pair_*.json files in DIR (utils/summary_vs_scores.py)")
     add_scorer_args(parser, batch_size=64)
     args = parser.parse_args(argv)
+    check_ranges(parser, args, {**SCORER_RANGES, **COMPARE_RANGES})
     try:
         if args.summarize:
             summarize(args.summarize)

@@ -50,6 +50,7 @@ import torch
 if not __package__:  # run as a file (`accelerate launch eval/generate.py`): families/ is in the repository root
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from families import PIPELINE_FAMILIES  # noqa: E402
+from flag_ranges import check_ranges  # noqa: E402
 from eval.video import stored_video_prompt, write_mp4  # noqa: E402
 
 SD15_BASE = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -133,7 +134,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--print_weights", action="store_true",
                    help="only print which weights --unet_path / --lora_path name (UNet or transformer file or folder, "
                         "LoRA adapter) and exit")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    check_ranges(p, args, GENERATE_RANGES)
+    return args
+
+
+# Numeric flags and their ranges, checked at parse time (flag_ranges.py; tests/test_flag_ranges.py).
+SAMPLING_RANGES = {"height": ">= 8", "width": ">= 8", "steps": ">= 1", "cfg": ">= 0", "batch_size": ">= 1"}
+GENERATE_RANGES = {**SAMPLING_RANGES, "seed": ">= 0", "num_frames": ">= 1", "fps": "> 0", "max_prompts": ">= 1"}
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:

@@ -58,6 +58,7 @@ if not __package__:  # run as a file: the repository root holds eval/, families/
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from eval import generate as gen  # noqa: E402
 from eval.scorers import ALIASES, METRICS, Scorer  # noqa: E402
+from flag_ranges import check_ranges  # noqa: E402
 
 TOY_METRICS = ("colour",)
 IMAGE_FAMILIES = ("sd", "sdxl", "sd3", "flux")
@@ -125,7 +126,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--image_format", choices=("jpeg", "png"), default="jpeg",
                    help="encoding of jpg_0/jpg_1: jpeg (Pick-a-Pic's, --jpeg_quality) or png (lossless)")
     p.add_argument("--jpeg_quality", type=int, default=95)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    check_ranges(p, args, MAKE_PAIRS_RANGES)
+    return args
+
+
+# Numeric flags and their ranges, checked at parse time (flag_ranges.py; tests/test_flag_ranges.py).
+MAKE_PAIRS_RANGES = {**gen.SAMPLING_RANGES, "num_candidates": ">= 2", "seed": ">= 0", "max_prompts": ">= 1",
+                     "score_batch_size": ">= 1", "margin": ">= 0", "shard_size": ">= 1", "jpeg_quality": "[1, 100]"}
 
 
 def parse_mix(specs: list[str]) -> dict[str, float]:

@@ -24,6 +24,7 @@ from typing import Iterable, Sequence
 
 from eval.manifest import (DEFAULT_FRAMES, ManifestError, check_images, group_name, is_video_item, read_json_list,
                            read_manifest, score_items)
+from flag_ranges import check_ranges
 
 # metric -> (official output-file suffix, per-item score field added to every manifest entry)
 OUTPUTS = {
@@ -223,6 +224,10 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+# Numeric flags and their ranges, checked at parse time (flag_ranges.py; tests/test_flag_ranges.py).
+SCORER_RANGES = {"frames": ">= 1", "batch_size": ">= 1"}
+
+
 def add_scorer_args(parser: argparse.ArgumentParser, batch_size: int) -> None:
     """Options shared by eval.score and eval.compare: which metrics, where their models are, device, batch size."""
     parser.add_argument("--metrics", nargs="+", choices=ALL_METRICS + VIDEO_METRICS, default=None, metavar="METRIC",
@@ -295,6 +300,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="with --gather_scores: also write the table as STEM.md and STEM.json")
     add_scorer_args(parser, batch_size=32)
     args = parser.parse_args(argv)
+    check_ranges(parser, args, SCORER_RANGES)
     if not args.gather_log and args.gather_scores is None and not args.json_path:
         parser.error("give --json_path MANIFEST [...], --gather_log LOG or --gather_scores SCORES_JSON [...]")
     try:

@@ -91,7 +91,7 @@ def test_resume_state_is_json_not_pickle(trained):
     assert state["step"] == 2 and state["data"]["seed"] == 0 and state["args"]["train_method"] == "diffusion-dpo"
 
 
-@pytest.mark.parametrize("planted", ["custom_checkpoint_0.pkl", "random_states_0.pkl"])
+@pytest.mark.parametrize("planted", ["custom_checkpoint_0.pkl", "random_states_0.pkl", "optimizer.bin", "scheduler.bin"])
 def test_planted_pickle_never_runs(tiny_sd15, pickapic, trained, tmp_path, monkeypatch, planted):
     """A payload planted in the newest checkpoint (a custom-state pickle, or the RNG file) is refused unrun; with
     `latest` the run falls back to the older complete checkpoint."""
@@ -209,6 +209,41 @@ def test_damaged_checkpoint(tiny_sd15, pickapic, trained, tmp_path, caplog, dama
     assert f"checkpoint-4 cannot be resumed ({path}" in caplog.text
     clean, resumed = load_file(str(trained / "unet.safetensors")), load_file(str(run / "unet.safetensors"))
     assert all(torch.equal(clean[k], resumed[k]) for k in clean)  # resumed from 2: exactly the clean run
+
+
+@pytest.mark.parametrize("field, value", [
+    ("step", -1), ("step", "abc"), ("step", 1.5), ("step", 2), ("skipped_rows", "x"), ("skipped_rows", -3),
+    ("num_processes", 0), ("data", {"seed": "x"}), ("data", {"seed": 0, "offset": 5}), ("ema", {"decay": 2.0}),
+    ("args", None), ("surprise", 1),
+])
+def test_damaged_training_state(tiny_sd15, pickapic, trained, tmp_path, caplog, field, value):
+    """A training_state.json with a wrong type, a value out of range, a step that is not its folder's, an unknown
+    field: named explicitly, the run stops naming the file and the field; with `latest` it resumes from the older
+    complete checkpoint and ends bit-identical to the clean run (same steps from the same state)."""
+    run = copy_run(trained, tmp_path)
+    path = run / "checkpoint-4" / checkpoints.TRAINING_STATE
+    path.write_text(json.dumps({**json.loads(path.read_text()), field: value}))
+    shown = field if field != "surprise" else "unknown fields"
+    with pytest.raises(checkpoints.CheckpointError, match=f"{checkpoints.TRAINING_STATE} .*{shown}.*checkpoint-2"):
+        run_train(tiny_sd15, pickapic, run, "--resume_from_checkpoint", "checkpoint-4", steps=4)
+    run_train(tiny_sd15, pickapic, run, "--checkpointing_steps", "2", steps=4)
+    assert f"checkpoint-4 cannot be resumed ({path}" in caplog.text
+    clean, resumed = load_file(str(trained / "unet.safetensors")), load_file(str(run / "unet.safetensors"))
+    assert all(torch.equal(clean[k], resumed[k]) for k in clean)
+
+
+def test_negative_step_in_the_only_checkpoint_starts_nothing(tiny_sd15, pickapic, trained, tmp_path):
+    """The issue's case: `"step": -1` in checkpoint-2, checkpoint-4 gone. It was resumed as step -1 (a new
+    checkpoint-0, checkpoints rewritten, extra steps); now no checkpoint is complete and nothing is written."""
+    import shutil
+
+    run = copy_run(trained, tmp_path)
+    shutil.rmtree(run / "checkpoint-4")
+    path = run / "checkpoint-2" / checkpoints.TRAINING_STATE
+    path.write_text(json.dumps({**json.loads(path.read_text()), "step": -1}))
+    with pytest.raises(checkpoints.CheckpointError, match="no complete checkpoint.*'step' = -1.*--resume_from_checkpoint none"):
+        run_train(tiny_sd15, pickapic, run, "--checkpointing_steps", "2", steps=4)
+    assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-2"]
 
 
 def test_no_complete_checkpoint_says_how_to_start_over(tiny_sd15, pickapic, trained, tmp_path):

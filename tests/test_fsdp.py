@@ -76,6 +76,51 @@ def test_fsdp_resume_is_exact(runs, tiny_sd15, pickapic):
     assert [m["train_loss"] for m in metrics(resumed)] == [m["train_loss"] for m in metrics(root / "fsdp")]
 
 
+@pytest.mark.parametrize("damage", ["missing pytorch_model_fsdp_0/__1_0.distcp", "truncated optimizer_0/__1_0.distcp",
+                                    "truncated optimizer_0/.metadata", "planted pytorch_model_fsdp_0/.metadata"])
+def test_a_damaged_shard_is_named(runs, tmp_path, monkeypatch, damage):
+    """One rank's shard gone or cut short, or the shards' index damaged or holding a planted object (torch loads it
+    with plain pickle): the checkpoint is not resumable, the file is named, and no planted code runs."""
+    import checkpoints
+    from test_faults import MARKER, Payload
+
+    root, _ = runs
+    folder = tmp_path / "checkpoint-2"
+    shutil.copytree(root / "fsdp" / "checkpoint-2", folder)
+    assert checkpoints.checkpoint_problems(folder, ["unet.safetensors", "unet_ema.safetensors"], False, fsdp=True) == []
+    kind, name = damage.split()
+    path = folder / name
+    if kind == "missing":
+        path.unlink()
+    elif kind == "truncated":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    else:
+        import pickle
+
+        monkeypatch.chdir(tmp_path)
+        path.write_bytes(pickle.dumps(Payload(tmp_path / MARKER)))
+    problems = checkpoints.checkpoint_problems(folder, ["unet.safetensors", "unet_ema.safetensors"], False, fsdp=True)
+    assert len(problems) == 1 and problems[0].startswith(str(path)), problems
+    assert not (tmp_path / MARKER).exists()
+
+
+def test_fsdp_latest_falls_back_past_a_truncated_shard(runs, tiny_sd15, pickapic, tmp_path):
+    """checkpoint-4 with one rank's model shard cut short: `latest` resumes from checkpoint-2 under FSDP, with a
+    warning naming the file, and ends with the undisturbed run's weights bit for bit (as test_fsdp_resume_is_exact)."""
+    root, common = runs
+    run = tmp_path / "run"
+    shutil.copytree(root / "fsdp", run)
+    shard = run / "checkpoint-4" / "pytorch_model_fsdp_0" / "__1_0.distcp"
+    shard.write_bytes(shard.read_bytes()[:1000])
+    for name in ("unet.safetensors", "unet_ema.safetensors"):
+        (run / name).unlink()  # as if killed before the end
+    result = launch_two("fsdp", *train_args(tiny_sd15, pickapic, run, *common, steps=4))
+    assert f"checkpoint-4 cannot be resumed ({shard} is truncated" in result.stderr
+    for name in ("unet.safetensors", "unet_ema.safetensors"):
+        a, b = load_file(str(root / "fsdp" / name)), load_file(str(run / name))
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
 def test_accelerate_configs_name_each_familys_block():
     """configs/accelerate/fsdp_<family>.yaml: FSDP2, bf16, and a wrapping unit that exists in diffusers."""
     import importlib

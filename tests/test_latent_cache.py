@@ -156,3 +156,28 @@ def test_two_processes_build_the_same_cache(tiny_sd15, pickapic, cache, tmp_path
     for shard in cache.glob("shard-*"):
         a, b = load_file(str(shard)), load_file(str(tmp_path / "two" / shard.name))
         assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-5) for k in a)
+
+
+@pytest.mark.parametrize("damage", ["truncated shard-00001.safetensors", "missing empty.safetensors"])
+def test_a_damaged_cache_is_named_before_training(tiny_sd15, pickapic, cache, tmp_path, damage):
+    """A shard cut short (a full disk, a copy interrupted) or gone: named with the fix before any model loads,
+    instead of a safetensors error from a DataLoader worker mid-run."""
+    folder = tmp_path / "copy"
+    shutil.copytree(cache, folder)
+    kind, name = damage.split()
+    path = folder / name
+    if kind == "truncated":
+        path.write_bytes(path.read_bytes()[: path.stat().st_size - 100])
+    else:
+        path.unlink()
+    with pytest.raises(ValueError, match=f"{path} is (truncated|missing).*Delete it and run latent_cache.py again"):
+        run_train(tiny_sd15, pickapic, tmp_path / "run", "--latents_cache", str(folder))
+    assert not (tmp_path / "run" / "unet.safetensors").exists()
+
+
+def test_a_cache_of_another_model_is_refused(tiny_sd15, pickapic, cache, tmp_path):
+    """The same architecture under another path (other weights, possibly another VAE): refused, naming both."""
+    other = tmp_path / "other-sd15"
+    shutil.copytree(tiny_sd15, other)
+    with pytest.raises(ValueError, match=f"--pretrained_model_name_or_path: '{tiny_sd15}' in the cache, '{other}' now"):
+        run_train(other, pickapic, tmp_path / "run", "--latents_cache", str(cache))
