@@ -132,8 +132,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # Numeric flags and their ranges, checked at parse time (flag_ranges.py; tests/test_flag_ranges.py).
-MAKE_PAIRS_RANGES = {**gen.SAMPLING_RANGES, "num_candidates": ">= 2", "seed": ">= 0", "max_prompts": ">= 1",
-                     "score_batch_size": ">= 1", "margin": ">= 0", "shard_size": ">= 1", "jpeg_quality": "[1, 100]"}
+MAKE_PAIRS_RANGES = {**gen.SAMPLING_RANGES, "num_candidates": ">= 1", "seed": ">= 0", "max_prompts": ">= 1",
+                     "score_batch_size": ">= 1", "margin": ">= 0", "shard_size": ">= 1", "jpeg_quality": "[1, 100]",
+                     "drop_gap_percentile": "[0, 100)", "gap_weight_power": "finite"}  # K >= 2 unless --real_winner
 
 
 def parse_mix(specs: list[str]) -> dict[str, float]:
@@ -394,8 +395,6 @@ def make_pairs(args: argparse.Namespace) -> dict:
     mix = {} if args.real_winner else parse_mix(args.scorers)  # real-vs-generated pairs need no scorer
     if args.num_candidates < (1 if args.real_winner else 2):
         raise MakePairsError("--num_candidates must be at least 2 (a pair needs two candidates; 1 with --real_winner)")
-    if not 0 <= args.drop_gap_percentile < 100 or not math.isfinite(args.gap_weight_power):
-        raise MakePairsError("--drop_gap_percentile must be in [0, 100) and --gap_weight_power a finite number")
     if args.margin < 0 or args.shard_size < 1 or not 1 <= args.jpeg_quality <= 100:
         raise MakePairsError("--margin must be >= 0, --shard_size >= 1 and --jpeg_quality in 1..100")
     if args.score_batch_size < 1:
