@@ -326,8 +326,10 @@ def build_parser() -> argparse.ArgumentParser:
     optim.add_argument("--max_grad_norm", type=float, default=1.0,
                        help="Clip the global gradient norm on every update (0 disables). Unlike the official code, "
                             "--use_adafactor does not switch clipping off; the shipped SDXL runs clipped too (SPEC B6).")
-    optim.add_argument("--mixed_precision", type=str, default="fp16", choices=["no", "fp16", "bf16"],
-                       help="Autocast precision of the policy; also the dtype of the frozen VAE, text encoders and reference UNet.")
+    optim.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
+                       help="Autocast precision of the policy; also the dtype of the frozen VAE, text encoders and reference "
+                            "UNet. Default: the launcher's (accelerate launch's --mixed_precision or its config file), "
+                            "else fp16 (the official default).")
     optim.add_argument("--seed", type=int, default=None, help="Seed; rank r uses seed + r for noise and timesteps.")
     optim.add_argument("--noise_offset", type=float, default=0.0, help="Offset noise scale.")
     optim.add_argument("--input_perturbation", type=float, default=0.0,
@@ -504,6 +506,17 @@ def check_numbers(parser, args):
             if not parent.is_dir():
                 parser.error(f"--output_dir {args.output_dir}: {parent} is a file, not a folder; choose another --output_dir")
             break
+
+
+def resolve_mixed_precision(flag: str | None, environ) -> tuple[str, str]:
+    """The precision and where it came from: --mixed_precision if given, else what `accelerate launch` passes on
+    (its --mixed_precision flag or config file, in ACCELERATE_MIXED_PRECISION), else the official default fp16."""
+    if flag is not None:
+        return flag, "--mixed_precision"
+    launcher = environ.get("ACCELERATE_MIXED_PRECISION")
+    if launcher in ("no", "fp16", "bf16"):
+        return launcher, "accelerate launch (its --mixed_precision or config file)"
+    return "fp16", "train.py's default (no --mixed_precision and no launcher setting)"
 
 
 def resolve_optimizer(parser, args):
@@ -1460,6 +1473,7 @@ def compute_loss(args, batch, unet, reference, vae, text_encoders, family, noise
 
 def main(argv=None):
     args = parse_args(argv)
+    args.mixed_precision, precision_source = resolve_mixed_precision(args.mixed_precision, os.environ)
     requested = checkpoints.run_arguments(args)  # as given (main rescales the lr and recomputes the epochs)
     started = time.time()
 
@@ -1492,6 +1506,7 @@ def main(argv=None):
                         level=logging.INFO)
     logger = get_logger("train")  # logs once, from the main process, unless told otherwise
     logger.info(accelerator.state, main_process_only=False)
+    logger.info(f"Mixed precision {args.mixed_precision}, from {precision_source}")
     if cpu_ranks:
         logger.warning(f"{accelerator.num_processes} processes and no accelerator found: training on CPU ranks (gloo)")
     if args.seed is not None:
