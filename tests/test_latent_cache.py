@@ -97,6 +97,28 @@ def test_a_cache_with_other_settings_is_refused(tiny_sd15, pickapic, cache, tmp_
         run_train(tiny_sd15, pickapic, tmp_path, "--latents_cache", str(cache), *flags)
 
 
+def test_a_cache_is_keyed_on_the_files_not_their_names(tiny_sd15, pickapic, tmp_path, monkeypatch):
+    """The same model and data by relative paths use the cache; a model rebuilt at the same path with other weights,
+    or data rewritten in place, are refused, and so is a build resumed over shards of another model."""
+    from tiny import build_sd15
+
+    model, data = tmp_path / "model", tmp_path / "data"
+    shutil.copytree(tiny_sd15, model)
+    shutil.copytree(pickapic, data, copy_function=shutil.copy2)  # times kept: the same data
+    folder = build_cache(tiny_sd15, pickapic, tmp_path / "cache")
+    monkeypatch.chdir(tmp_path)
+    run_train("model", "data", tmp_path / "relative", "--latents_cache", str(folder), steps=1)  # accepted
+    build_sd15(model, seed=1)  # rebuilt in place: other VAE and text encoder weights, the same file names
+    with pytest.raises(ValueError, match="--pretrained_model_name_or_path: its files differ"):
+        run_train("model", "data", tmp_path / "rebuilt", "--latents_cache", str(folder), steps=1)
+    with pytest.raises(ValueError, match="holds shards made with other settings"):
+        build_cache(model, data, folder)
+    parquet = next(data.rglob("*.parquet"))
+    os.utime(parquet, ns=(parquet.stat().st_atime_ns, parquet.stat().st_mtime_ns + 10**9))  # rewritten in place
+    with pytest.raises(ValueError, match="--dataset_name: its files differ"):
+        run_train(tiny_sd15, "data", tmp_path / "rewritten", "--latents_cache", str(folder), steps=1)
+
+
 def test_settings_a_cache_cannot_hold_are_refused(tiny_sd15, pickapic, capsys, tmp_path):
     with pytest.raises(SystemExit):
         train.parse_args(train_args(tiny_sd15, pickapic, tmp_path, "--latents_cache", "x", "--random_crop"))
