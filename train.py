@@ -1302,6 +1302,11 @@ def is_fsdp(accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.FSDP
 
 
+def held_bytes(module) -> int:
+    """Bytes of a module's parameters held by this process: a DTensor's local shard, a plain tensor whole."""
+    return sum((p.to_local() if hasattr(p, "to_local") else p).nbytes for p in module.parameters())
+
+
 def distributed_accelerator_present() -> bool:
     """Whether accelerate would run several processes on an accelerator: the devices its PartialState looks for, in
     its order (CUDA, and XPU, NPU, HPU, MLU, MUSA, SDAA, Neuron, XLA)."""
@@ -1659,6 +1664,9 @@ def main(argv=None):
     ))
     data_state = sampler if stream is None else stream  # its state travels in training_state.json, not as a pickle
     params = [p for _, p in trainable_parameters(accelerator.unwrap_model(unet))]  # FSDP2 replaced them by shards
+    if ref_unet is not None:  # what benchmarks/memory_table.py assumes: under FSDP the policy sharded, the reference whole
+        logger.info(f"Denoiser weights held by this process: policy {held_bytes(accelerator.unwrap_model(unet))} bytes"
+                    f"{' (its FSDP shard)' if fsdp else ''}, frozen reference {held_bytes(ref_unet)} bytes (whole)")
     if args.use_ema:  # diffusers' EMA of the trained parameters, on the training device
         from diffusers.training_utils import EMAModel
 

@@ -32,7 +32,7 @@ def runs(tiny_sd15, pickapic, tmp_path_factory):
     root = tmp_path_factory.mktemp("fsdp")
     common = ["--use_winner_preserving", "--winner_preserving_mu", "0.5", "--use_ema", "--checkpointing_steps", "2",
               "--gradient_checkpointing"]  # composes with FSDP
-    launch_two("fsdp", *train_args(tiny_sd15, pickapic, root / "fsdp", *common, steps=4))
+    (root / "fsdp.log").write_text(launch_two("fsdp", *train_args(tiny_sd15, pickapic, root / "fsdp", *common, steps=4)).stderr)
     launch_two("ddp", *train_args(tiny_sd15, pickapic, root / "ddp", *common, steps=4))
     return root, common
 
@@ -52,6 +52,23 @@ def test_fsdp_trains_as_ddp(runs):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
         # beta = 5000 turns the weights' 1e-6 rounding differences into ~1e-4 relative differences of the DPO loss
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=2e-3)
+
+
+def test_memory_table_holds_what_fsdp_holds(runs, tiny_sd15):
+    """benchmarks/memory_table.py's FSDP rows divide the policy by the number of ranks and hold the reference whole:
+    what train.py's FSDP run above held on rank 0 (fp32 here: --mixed_precision no)."""
+    import re
+
+    from benchmarks import memory_table
+
+    root, _ = runs
+    n = sum(v.numel() for v in load_file(str(tiny_sd15 / "unet" / "diffusion_pytorch_model.safetensors")).values())
+    held = re.search(r"policy (\d+) bytes \(its FSDP shard\), frozen reference (\d+) bytes", (root / "fsdp.log").read_text())
+    policy, reference = int(held[1]), int(held[2])
+    assert reference == 4 * n and not memory_table.REFERENCE_SHARDED  # whole on every rank, as the table counts it
+    # FSDP2 gives rank 0 the larger half of a first dimension that does not split evenly: a little over 1/2
+    assert 4 * n / 2 <= policy < 4 * n * 0.55
+    assert memory_table.full_state_bytes(n, 2) == memory_table.POLICY_BYTES * n / 2 + memory_table.REFERENCE_BYTES * n
 
 
 def test_fsdp_resume_is_exact(runs, tiny_sd15, pickapic):
