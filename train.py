@@ -1157,7 +1157,8 @@ def make_optimizer(args, params):
             gradients are DTensors, so the state is created here as DTensors of the right placements before its
             first step. The step itself is transformers' code on DTensors: the factored second moments are means over
             the whole matrix (DTensor reduces the sharded dimension across ranks), the update clipping uses the RMS
-            of the whole update, so a sharded step is the unsharded one up to float rounding."""
+            of the whole update, so a sharded step is the unsharded one up to float rounding. The cost: a few small
+            all-reduces per parameter and step (a first dimension that does not split evenly gathers that update)."""
 
             @torch.no_grad()
             def step(self, closure=None):
