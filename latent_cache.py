@@ -31,7 +31,8 @@ from families import make_family
 
 logger = logging.getLogger("train")
 INDEX = "index.json"
-FORMAT = 1
+BUILDING = "settings.json"  # written when a build starts: a resumed build must be of the same settings
+FORMAT = 2  # 2: models and data keyed on their files (format 1 keyed them on path names)
 CACHEABLE_FAMILIES = ("sd", "sdxl", "sd3", "flux")
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 # What a cache depends on: a run whose values differ would read other pairs, crops, flips or encodings.
@@ -40,11 +41,100 @@ CACHE_SETTINGS = ("model_family", "pretrained_model_name_or_path", "revision", "
                   "max_train_samples", "dreamlike_pairs_only", "resolution", "random_crop", "no_hflip")
 
 
+# Settings that name files: compared by what the files hold, not by how they were named (a relative path, a copy).
+LOCATIONS = ("pretrained_model_name_or_path", "pretrained_vae_model_name_or_path", "dataset_name", "train_data_dir")
+# What of a model folder the cache depends on: the VAE and the text encoders with their tokenizers (not the denoiser)
+ENCODER_PARTS = ("vae", "text_encoder", "text_encoder_2", "text_encoder_3", "tokenizer", "tokenizer_2", "tokenizer_3")
+
+
+def visible_files(folder: Path) -> list[Path]:
+    return sorted(f for f in folder.rglob("*") if f.is_file()
+                  and not any(part.startswith(".") for part in f.relative_to(folder).parts))
+
+
+def local_source(location: str, revision=None, repo_type="model") -> Path | None:
+    """A local file or folder, or a hub id's snapshot in the Hugging Face cache; None when neither is on disk."""
+    if Path(location).exists():
+        return Path(location)
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(location, revision=revision, repo_type=repo_type, local_files_only=True))
+    except Exception:  # noqa: BLE001 - not in the cache: keyed on the id and revision as given
+        return None
+
+
+def model_fingerprint(location: str, revision, parts=ENCODER_PARTS) -> str:
+    """sha256 over eval.generate's file digests (whole files up to 64 MiB, else their size and four 1 MiB samples) of
+    the files the cache's encoders are loaded from: a rebuilt model differs, a moved or copied one matches."""
+    import hashlib
+
+    from eval.generate import file_digest
+
+    path = local_source(location, revision)
+    if path is None:
+        return f"hub:{location}@{revision}"
+    if path.is_file():
+        return f"sha256:{file_digest(path)}"
+    folders = [path] if parts is None else [path / part for part in parts if (path / part).is_dir()]
+    files = [f for folder in folders for f in visible_files(folder)]
+    lines = "".join(f"{f.relative_to(path).as_posix()} {file_digest(f)}\n" for f in files)
+    return f"sha256:{hashlib.sha256(lines.encode()).hexdigest()[:16]} ({len(files)} files)"
+
+
+def data_fingerprint(location: str) -> str:
+    """The data files' names (relative), sizes and modification times: instant for a dataset of any size; a dataset
+    rewritten in place differs. A copy made without keeping times (cp without -p) differs too: the cache is refused."""
+    import glob
+    import hashlib
+
+    if any(ch in location for ch in "*?["):
+        files, root = [Path(f) for f in sorted(glob.glob(location))], Path(location).parent
+    else:
+        path = local_source(location, repo_type="dataset")
+        if path is None:
+            return f"hub:{location}"
+        files, root = ([path], path.parent) if path.is_file() else (visible_files(path), path)
+    lines = "".join(f"{f.relative_to(root).as_posix() if f.is_relative_to(root) else f.name} {f.stat().st_size} "
+                    f"{f.stat().st_mtime_ns}\n" for f in files)
+    return f"files:{hashlib.sha256(lines.encode()).hexdigest()[:16]} ({len(files)} files)"
+
+
 def settings_of(args) -> dict:
+    """What the cache depends on: the settings, with the model, VAE and data locations replaced by fingerprints of
+    their files (None stays None)."""
     values = {name: getattr(args, name) for name in CACHE_SETTINGS}
     if args.max_train_samples is not None:  # the subsample is drawn with the seed
         values["seed"] = args.seed
+    model, vae = args.pretrained_model_name_or_path, args.pretrained_vae_model_name_or_path
+    values["pretrained_model_name_or_path"] = model_fingerprint(model, args.revision)
+    if vae:
+        values["pretrained_vae_model_name_or_path"] = model_fingerprint(vae, None, parts=None)
+    for name in ("dataset_name", "train_data_dir"):
+        if values[name]:
+            values[name] = data_fingerprint(values[name])
+    if args.dataset_name and args.train_data_dir:  # a subfolder of the dataset: its files are in dataset_name's
+        values["train_data_dir"] = args.train_data_dir
     return values
+
+
+def sources_of(args) -> dict:
+    """The locations as given, absolute where local: named in the messages, not compared."""
+    return {name: str(Path(getattr(args, name)).absolute()) if Path(getattr(args, name)).exists() else getattr(args, name)
+            for name in LOCATIONS if getattr(args, name)}
+
+
+def setting_differences(stored: dict, wanted: dict, stored_sources: dict, sources: dict) -> list[str]:
+    differences = []
+    for name, value in wanted.items():
+        if stored.get(name) == value:
+            continue
+        if name in LOCATIONS and stored.get(name) and value:
+            differences.append(f"--{name}: its files differ from those the cache was made from "
+                               f"({stored_sources.get(name)}: {stored[name]}; now {sources.get(name)}: {value})")
+        else:
+            differences.append(f"--{name}: {stored.get(name)!r} in the cache, {value!r} now")
+    return differences
 
 
 def check_cacheable(args):
@@ -74,11 +164,15 @@ class LatentCache:
             raise FileNotFoundError(f"--latents_cache {folder}: no {INDEX} (make the cache first: python latent_cache.py "
                                     f"<the run's arguments> --latents_cache {folder})")
         self.index = json.loads(path.read_text())
+        if self.index.get("format") == 1:
+            raise ValueError(f"--latents_cache {folder} was made before caches were keyed on the model's and the data's "
+                             f"files (format 1, path names only), so it cannot be checked against them: make it again "
+                             f"(python latent_cache.py <the run's arguments> --latents_cache NEW_FOLDER)")
         if self.index.get("format") != FORMAT:
             raise ValueError(f"{path}: unknown cache format {self.index.get('format')!r}")
         if args is not None:
-            wanted, stored = settings_of(args), self.index["settings"]
-            differences = [f"--{k}: {stored.get(k)!r} in the cache, {v!r} now" for k, v in wanted.items() if stored.get(k) != v]
+            differences = setting_differences(self.index["settings"], settings_of(args), self.index.get("sources", {}),
+                                              sources_of(args))
             if differences:
                 raise ValueError(f"--latents_cache {folder} was made with other settings: {'; '.join(differences)}. "
                                  f"Make a cache for these settings (another folder) or use the cache's")
@@ -238,6 +332,20 @@ def build(args, shard_size: int, dtype_name: str):
     check_cacheable(args)
     folder = Path(args.latents_cache)
     folder.mkdir(parents=True, exist_ok=True)
+    settings = settings_of(args)
+    with state.main_process_first():  # shards already there must be of these settings before a build resumes on them
+        building = folder / BUILDING
+        if building.is_file():
+            earlier = json.loads(building.read_text())
+            differences = setting_differences(earlier["settings"], settings, earlier["sources"], sources_of(args))
+            if differences:
+                raise ValueError(f"--latents_cache {folder} holds shards made with other settings: {'; '.join(differences)}. "
+                                 f"Build into a new folder (or empty this one)")
+        elif state.is_main_process:
+            if any(folder.glob("shard-*.safetensors")):
+                raise ValueError(f"--latents_cache {folder} holds shards of an unknown build (no {BUILDING}): build into "
+                                 f"a new folder (or empty this one)")
+            checkpoints.write_json_atomic(building, {"settings": settings, "sources": sources_of(args)})
     dtype = DTYPES[dtype_name]
     weight_dtype = torch.float32 if state.device.type == "cpu" else torch.bfloat16
     family = make_family(args)
@@ -278,7 +386,7 @@ def build(args, shard_size: int, dtype_name: str):
                 labels += handle.get_tensor("label_0").tolist()
                 bad += handle.get_tensor("bad").tolist()
         vae_config = vae.config
-        index = {"format": FORMAT, "settings": settings_of(args), "dtype": dtype_name,
+        index = {"format": FORMAT, "settings": settings, "sources": sources_of(args), "dtype": dtype_name,
                  "latent": {"scaling_factor": vae_config.scaling_factor,
                             "shift_factor": getattr(vae_config, "shift_factor", None)},
                  "shards": [[s, min(s + shard_size, len(rows))] for s in starts], "label_0": labels, "bad": bad}

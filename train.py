@@ -327,8 +327,10 @@ def build_parser() -> argparse.ArgumentParser:
     optim.add_argument("--max_grad_norm", type=float, default=1.0,
                        help="Clip the global gradient norm on every update (0 disables). Unlike the official code, "
                             "--use_adafactor does not switch clipping off; the shipped SDXL runs clipped too (SPEC B6).")
-    optim.add_argument("--mixed_precision", type=str, default="fp16", choices=["no", "fp16", "bf16"],
-                       help="Autocast precision of the policy; also the dtype of the frozen VAE, text encoders and reference UNet.")
+    optim.add_argument("--mixed_precision", type=str, default=None, choices=["no", "fp16", "bf16"],
+                       help="Autocast precision of the policy; also the dtype of the frozen VAE, text encoders and reference "
+                            "UNet. Default: the launcher's (accelerate launch's --mixed_precision or its config file), "
+                            "else fp16 (the official default).")
     optim.add_argument("--seed", type=int, default=None, help="Seed; rank r uses seed + r for noise and timesteps.")
     optim.add_argument("--noise_offset", type=float, default=0.0, help="Offset noise scale.")
     optim.add_argument("--input_perturbation", type=float, default=0.0,
@@ -532,6 +534,17 @@ def check_numbers(parser, args):
             if not parent.is_dir():
                 parser.error(f"--output_dir {args.output_dir}: {parent} is a file, not a folder; choose another --output_dir")
             break
+
+
+def resolve_mixed_precision(flag: str | None, environ) -> tuple[str, str]:
+    """The precision and where it came from: --mixed_precision if given, else what `accelerate launch` passes on
+    (its --mixed_precision flag or config file, in ACCELERATE_MIXED_PRECISION), else the official default fp16."""
+    if flag is not None:
+        return flag, "--mixed_precision"
+    launcher = environ.get("ACCELERATE_MIXED_PRECISION")
+    if launcher in ("no", "fp16", "bf16"):
+        return launcher, "accelerate launch (its --mixed_precision or config file)"
+    return "fp16", "train.py's default (no --mixed_precision and no launcher setting)"
 
 
 def resolve_optimizer(parser, args):
@@ -1169,13 +1182,55 @@ def trainable_parameters(unet) -> list:
     return [(name, param) for name, param in unet.named_parameters() if param.requires_grad]
 
 
+def sharded_state_placements(placements, ndim: int, reduced_dim: int) -> list:
+    """The placements of a gradient's mean over `reduced_dim` (a factored Adafactor moment): a dimension sharded
+    before it keeps its shard, the reduced one becomes replicated (its mean spans every rank), later ones shift."""
+    from torch.distributed.tensor import Replicate, Shard
+
+    result = []
+    for placement in placements:
+        if isinstance(placement, Shard):
+            dim = placement.dim % ndim
+            placement = Replicate() if dim == reduced_dim else Shard(dim - (dim > reduced_dim))
+        result.append(placement)
+    return result
+
+
 def make_optimizer(args, params):
     """AdamW (the official default), bitsandbytes 8-bit AdamW, or Adafactor with the official SDXL settings."""
     if args.optimizer == "adafactor":
         from transformers.optimization import Adafactor
 
-        return Adafactor(params, lr=args.learning_rate, weight_decay=args.adam_weight_decay, clip_threshold=1.0,
-                         scale_parameter=False, relative_step=False)
+        class ShardableAdafactor(Adafactor):
+            """transformers' Adafactor, whose state it creates as plain tensors; under FSDP2 the parameters and
+            gradients are DTensors, so the state is created here as DTensors of the right placements before its
+            first step. The step itself is transformers' code on DTensors: the factored second moments are means over
+            the whole matrix (DTensor reduces the sharded dimension across ranks), the update clipping uses the RMS
+            of the whole update, so a sharded step is the unsharded one up to float rounding. The cost: a few small
+            all-reduces per parameter and step (a first dimension that does not split evenly gathers that update)."""
+
+            @torch.no_grad()
+            def step(self, closure=None):
+                from torch.distributed.tensor import DTensor, zeros
+
+                for group in self.param_groups:
+                    for p in group["params"]:
+                        grad, state = p.grad, self.state[p]
+                        if not isinstance(grad, DTensor) or len(state) > 0:
+                            continue
+                        shape, mesh, placements = grad.shape, grad.device_mesh, grad.placements
+                        state.update(step=0, RMS=0)
+                        if len(shape) >= 2:  # the factored moments (transformers' _get_options), rows then columns
+                            state["exp_avg_sq_row"] = zeros(shape[:-1], device_mesh=mesh, placements=
+                                                            sharded_state_placements(placements, len(shape), len(shape) - 1))
+                            state["exp_avg_sq_col"] = zeros(shape[:-2] + shape[-1:], device_mesh=mesh, placements=
+                                                            sharded_state_placements(placements, len(shape), len(shape) - 2))
+                        else:
+                            state["exp_avg_sq"] = torch.zeros_like(grad)
+                return super().step(closure)
+
+        return ShardableAdafactor(params, lr=args.learning_rate, weight_decay=args.adam_weight_decay, clip_threshold=1.0,
+                                  scale_parameter=False, relative_step=False)
     if args.optimizer == "adamw8bit":
         try:
             import bitsandbytes as bnb
@@ -1295,6 +1350,45 @@ def is_fsdp(accelerator) -> bool:
     from accelerate.utils import DistributedType
 
     return accelerator.distributed_type == DistributedType.FSDP
+
+
+def held_bytes(module) -> int:
+    """Bytes of a module's parameters held by this process: a DTensor's local shard, a plain tensor whole."""
+    return sum((p.to_local() if hasattr(p, "to_local") else p).nbytes for p in module.parameters())
+
+
+def distributed_accelerator_present() -> bool:
+    """Whether accelerate would run several processes on an accelerator: the devices its PartialState looks for, in
+    its order (CUDA, and XPU, NPU, HPU, MLU, MUSA, SDAA, Neuron, XLA)."""
+    from accelerate import utils
+
+    return (torch.cuda.is_available() or utils.is_torch_xla_available() or utils.is_mlu_available()
+            or utils.is_sdaa_available() or utils.is_musa_available() or utils.is_npu_available()
+            or utils.is_hpu_available() or (utils.is_xpu_available() and utils.is_xccl_available())
+            or utils.is_neuron_available())
+
+
+def uses_cpu_ranks(world_size: int) -> bool:
+    """Several processes and no accelerator (e.g. `accelerate launch --multi_gpu` on a CPU machine): gloo on CPU,
+    which accelerate does only when told (cpu=True). With an accelerator of any kind accelerate picks it itself."""
+    return world_size > 1 and not distributed_accelerator_present()
+
+
+def check_fsdp_version(version: int):
+    if version != 2:  # train.py reads and writes FSDP2's DTensor shards
+        raise ValueError(f"FSDP version {version} is not supported: train.py runs FSDP2 only. Set `fsdp_version: 2` "
+                         f"under fsdp_config in the accelerate config (or pass --fsdp_version 2 to accelerate launch); "
+                         f"accelerate's default is 1. configs/accelerate/fsdp_*.yaml are examples")
+
+
+def check_fsdp_setup(args, plugin):
+    """What train.py's FSDP path supports, checked before any model loads: FSDP2 and an optimizer that takes DTensor
+    parameters."""
+    check_fsdp_version(plugin.fsdp_version)
+    if args.optimizer == "adamw8bit":
+        raise ValueError("--use_8bit_adam (--optimizer adamw8bit) cannot train under FSDP: bitsandbytes' 8-bit "
+                         "optimizers do not take FSDP2's sharded (DTensor) parameters (bitsandbytes issues #89, #1633). "
+                         "Use --optimizer adamw or adafactor with FSDP, or 8-bit AdamW with DDP (no --use_fsdp)")
 
 
 def enable_fsdp_on_cpu_ranks(accelerator):
@@ -1437,6 +1531,7 @@ def compute_loss(args, batch, unet, reference, vae, text_encoders, family, noise
 
 def main(argv=None):
     args = parse_args(argv)
+    args.mixed_precision, precision_source = resolve_mixed_precision(args.mixed_precision, os.environ)
     requested = checkpoints.run_arguments(args)  # as given (main rescales the lr and recomputes the epochs)
     started = time.time()
 
@@ -1448,8 +1543,9 @@ def main(argv=None):
     from tqdm.auto import tqdm
 
     output_dir = Path(args.output_dir)
-    # Several processes and no GPU (e.g. `accelerate launch --multi_gpu` on a CPU machine): gloo on CPU.
-    cpu_ranks = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", 1)) > 1
+    cpu_ranks = uses_cpu_ranks(int(os.environ.get("WORLD_SIZE", 1)))
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":  # before Accelerator() builds the launcher's plugin
+        check_fsdp_version(int(os.environ.get("FSDP_VERSION", "1")))  # (accelerate's default version is 1)
     accelerator = Accelerator(
         cpu=cpu_ranks,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
@@ -1461,12 +1557,16 @@ def main(argv=None):
         enable_fsdp_on_cpu_ranks(accelerator)
     fsdp = is_fsdp(accelerator)
     if fsdp:  # every rank loads the weights itself (from_pretrained); accelerate's rank-0-only loading path is not used
+        check_fsdp_setup(args, accelerator.state.fsdp_plugin)
         accelerator.state.fsdp_plugin.cpu_ram_efficient_loading = False
 
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%m/%d/%Y %H:%M:%S",
                         level=logging.INFO)
     logger = get_logger("train")  # logs once, from the main process, unless told otherwise
     logger.info(accelerator.state, main_process_only=False)
+    logger.info(f"Mixed precision {args.mixed_precision}, from {precision_source}")
+    if cpu_ranks:
+        logger.warning(f"{accelerator.num_processes} processes and no accelerator found: training on CPU ranks (gloo)")
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
     if args.allow_tf32:
@@ -1617,6 +1717,9 @@ def main(argv=None):
     ))
     data_state = sampler if stream is None else stream  # its state travels in training_state.json, not as a pickle
     params = [p for _, p in trainable_parameters(accelerator.unwrap_model(unet))]  # FSDP2 replaced them by shards
+    if ref_unet is not None:  # what benchmarks/memory_table.py assumes: under FSDP the policy sharded, the reference whole
+        logger.info(f"Denoiser weights held by this process: policy {held_bytes(accelerator.unwrap_model(unet))} bytes"
+                    f"{' (its FSDP shard)' if fsdp else ''}, frozen reference {held_bytes(ref_unet)} bytes (whole)")
     if args.use_ema:  # diffusers' EMA of the trained parameters, on the training device
         from diffusers.training_utils import EMAModel
 

@@ -5,7 +5,8 @@ instantiated on the meta device: nothing is allocated). Bytes per GPU, before ac
 
 - full fine-tune, DDP: policy fp32 weights (4 B/param) + fp32 gradients (4) + AdamW's two fp32 moments (8) + the
   frozen reference in bf16 (2), all replicated on every GPU;
-- full fine-tune, FSDP on N GPUs (full shard): those four shares divided by N (the reference sharded too);
+- full fine-tune, FSDP on N GPUs (full shard): the policy's weights, gradients and moments divided by N; the
+  reference whole on every GPU, as train.py holds it (a frozen copy outside FSDP; tests/test_fsdp.py checks this);
 - LoRA: the base in bf16 (2 B/param), the reference is the same weights with the adapters off, adapters negligible;
 - frozen text encoders and VAE in bf16 on every GPU, unless --latents_cache (then not loaded).
 
@@ -41,6 +42,14 @@ COGVIDEOX_5B_TRANSFORMER = dict(  # THUDM/CogVideoX-5b transformer/config.json
 )
 UMT5_XXL = dict(T5_XXL, vocab_size=256384)  # Wan's text encoder (google/umt5-xxl encoder)
 IMAGE_MODELS = ("SD1.5", "SDXL", "SD3.5-medium", "FLUX.1-dev")
+# Bytes per denoiser parameter of a full fine-tune: the policy's fp32 weights, gradients and AdamW's two moments, which
+# FSDP shards; the frozen bf16 reference, which train.py keeps whole on every rank (under DDP and FSDP alike).
+POLICY_BYTES, REFERENCE_BYTES = 16, 2
+REFERENCE_SHARDED = False
+
+
+def full_state_bytes(denoiser: int, shards: int = 1) -> float:
+    return POLICY_BYTES * denoiser / shards + REFERENCE_BYTES * denoiser / (shards if REFERENCE_SHARDED else 1)
 
 
 def count(module) -> int:
@@ -80,8 +89,8 @@ def table(gpus: int) -> list[dict]:
     for name, (denoiser, frozen) in models().items():
         frozen_bytes = 2 * frozen
         strategies = {
-            "DDP": 18 * denoiser,
-            f"FSDP x{gpus}": 18 * denoiser / gpus,
+            "DDP": full_state_bytes(denoiser),
+            f"FSDP x{gpus}": full_state_bytes(denoiser, gpus),
             "LoRA": 2 * denoiser,
         }
         for strategy, state in strategies.items():

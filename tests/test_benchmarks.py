@@ -290,5 +290,7 @@ def test_memory_table_arithmetic():
     assert sd15["denoiser_params"] == 859_520_964
     assert sd15["state_gb"] == pytest.approx(18 * 859_520_964 / 1e9)
     assert rows[("FLUX.1-dev", "DDP", False)]["fits"] == []  # a full FLUX fine-tune needs sharding
-    assert rows[("FLUX.1-dev", "FSDP x8", True)]["state_gb"] == pytest.approx(rows[("FLUX.1-dev", "DDP", True)]["state_gb"] / 8)
+    flux = rows[("FLUX.1-dev", "DDP", True)]["denoiser_params"]  # FSDP: the policy's 16 bytes / 8, the reference whole
+    assert rows[("FLUX.1-dev", "FSDP x8", True)]["state_gb"] == pytest.approx((16 * flux / 8 + 2 * flux) / 1e9)
+    assert rows[("FLUX.1-dev", "FSDP x8", True)]["fits"] == [80]
     assert ("Wan2.1-1.3B", "LoRA", True) not in rows  # no cache for the video families

@@ -4,6 +4,7 @@ float rounding (weights, lambda, logged metrics), and a resume from an FSDP chec
 import os
 import shutil
 import subprocess
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -32,7 +33,7 @@ def runs(tiny_sd15, pickapic, tmp_path_factory):
     root = tmp_path_factory.mktemp("fsdp")
     common = ["--use_winner_preserving", "--winner_preserving_mu", "0.5", "--use_ema", "--checkpointing_steps", "2",
               "--gradient_checkpointing", *LINEAR_ADAMW]  # composes with FSDP; a step linear in the gradients
-    launch_two("fsdp", *train_args(tiny_sd15, pickapic, root / "fsdp", *common, steps=4))
+    (root / "fsdp.log").write_text(launch_two("fsdp", *train_args(tiny_sd15, pickapic, root / "fsdp", *common, steps=4)).stderr)
     launch_two("ddp", *train_args(tiny_sd15, pickapic, root / "ddp", *common, steps=4))
     return root, common
 
@@ -58,6 +59,23 @@ def test_fsdp_trains_as_ddp(runs, tiny_sd15):
         # (about 1e-6 of an MSE near 1) into ~1e-3 differences of its logit, which says nothing about the path
         for key in ("avg_lose_l_scale", "implicit_acc_accumulated", "model_mse_unaccumulated", "ref_mse_unaccumulated"):
             assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), key
+
+
+def test_memory_table_holds_what_fsdp_holds(runs, tiny_sd15):
+    """benchmarks/memory_table.py's FSDP rows divide the policy by the number of ranks and hold the reference whole:
+    what train.py's FSDP run above held on rank 0 (fp32 here: --mixed_precision no)."""
+    import re
+
+    from benchmarks import memory_table
+
+    root, _ = runs
+    n = sum(v.numel() for v in load_file(str(tiny_sd15 / "unet" / "diffusion_pytorch_model.safetensors")).values())
+    held = re.search(r"policy (\d+) bytes \(its FSDP shard\), frozen reference (\d+) bytes", (root / "fsdp.log").read_text())
+    policy, reference = int(held[1]), int(held[2])
+    assert reference == 4 * n and not memory_table.REFERENCE_SHARDED  # whole on every rank, as the table counts it
+    # FSDP2 gives rank 0 the larger half of a first dimension that does not split evenly: a little over 1/2
+    assert 4 * n / 2 <= policy < 4 * n * 0.55
+    assert memory_table.full_state_bytes(n, 2) == memory_table.POLICY_BYTES * n / 2 + memory_table.REFERENCE_BYTES * n
 
 
 def test_fsdp_resume_is_exact(runs, tiny_sd15, pickapic):
@@ -154,3 +172,64 @@ def test_fsdp_lora_with_ema_trains_as_ddp(tiny_sd15, pickapic, tmp_path):
         # the adapters start at B = 0, so the update is the adapter itself; see test_fsdp_trains_as_ddp for the bound
         assert relative_update_difference({k: torch.zeros_like(v) for k, v in ddp.items()}, ddp, fsdp) < 1e-4, name
         assert any(v.abs().sum() > 0 for k, v in fsdp.items() if "lora.up" in k)  # B starts at 0: it trained
+
+
+def test_fsdp_adafactor_trains_and_resumes_as_ddp(tiny_sd15, pickapic, tmp_path):
+    """Adafactor (the --sdxl default) under FSDP2: its factored moments are taken over the whole matrix, as DDP's
+    unsharded Adafactor takes them, so the two agree to float rounding; the sharded state resumes bit-exact."""
+    common = ["--optimizer", "adafactor", "--checkpointing_steps", "2"]
+    launch_two("fsdp", *train_args(tiny_sd15, pickapic, tmp_path / "fsdp", *common, steps=3))
+    launch_two("ddp", *train_args(tiny_sd15, pickapic, tmp_path / "ddp", *common, steps=3))
+    fsdp, ddp = load_file(str(tmp_path / "fsdp" / "unet.safetensors")), load_file(str(tmp_path / "ddp" / "unet.safetensors"))
+    base = load_file(str(tiny_sd15 / "unet" / "diffusion_pytorch_model.safetensors"))
+    # the same bound as AdamW's above: Adafactor's update is a normalised gradient, so the gradients' reduction-order
+    # rounding (~1e-7 relative) reaches the weights as ~1e-7 relative of lr-sized steps, far under 1e-5
+    assert max((fsdp[k] - ddp[k]).abs().max().item() for k in fsdp) < 1e-5
+    assert max((fsdp[k] - base[k]).abs().max().item() for k in fsdp) > 1e-5  # and it trained
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(tmp_path / "fsdp" / "checkpoint-2", resumed / "checkpoint-2")
+    (resumed / "metrics.jsonl").write_text("".join(
+        line + "\n" for line in (tmp_path / "fsdp" / "metrics.jsonl").read_text().splitlines()[:2]))
+    launch_two("fsdp", *train_args(tiny_sd15, pickapic, resumed, *common, steps=3))
+    again = load_file(str(resumed / "unet.safetensors"))
+    assert all(torch.equal(fsdp[k], again[k]) for k in fsdp)
+
+
+def test_fsdp1_is_refused_naming_the_setting(tiny_sd15, pickapic, tmp_path):
+    launcher = ["--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                *[value if value != "2" else "1" for value in FSDP]]  # the same config with fsdp_version 1
+    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    result = subprocess.run([*ACCELERATE, *launcher, str(REPO / "train.py"), *train_args(tiny_sd15, pickapic, tmp_path)],
+                            cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and "FSDP version 1 is not supported" in result.stderr
+    assert "`fsdp_version: 2`" in result.stderr
+
+
+def test_fsdp_setup_refuses_fsdp1_and_8bit_adam():
+    import train
+
+    fsdp2 = SimpleNamespace(fsdp_version=2)
+    with pytest.raises(ValueError, match="`fsdp_version: 2`"):
+        train.check_fsdp_setup(SimpleNamespace(optimizer="adamw"), SimpleNamespace(fsdp_version=1))
+    train.check_fsdp_setup(SimpleNamespace(optimizer="adamw"), fsdp2)
+    train.check_fsdp_setup(SimpleNamespace(optimizer="adafactor"), fsdp2)
+    with pytest.raises(ValueError, match="cannot train under FSDP"):
+        train.check_fsdp_setup(SimpleNamespace(optimizer="adamw8bit"), fsdp2)
+
+
+@pytest.mark.parametrize("present, world_size, cpu", [
+    (None, 2, True), (None, 1, False), ("cuda", 2, False), ("npu", 2, False), ("hpu", 2, False), ("xpu", 2, False)])
+def test_cpu_ranks_only_without_an_accelerator(monkeypatch, present, world_size, cpu):
+    """Accelerator(cpu=True) for several processes only when accelerate would find no accelerator of any kind."""
+    from accelerate import utils
+
+    import train
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: present == "cuda")
+    for name in ("npu", "hpu", "mlu", "musa", "sdaa", "neuron"):
+        monkeypatch.setattr(utils, f"is_{name}_available", lambda *a, name=name, **k: present == name)
+    monkeypatch.setattr(utils, "is_xpu_available", lambda *a, **k: present == "xpu")
+    monkeypatch.setattr(utils, "is_xccl_available", lambda: present == "xpu")
+    monkeypatch.setattr(utils, "is_torch_xla_available", lambda *a, **k: False)
+    assert train.uses_cpu_ranks(world_size) is cpu

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 import latent_cache
 import train
-from test_train import ACCELERATE, REPO, metrics, reset_accelerate, run_train, train_args
+from test_train import ACCELERATE, REPO, base_unet, metrics, reset_accelerate, run_train, train_args
 
 
 def build_cache(model, data, folder, *extra, dtype="float32", shard_size=16):
@@ -90,6 +90,27 @@ def test_training_from_the_cache_matches_encoding_on_the_fly(tiny_sd15, pickapic
     assert relative_update_difference(base_unet(tiny_sd15), a, b) < 1e-4
 
 
+def test_a_preference_run_from_the_cache_has_the_same_mses_and_lambda(tiny_sd15, pickapic, cache, tmp_path):
+    """What is equal between a float32 cache and encoding on the fly: the policy's and the reference's MSEs and the
+    safeguard's lambda, to float rounding. The DPO loss is not: it is softplus((beta/2) (win_diff - lose_diff)),
+    which turns the diffs' rounding into beta/2 times as much. One pair per step, so the logged diffs are the pair's."""
+    common = ["--use_winner_preserving", "--winner_preserving_mu", "0.5", "--train_batch_size", "1"]
+    run_train(tiny_sd15, pickapic, tmp_path / "fly", *common, steps=3)
+    run_train(tiny_sd15, pickapic, tmp_path / "cached", *common, "--latents_cache", str(cache), steps=3)
+    beta = train.parse_args(train_args(tiny_sd15, pickapic, tmp_path)).beta_dpo
+    fly, cached = metrics(tmp_path / "fly"), metrics(tmp_path / "cached")
+    assert len(fly) == len(cached) == 3
+    for a, b in zip(fly, cached):
+        # float32 rounding (1e-7 relative per operation) through the VAE and the denoiser stays far under 1e-4;
+        # another pair, flip or noise draw would change these by O(1)
+        for key in ("model_mse_unaccumulated", "ref_mse_unaccumulated", "avg_lose_l_scale"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4), key
+        # softplus is 1-Lipschitz: the loss gap is at most beta/2 times the gap of the margin's two diffs
+        bound = beta / 2 * (abs(a["avg_win_diff_loss"] - b["avg_win_diff_loss"])
+                            + abs(a["avg_lose_diff_loss"] - b["avg_lose_diff_loss"]))
+        assert abs(a["train_loss"] - b["train_loss"]) <= bound + 1e-6 * abs(a["train_loss"])  # + the loss's own rounding
+
+
 def test_preference_run_from_a_float16_cache(tiny_sd15, pickapic, tmp_path):
     folder = build_cache(tiny_sd15, pickapic, tmp_path / "fp16", dtype="float16")
     run_train(tiny_sd15, pickapic, tmp_path / "fly", "--beta_dpo", "10", steps=2)
@@ -117,6 +138,28 @@ def test_resume_from_the_cache_is_exact(tiny_sd15, pickapic, cache, tmp_path):
 def test_a_cache_with_other_settings_is_refused(tiny_sd15, pickapic, cache, tmp_path, flags, message):
     with pytest.raises(ValueError, match=message.replace("[", r"\[")):
         run_train(tiny_sd15, pickapic, tmp_path, "--latents_cache", str(cache), *flags)
+
+
+def test_a_cache_is_keyed_on_the_files_not_their_names(tiny_sd15, pickapic, tmp_path, monkeypatch):
+    """The same model and data by relative paths use the cache; a model rebuilt at the same path with other weights,
+    or data rewritten in place, are refused, and so is a build resumed over shards of another model."""
+    from tiny import build_sd15
+
+    model, data = tmp_path / "model", tmp_path / "data"
+    shutil.copytree(tiny_sd15, model)
+    shutil.copytree(pickapic, data, copy_function=shutil.copy2)  # times kept: the same data
+    folder = build_cache(tiny_sd15, pickapic, tmp_path / "cache")
+    monkeypatch.chdir(tmp_path)
+    run_train("model", "data", tmp_path / "relative", "--latents_cache", str(folder), steps=1)  # accepted
+    build_sd15(model, seed=1)  # rebuilt in place: other VAE and text encoder weights, the same file names
+    with pytest.raises(ValueError, match="--pretrained_model_name_or_path: its files differ"):
+        run_train("model", "data", tmp_path / "rebuilt", "--latents_cache", str(folder), steps=1)
+    with pytest.raises(ValueError, match="holds shards made with other settings"):
+        build_cache(model, data, folder)
+    parquet = next(data.rglob("*.parquet"))
+    os.utime(parquet, ns=(parquet.stat().st_atime_ns, parquet.stat().st_mtime_ns + 10**9))  # rewritten in place
+    with pytest.raises(ValueError, match="--dataset_name: its files differ"):
+        run_train(tiny_sd15, "data", tmp_path / "rewritten", "--latents_cache", str(folder), steps=1)
 
 
 def test_settings_a_cache_cannot_hold_are_refused(tiny_sd15, pickapic, capsys, tmp_path):
