@@ -1814,7 +1814,8 @@ def main(argv=None):
                 final_unet.load_state_dict(load_file(str(output_dir / f"{family.denoiser}.safetensors")))
             save_pipeline(args, final_unet, output_dir)
         write_model_card(args, output_dir, global_step, final_logs)
-        log_summary(args, output_dir, global_step, time.time() - started, final_logs, written, skipped_total)
+        log_summary(args, output_dir, global_step, time.time() - started, final_logs, written, skipped_total,
+                    first_step=resumed_state["step"] if checkpoint is not None else 0)
         if args.push_to_hub:
             from huggingface_hub import create_repo, upload_folder
 
@@ -1865,7 +1866,17 @@ def describe_run(args, requested: dict, accelerator, weight_dtype, base_lr: floa
         "gradient_clipping": f"max norm {args.max_grad_norm:g}" if args.max_grad_norm > 0 else "off",
         "processes": accelerator.num_processes,
         "effective_batch": args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps,
+        **({"video": video_clip(args)} if FAMILIES[args.model_family].video else {}),
     }
+
+
+def video_clip(args) -> str:
+    """A video run's clip: frames, size and how the frames are spaced in time (logged, in the model card)."""
+    height, width = args.video_size
+    spacing = (f"sampled at {args.target_fps:g} fps" if args.target_fps is not None else
+               "consecutive source frames (the source's fps)" if args.frame_stride == 1 else
+               f"every {args.frame_stride}th source frame (the source's fps / {args.frame_stride})")
+    return f"{args.num_frames} frames of {height} x {width} px, {spacing}"
 
 
 def final_weight_names(args) -> list[str]:
@@ -1877,11 +1888,13 @@ def final_weight_names(args) -> list[str]:
 EVAL_SCRIPTS = {"sd": ("scripts/eval/test_sd15.sh", "stable-diffusion-v1-5/stable-diffusion-v1-5"),
                 "sdxl": ("scripts/eval/test_sdxl.sh", "stabilityai/stable-diffusion-xl-base-1.0"),
                 "sd3": ("scripts/eval/test_sd3.sh", "stabilityai/stable-diffusion-3.5-medium"),
-                "flux": ("scripts/eval/test_flux.sh", "black-forest-labs/FLUX.1-dev")}
+                "flux": ("scripts/eval/test_flux.sh", "black-forest-labs/FLUX.1-dev"),
+                "wan": ("scripts/eval/test_wan.sh", "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"),
+                "cogvideox": ("scripts/eval/test_cogvideox.sh", "THUDM/CogVideoX-2b")}
 
 
 def eval_command(args, output_dir: Path) -> str:
-    if args.model_family not in EVAL_SCRIPTS:  # the video families have no evaluation script yet
+    if args.model_family not in EVAL_SCRIPTS:  # a family without an evaluation script
         return f"no evaluation script for {args.model_family} yet; load it with diffusers' {FAMILIES[args.model_family].pipeline_class}"
     script, default_base = EVAL_SCRIPTS[args.model_family]
     target = output_dir if args.use_lora else output_dir / f"{FAMILIES[args.model_family].denoiser}.pth"
@@ -1889,10 +1902,15 @@ def eval_command(args, output_dir: Path) -> str:
     return f"{env}bash {script} {target}"
 
 
-def log_summary(args, output_dir: Path, steps: int, seconds: float, logs: dict, written: list, skipped: int):
+def log_summary(args, output_dir: Path, steps: int, seconds: float, logs: dict, written: list, skipped: int,
+                first_step: int = 0):
     """The end of a run in a few lines: time, steps, last metrics, files, and the command to evaluate it."""
     shown = {k: v for k, v in logs.items() if k in ("train_loss", "implicit_acc_accumulated", "avg_lose_l_scale", "lr")}
-    lines = [f"Finished {steps} steps in {seconds / 3600:.2f} h ({seconds:.0f} s)",
+    finished = f"Finished {steps} steps in {seconds / 3600:.2f} h ({seconds:.0f} s)"
+    if first_step:  # resumed: the time is this launch's, so say which steps it covers
+        finished = (f"Finished at step {steps}: steps {first_step + 1}..{steps} ({steps - first_step}) in this launch, "
+                    f"{seconds / 3600:.2f} h ({seconds:.0f} s), resumed from step {first_step}")
+    lines = [finished,
              "Last metrics: " + ", ".join(f"{k} {v:.4g}" for k, v in shown.items() if v is not None),
              f"Skipped: {logs.get('skipped_updates', 0)} non-finite updates, {skipped} data rows",
              "Wrote: " + ", ".join(str(p) for p in written if p.exists()) + f", {output_dir / 'metrics.jsonl'}, "
@@ -1916,17 +1934,20 @@ def write_model_card(args, output_dir: Path, steps: int, logs: dict):
                  f"pipe = {family.pipeline_class}.from_pretrained(\"{base}\")\n"
                  f"pipe.{family.denoiser}.load_state_dict(load_file(\"{family.denoiser}.safetensors\"))")
     loss = logs.get("train_loss")
+    size = f"{args.resolution} px"
+    if family.video:  # frames, size and their spacing: "64 px" alone does not say what a video model saw
+        size = video_clip(args)
     text = f"""---
 base_model: {base}
 library_name: diffusers
-tags: [text-to-image, diffusers, preference-optimization, {args.train_method}]
+tags: [{'text-to-video' if family.video else 'text-to-image'}, diffusers, preference-optimization, {args.train_method}]
 ---
 
 # {method}{' (LoRA)' if args.use_lora else ''} fine-tune of {base}
 
 Trained with train.py of this project: {method}{safeguard}, beta {args.beta_dpo:g}, {steps} steps, learning rate
 {args.learning_rate:g}, effective batch {args.train_batch_size} x {args.gradient_accumulation_steps} accumulation x processes,
-{args.resolution} px, mixed precision {args.mixed_precision}, data `{args.dataset_name or args.train_data_dir}` (split `{args.split}`).
+{size}, mixed precision {args.mixed_precision}, data `{args.dataset_name or args.train_data_dir}` (split `{args.split}`).
 Last logged train loss: {f'{loss:.4g}' if isinstance(loss, float) and math.isfinite(loss) else 'n/a'}.
 Every argument is in `training_config.json`; the training curves in `metrics.jsonl`.
 
@@ -2022,10 +2043,22 @@ def save_pipeline(args, unet, output_dir: Path):
                 f"through a hard link)")
 
 
+def worker_cause(message: str) -> str:
+    """torch re-raises a DataLoader worker's exception as "Caught X in DataLoader worker process N.\nOriginal
+    Traceback ...": the one line worth printing is the original exception's, at the end of that traceback."""
+    if not (message.startswith("Caught ") and "Original Traceback" in message):
+        return message
+    head = message.splitlines()[0]
+    lines = [line for line in message.splitlines() if line.strip() and not line.startswith(" ")]
+    cause = re.sub(r"^[A-Za-z_][\w.]*: ", "", lines[-1])  # the exception type
+    return f"{cause} ({head.removeprefix('Caught ').split(' in ', 1)[-1].rstrip('.')})"
+
+
 if __name__ == "__main__":
     try:
         main()
     except (OSError, ValueError, RuntimeError, FloatingPointError, ImportError) as error:
         message = error.strerror if isinstance(error, OSError) and error.strerror and not error.filename else error
+        message = worker_cause(str(message))
         print(f"train.py: error: {message}", file=sys.stderr)  # once, and last: the cause does not scroll away
         sys.exit(1)
