@@ -10,7 +10,8 @@ Rows are Pick-a-Pic-style with videos instead of images: `mp4_0`, `mp4_1`, `labe
   `video_1` (paths, relative to the manifest's folder unless absolute) and `label_0`, read here (`load_manifest`);
   `video_0`/`video_1` become `mp4_0`/`mp4_1` holding the absolute paths.
 
-Each video is decoded with PyAV. `--num_frames` frames are taken `--frame_stride` source frames apart, or at
+Each video is decoded with PyAV and turned upright by its display-matrix rotation (eval.video.upright_rgb, shared
+with scoring: phone footage stored sideways plays, trains and scores upright). `--num_frames` frames are taken `--frame_stride` source frames apart, or at
 `--target_fps` (the nearest source frame to each time step of 1/target_fps, from the container's frame rate); the clip
 is centred in the video, or starts at a random frame with `--random_crop`. Frames are resized so that the clip covers
 `--video_size` (the shorter side to `--resolution` for a square size; bilinear, antialiased), cropped (centre, or
@@ -173,7 +174,10 @@ def clip_indices(total: int, fps: float | None, num_frames: int, stride: int, ta
 
 def decode_clip(value, num_frames: int, stride: int = 1, target_fps: float | None = None,
                 position: float | None = None) -> torch.Tensor:
-    """The clip's frames, (F, H, W, 3) uint8. Frames are decoded in order up to the clip's last one only."""
+    """The clip's frames, (F, H, W, 3) uint8, upright (the container's display rotation applied, eval.video.upright_rgb).
+    Frames are decoded in order up to the clip's last one only."""
+    from eval.video import upright_rgb
+
     with open_video(value) as container:
         stream = container.streams.video[0]
         fps = float(stream.average_rate or stream.guessed_rate or 0) or None
@@ -185,7 +189,7 @@ def decode_clip(value, num_frames: int, stride: int = 1, target_fps: float | Non
         frames, keep = [], collections_counter(wanted)
         for index, frame in enumerate(container.decode(stream)):
             if index in keep:
-                array = torch.from_numpy(frame.to_ndarray(format="rgb24"))
+                array = torch.from_numpy(upright_rgb(frame))  # the display rotation applied, as for scoring
                 frames.extend([array] * keep[index])  # a low source rate can repeat a frame under --target_fps
             if index >= wanted[-1]:
                 break

@@ -397,3 +397,56 @@ def test_video_memory_tracker_counts_what_is_alive():
     fixed = video_memory.fixed_bytes({"transformer": 10, "lora": 1, "text_encoder": 3, "vae": 2})
     assert fixed["full"] == {"weights": 40, "gradients": 40, "optimizer": 80, "reference": 20, "frozen": 10}
     assert fixed["lora"] == {"weights": 24, "gradients": 4, "optimizer": 8, "reference": 0, "frozen": 10}
+
+
+# --- display rotation --------------------------------------------------------------------------------------------
+
+
+def rotated_mp4(path, rotation):
+    """4 frames stored 16 high x 32 wide, a white block in the stored top-left corner, with a display matrix that
+    turns them `rotation` degrees counter-clockwise (PyAV 18's set_display_rotation; -90 is what phones write)."""
+    import av
+
+    stored = np.zeros((16, 32, 3), dtype=np.uint8)
+    stored[:8, :8] = 255
+    with av.open(str(path), mode="w", format="mp4") as container:
+        stream = container.add_stream("mpeg4", rate=8)
+        stream.height, stream.width, stream.pix_fmt, stream.bit_rate = 16, 32, "yuv420p", 4_000_000
+        stream.set_display_rotation(rotation)
+        for _ in range(4):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(stored, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def stored_frames(path):
+    """The frames as stored, no rotation applied (what decoding gave before)."""
+    import av
+
+    with av.open(str(path)) as container:
+        return [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
+
+
+def test_display_rotation_is_applied_in_training_and_scoring(tmp_path):
+    """A phone-style mp4 (display rotation -90: turn 90 degrees clockwise to show it) decodes upright for training
+    (video_data.decode_clip) and scoring (eval.video.read_frames): 32 high x 16 wide, the stored top-left block now
+    top-right. Compared with the stored frames turned by np.rot90: the same decoded pixels, so equal bitwise."""
+    from eval.video import display_rotation, read_frames
+
+    path = rotated_mp4(tmp_path / "phone.mp4", -90)
+    import av
+
+    with av.open(str(path)) as container:
+        assert display_rotation(next(container.decode(video=0))) == 270  # -90 read back from the display matrix
+    stored = stored_frames(path)
+    assert stored[0].shape == (16, 32, 3)
+    upright = np.rot90(stored[0], k=-1)  # clockwise
+    clip = video_data.decode_clip(str(path), 4).numpy()
+    assert clip.shape == (4, 32, 16, 3) and np.array_equal(clip[0], upright)
+    scored = np.asarray(read_frames(path)[0])
+    assert np.array_equal(scored, upright)
+    assert scored[:8, -8:].mean() > 200 and scored[:8, :8].mean() < 50  # the block went top-right
+    plain = rotated_mp4(tmp_path / "plain.mp4", 0)  # no rotation: frames as stored
+    assert np.array_equal(video_data.decode_clip(str(plain), 4).numpy()[0], stored_frames(plain)[0])
