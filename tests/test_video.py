@@ -450,3 +450,26 @@ def test_display_rotation_is_applied_in_training_and_scoring(tmp_path):
     assert scored[:8, -8:].mean() > 200 and scored[:8, :8].mean() < 50  # the block went top-right
     plain = rotated_mp4(tmp_path / "plain.mp4", 0)  # no rotation: frames as stored
     assert np.array_equal(video_data.decode_clip(str(plain), 4).numpy()[0], stored_frames(plain)[0])
+
+
+def test_wan_sees_the_integer_timesteps_its_sampler_feeds(models):
+    """WanPipeline (UniPCMultistepScheduler, use_flow_sigmas) calls the transformer with int64 timesteps
+    floor(s x 1000); training's family.predict turns its float s x 1000 (877.59) into the same kind (877)."""
+    from diffusers import WanPipeline
+
+    pipeline = WanPipeline.from_pretrained(models["wan"])
+    seen = []
+    hook = pipeline.transformer.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["timestep"].clone()), with_kwargs=True)
+    pipeline("a circle", num_frames=5, height=32, width=32, num_inference_steps=3, output_type="latent")
+    sigmas = pipeline.scheduler.sigmas[:3].double()
+    assert all(t.dtype == torch.int64 for t in seen)
+    assert sorted({int(t[0]) for t in seen}, reverse=True) == [int(s * 1000) for s in sigmas]
+    seen.clear()
+    args = parse(models["wan"], "--resolution", "32")
+    family = families.make_family(args)
+    inputs = family.model_inputs({"prompt_embeds": torch.randn(1, 512, 32)}, None, torch.float32)
+    family.predict(pipeline.transformer, torch.randn(1, 16, 2, 4, 4), torch.tensor([877.59]), inputs)
+    hook.remove()
+    assert seen[0].dtype == torch.int64 and seen[0].tolist() == [877]
+    reset_accelerate()
