@@ -106,8 +106,9 @@ def is_manifest(source: str) -> bool:
 
 def load_manifest(source: str, args):
     """A JSONL manifest of local video pairs as a datasets.Dataset with mp4_0/mp4_1 (absolute paths), label_0 and
-    the caption column. Relative paths are resolved against the manifest's folder. A line that is not JSON or lacks
-    a field stops the run naming the line; a missing file is found when decoded (its row is skipped and counted)."""
+    the caption column. Relative paths are resolved against the manifest's folder. label_0 may be a number or a
+    numeric string on any line (cast per line to float). A line that is not JSON, lacks a field or holds one of the
+    wrong type stops the run naming the line; a missing file is found when decoded (its row is skipped and counted)."""
     from datasets import Dataset
 
     path = Path(source)
@@ -127,14 +128,31 @@ def load_manifest(source: str, args):
             if missing:
                 raise ValueError(f"{source}, line {number}: no {', '.join(missing)}; a video manifest line needs "
                                  f"{', '.join(needed)}")
-            row = {"mp4_0": str(path.parent / entry["video_0"]), "mp4_1": str(path.parent / entry["video_1"]),
-                   "label_0": entry["label_0"], args.caption_column: entry[args.caption_column]}
-            rows.append(row)
+            rows.append(manifest_row(entry, path, number, args.caption_column))
     if not rows:
         raise ValueError(f"{source}: the manifest holds no pairs")
     args.resolved_dataset = f"{source} (JSONL manifest, {len(rows)} pairs)"
     dataset = Dataset.from_list(rows)
     return dataset.to_iterable_dataset() if args.streaming else dataset
+
+
+def manifest_row(entry: dict, path: Path, number: int, caption_column: str) -> dict:
+    """One manifest line as a row, label_0 a float; a field of the wrong type stops the run naming the line (Arrow
+    would otherwise refuse the whole column without saying where)."""
+    for key in ("video_0", "video_1"):
+        if not isinstance(entry[key], str) or not entry[key]:
+            raise ValueError(f"{path}, line {number}: {key} is {entry[key]!r}; give the video's path as a string")
+    from train import as_label
+
+    caption = entry[caption_column]
+    if not (isinstance(caption, str) or (isinstance(caption, list) and all(isinstance(c, str) for c in caption))):
+        raise ValueError(f"{path}, line {number}: {caption_column} is {caption!r}; give a string (or a list of strings)")
+    try:  # as train.numeric_labels casts parquet labels: 1, "0", "0.5" and 1.0 may mix in one manifest
+        label = as_label(entry["label_0"])
+    except ValueError as error:
+        raise ValueError(f"{path}, line {number}: {error}") from None
+    return {"mp4_0": str(path.parent / entry["video_0"]), "mp4_1": str(path.parent / entry["video_1"]),
+            "label_0": label, caption_column: caption}
 
 
 # --- decoding and frame sampling -------------------------------------------------------------------------------

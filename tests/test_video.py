@@ -473,3 +473,20 @@ def test_wan_sees_the_integer_timesteps_its_sampler_feeds(models):
     hook.remove()
     assert seen[0].dtype == torch.int64 and seen[0].tolist() == [877]
     reset_accelerate()
+
+
+def test_manifest_labels_are_cast_per_line(models, tmp_path, pairs):
+    """label_0 1 on one line and "0" on another (Arrow alone refuses the mixed column, naming no line): cast per line
+    as parquet labels are; a label that is not a number names its line."""
+    manifest = tmp_path / "pairs.jsonl"
+    video = str(next(pairs["manifest"].parent.rglob("*.mp4")))
+    lines = [{"caption": "a", "video_0": video, "video_1": video, "label_0": 1},
+             {"caption": "b", "video_0": video, "video_1": video, "label_0": "0"},
+             {"caption": "c", "video_0": video, "video_1": video, "label_0": "0.5"}]
+    manifest.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    rows = train.load_rows(video_args(models, manifest))
+    assert rows["label_0"] == [1.0, 0.0, 0.5]
+    lines[1]["label_0"] = "left"
+    manifest.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    with pytest.raises(ValueError, match=r"pairs.jsonl, line 2: label_0 holds 'left', which is not a number"):
+        train.load_rows(video_args(models, manifest))
