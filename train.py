@@ -799,6 +799,24 @@ class LabelFilter:
         return label in (0, 1)
 
 
+class UnusableCaption(ValueError):
+    pass
+
+
+# Why a data row is skipped (counted per reason in training_state.json's skipped_by_reason and the end summary).
+SKIP_REASONS = ("undecodable image", "undecodable video", "video too short", "unusable caption", "no preference signal",
+                "bad in the latent cache")
+
+
+def bad_row(rows, epoch: int, position: int, reason: str, error: Exception) -> tuple:
+    """(row id, reason, message) of a skipped row. The id is the dataset's row index (a map-style dataset; `rows` is
+    None for a stream: (epoch, stream position)), so that a bad row met again, as a stand-in for another row or in a
+    later epoch, is counted once."""
+    row_id = position % len(rows) if rows is not None else (epoch, position)
+    reason = "unusable caption" if isinstance(error, UnusableCaption) else reason
+    return row_id, reason, f"{type(error).__name__}: {error}"
+
+
 def valid_caption(value) -> bool:
     """A caption is a string ("" included) or a non-empty list of strings (one is drawn per use)."""
     if isinstance(value, str):
@@ -864,13 +882,15 @@ class PairDataset(torch.utils.data.Dataset):
         rows standing in for it) whose two images decode."""
         seed, epoch, index = key
         rng = random.Random(f"{seed}-{epoch}-{index}")
+        bad_rows = []
         for attempt, row in enumerate(candidates):
             try:
                 if not valid_caption(row[self.caption_column]):
-                    raise ValueError(f"unusable caption {row[self.caption_column]!r}")
+                    raise UnusableCaption(f"unusable caption {row[self.caption_column]!r}")
                 images = [decode_image(row["jpg_0"]), decode_image(row["jpg_1"])]
                 break
             except Exception as error:  # noqa: BLE001 - an undecodable image or a bad caption skips the row, the run goes on
+                bad_rows.append(bad_row(self.rows, epoch, index + attempt, "undecodable image", error))
                 logger.debug(f"{key}: row skipped ({error})")
         else:
             raise RuntimeError(f"no row from row {index} on has two decodable images and a caption; check the "
@@ -887,7 +907,7 @@ class PairDataset(torch.utils.data.Dataset):
             pixels = self.transform(images[0], rng)
         else:
             pixels = torch.cat([self.transform(image, rng) for image in images])
-        example = {"pixel_values": pixels, "caption": caption, "skipped": skipped}
+        example = {"pixel_values": pixels, "caption": caption, "skipped": skipped, "bad_rows": bad_rows}
         if self.for_scorer:
             example.update(images=images, prompt=full_caption, label_0=float(row["label_0"]))
         return example
@@ -1038,6 +1058,7 @@ class Collate:
             "pixel_values": torch.stack([e["pixel_values"] for e in examples]).contiguous(),
             "captions": captions,
             "skipped": torch.tensor(sum(e["skipped"] for e in examples)),
+            "bad_rows": [bad for e in examples for bad in e.get("bad_rows", ())],  # (row id, reason, message)
         }
         for i, (tokenizer, length) in enumerate(zip(self.tokenizers, self.max_lengths)):
             ids = tokenizer(captions, max_length=length, padding="max_length", truncation=True, return_tensors="pt").input_ids
@@ -1604,6 +1625,7 @@ def main(argv=None):
     # Resume
     metrics_file = output_dir / "metrics.jsonl"
     global_step, first_epoch, skip_batches, skipped_rows_before = 0, 0, 0, 0
+    skipped_by_reason_before = {}
     if checkpoint is not None:
         accelerator.print(f"Resuming from checkpoint {checkpoint}")
         accelerator.load_state(str(checkpoint))
@@ -1611,6 +1633,7 @@ def main(argv=None):
         if ema is not None:
             ema.load_state_dict(resumed_state["ema"])
         global_step, skipped_rows_before = resumed_state["step"], resumed_state["skipped_rows"]
+        skipped_by_reason_before = resumed_state.get("skipped_by_reason", {})  # absent in older checkpoints
         if accelerator.is_main_process:  # the steps logged after the checkpoint are logged again
             checkpoints.truncate_metrics(metrics_file, global_step)
         if stream is not None:  # the checkpoint restored its epoch and position: the used rows are skipped undecoded
@@ -1633,6 +1656,7 @@ def main(argv=None):
         checkpoint_state.update(
             format=checkpoints.STATE_FORMAT, step=step, num_processes=accelerator.num_processes,
             data=data_state.state_dict(), skipped_rows=skipped_rows_before + count_skipped(),
+            skipped_by_reason=skipped_by_reason(),
             ema={k: v for k, v in ema.state_dict().items() if k != "shadow_params"} if ema is not None else None,
             args=requested,
         )
@@ -1669,12 +1693,31 @@ def main(argv=None):
     # Device-side accumulators between logging points: no host sync inside the step.
     zero = lambda: torch.zeros((), device=accelerator.device)  # noqa: E731
     sums, weight_history = {}, {}
-    bad_update, nonfinite_in_a_row, skipped_updates, skipped_rows = zero(), 0, 0, zero()
+    bad_update, nonfinite_in_a_row, skipped_updates = zero(), 0, 0
     last, final_logs = {}, {}
+    # Bad rows, host side (no device read per micro-batch): met here and not yet shared, and counted (every rank).
+    met_bad_rows, new_bad_rows, counted_bad_rows, logged_reasons = set(), [], set(), set()
+    bad_row_counts = dict.fromkeys(SKIP_REASONS, 0)
 
     def count_skipped() -> int:
-        """Rows skipped (undecodable image, unusable caption) by every rank since this process started."""
-        return int(accelerator.reduce(skipped_rows.clone(), reduction="sum").item())
+        """Bad rows (undecodable image or video, unusable caption, no preference signal) met by any rank since this
+        process started, each counted once however often and wherever it was met (as a stand-in, in later epochs,
+        on two ranks). One reduce per call; the row ids travel between ranks only when some rank met a new one."""
+        pending = accelerator.reduce(torch.tensor(len(new_bad_rows), device=accelerator.device), reduction="sum").item()
+        if pending:
+            from accelerate.utils import gather_object
+
+            for row_id, reason in gather_object(new_bad_rows) if accelerator.num_processes > 1 else new_bad_rows:
+                if row_id not in counted_bad_rows:
+                    counted_bad_rows.add(row_id)
+                    bad_row_counts[reason] += 1
+            new_bad_rows.clear()
+        return sum(bad_row_counts.values())
+
+    def skipped_by_reason() -> dict:
+        """Bad rows per reason, the resumed run's included, as of the last count_skipped (for training_state.json)."""
+        counts = {r: skipped_by_reason_before.get(r, 0) + bad_row_counts[r] for r in SKIP_REASONS}
+        return {reason: count for reason, count in counts.items() if count}
 
     for epoch in range(first_epoch, args.num_train_epochs):
         if global_step >= args.max_train_steps:  # resuming a finished run: nothing left to train
@@ -1720,7 +1763,14 @@ def main(argv=None):
             if choice_scorer is not None:
                 sums["relabelled_fraction"] = sums.get("relabelled_fraction", 0) + \
                     relabelled.float().mean() / args.gradient_accumulation_steps
-            skipped_rows = skipped_rows + batch["skipped"].to(skipped_rows.device)  # read when logging, not here
+            for row_id, reason, message in batch.get("bad_rows", ()):
+                if row_id not in met_bad_rows:
+                    if reason not in logged_reasons:  # the first of each reason in full; the end summary counts them
+                        logged_reasons.add(reason)
+                        logger.warning(f"row {row_id} skipped: {message} (further rows skipped for {reason} are "
+                                       f"counted, not logged)", main_process_only=False)
+                    met_bad_rows.add(row_id)
+                    new_bad_rows.append((row_id, reason))
             if stream is not None:
                 stream.position = batch["stream_position"]  # saved with the next checkpoint
 
@@ -1799,8 +1849,8 @@ def main(argv=None):
         save_weights(final_unet, output_dir, args, ema, family=family, write=accelerator.is_main_process)
     if accelerator.is_main_process:
         if skipped_total:
-            logger.warning(f"{skipped_total} rows were skipped (undecodable image or unusable caption; each replaced "
-                           f"by the next row)")
+            reasons = ", ".join(f"{reason} {count}" for reason, count in skipped_by_reason().items())
+            logger.warning(f"{skipped_total} rows were skipped ({reasons}; each replaced by the next row)")
         if not fsdp:
             final_bytes = sum(p.numel() * 4 for _, p in trainable_parameters(final_unet)) * (1 if args.use_lora else 2)
             checkpoints.check_free_space(output_dir, final_bytes * (2 if ema is not None else 1), "the final weights")
@@ -1814,7 +1864,7 @@ def main(argv=None):
                 final_unet.load_state_dict(load_file(str(output_dir / f"{family.denoiser}.safetensors")))
             save_pipeline(args, final_unet, output_dir)
         write_model_card(args, output_dir, global_step, final_logs)
-        log_summary(args, output_dir, global_step, time.time() - started, final_logs, written, skipped_total,
+        log_summary(args, output_dir, global_step, time.time() - started, final_logs, written, skipped_by_reason(),
                     first_step=resumed_state["step"] if checkpoint is not None else 0)
         if args.push_to_hub:
             from huggingface_hub import create_repo, upload_folder
@@ -1902,7 +1952,7 @@ def eval_command(args, output_dir: Path) -> str:
     return f"{env}bash {script} {target}"
 
 
-def log_summary(args, output_dir: Path, steps: int, seconds: float, logs: dict, written: list, skipped: int,
+def log_summary(args, output_dir: Path, steps: int, seconds: float, logs: dict, written: list, skipped: dict,
                 first_step: int = 0):
     """The end of a run in a few lines: time, steps, last metrics, files, and the command to evaluate it."""
     shown = {k: v for k, v in logs.items() if k in ("train_loss", "implicit_acc_accumulated", "avg_lose_l_scale", "lr")}
@@ -1912,7 +1962,8 @@ def log_summary(args, output_dir: Path, steps: int, seconds: float, logs: dict, 
                     f"{seconds / 3600:.2f} h ({seconds:.0f} s), resumed from step {first_step}")
     lines = [finished,
              "Last metrics: " + ", ".join(f"{k} {v:.4g}" for k, v in shown.items() if v is not None),
-             f"Skipped: {logs.get('skipped_updates', 0)} non-finite updates, {skipped} data rows",
+             f"Skipped: {logs.get('skipped_updates', 0)} non-finite updates, {sum(skipped.values())} data rows"
+             + (f" ({', '.join(f'{reason} {count}' for reason, count in skipped.items())})" if skipped else ""),
              "Wrote: " + ", ".join(str(p) for p in written if p.exists()) + f", {output_dir / 'metrics.jsonl'}, "
              f"{output_dir / 'training_config.json'}, {output_dir / 'README.md'} (model card)",
              f"Evaluate: {eval_command(args, output_dir)}"]

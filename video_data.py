@@ -18,7 +18,9 @@ is centred in the video, or starts at a random frame with `--random_crop`. Frame
 random with `--random_crop`), flipped with p = 0.5 unless `--no_hflip`, and scaled to [-1, 1]: one crop and one flip
 per video, the same for all of its frames. Every random choice comes from the generator keyed by (seed, epoch,
 index), as for images, so batches are identical after a resume. A video that cannot be decoded, or has fewer frames
-than the clip needs, skips its row (the next row takes its place) and is counted in `skipped_rows`.
+than the clip needs, skips its row (the next row takes its place) and is counted in `skipped_rows`, as is a pair
+with no preference signal: winner and loser the same file, or the same decoded frames. Each bad row is counted once
+per reason (`skipped_by_reason` in training_state.json and the end summary).
 
 An example's `pixel_values` are (2 x 3, F, H, W): the winner's (3, F, H, W) then the loser's along the channels, as
 image pairs are (6, H, W); SFT keeps the winner alone.
@@ -42,6 +44,30 @@ VIDEO_COLUMNS = ("mp4_0", "mp4_1", "label_0")
 
 class VideoTooShort(ValueError):
     pass
+
+
+class BadVideo(ValueError):
+    """A video of a row that cannot be used, naming the video; `reason` is its skip reason (train.py counts them)."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+def video_name(value) -> str:
+    """A video for messages: its path, or the size of the bytes a parquet/WebDataset row holds."""
+    if isinstance(value, dict):
+        value = value.get("path") or value.get("bytes")
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return f"<{len(value)} bytes>"
+    return str(value)
+
+
+def same_source(first, second) -> bool:
+    """The two videos of a row are one file (the same path or the same bytes)."""
+    if isinstance(first, dict) and isinstance(second, dict):
+        first, second = first.get("bytes") or first.get("path"), second.get("bytes") or second.get("path")
+    return type(first) is type(second) and first == second
 
 
 # --- arguments -------------------------------------------------------------------------------------------------
@@ -276,18 +302,26 @@ class VideoPairDataset(torch.utils.data.Dataset):
         rng = random.Random(f"{seed}-{epoch}-{index}")
         # Where each clip starts in its video: drawn first, so that a skipped row does not shift the later draws.
         positions = [rng.random(), rng.random()] if self.random_crop else [None, None]
+        from train import UnusableCaption, bad_row
+
+        bad_rows = []
         for attempt, row in enumerate(candidates):
             try:
                 if not valid_caption(row[self.caption_column]):
-                    raise ValueError(f"unusable caption {row[self.caption_column]!r}")
-                clips = [decode_clip(row[f"mp4_{side}"], self.num_frames, self.stride, self.target_fps, positions[side])
-                         for side in (0, 1)]
+                    raise UnusableCaption(f"unusable caption {row[self.caption_column]!r}")
+                clips = [self.decode(row, side, positions[side]) for side in (0, 1)]
+                if same_source(row["mp4_0"], row["mp4_1"]) or torch.equal(clips[0], clips[1]):
+                    raise BadVideo(f"mp4_0 and mp4_1 are the same {'file' if same_source(row['mp4_0'], row['mp4_1']) else 'frames'} "
+                                   f"({video_name(row['mp4_0'])}): the pair has no preference signal",
+                                   "no preference signal")
                 break
             except Exception as error:  # noqa: BLE001 - an undecodable or too short video skips the row
+                bad_rows.append(bad_row(self.rows, epoch, index + attempt, getattr(error, "reason", "undecodable video"), error))
                 logger.debug(f"{key}: row skipped ({type(error).__name__}: {error})")
         else:
-            raise RuntimeError(f"no row from row {index} on has two decodable videos of {self.num_frames} frames and "
-                               f"a caption; check the mp4_0/mp4_1 (video_0/video_1) and {self.caption_column} columns")
+            raise RuntimeError(f"row {index}: {bad_rows[0][2].split(': ', 1)[-1]}; and no row after it has two decodable "
+                               f"videos of {self.num_frames} frames and a caption either: check the mp4_0/mp4_1 "
+                               f"(video_0/video_1) and {self.caption_column} columns, and --num_frames / --frame_stride")
         skipped = int(attempt > 0)
         if row["label_0"] == 0:
             clips.reverse()  # winner first
@@ -300,4 +334,13 @@ class VideoPairDataset(torch.utils.data.Dataset):
             pixels = transform_clip(clips[0], self.size, self.random_crop, self.hflip, rng)
         else:
             pixels = torch.cat([transform_clip(clip, self.size, self.random_crop, self.hflip, rng) for clip in clips])
-        return {"pixel_values": pixels, "caption": caption, "skipped": skipped}
+        return {"pixel_values": pixels, "caption": caption, "skipped": skipped, "bad_rows": bad_rows}
+
+    def decode(self, row, side: int, position) -> torch.Tensor:
+        """decode_clip of the row's video `side`; a failure is a BadVideo naming the video and its reason."""
+        value = row[f"mp4_{side}"]
+        try:
+            return decode_clip(value, self.num_frames, self.stride, self.target_fps, position)
+        except Exception as error:  # noqa: BLE001 - any decoding failure skips the row
+            reason = "video too short" if isinstance(error, VideoTooShort) else "undecodable video"
+            raise BadVideo(f"mp4_{side} {video_name(value)}: {reason} ({error})", reason) from error

@@ -274,8 +274,9 @@ def scorer_kwargs(args: argparse.Namespace) -> dict[str, dict]:
 
 def iter_scorers(kwargs: dict[str, dict]):
     """Load the scorers lazily, one per iteration, so that only one model is in memory at a time."""
-    from eval.scorers import load_scorer
+    from eval.scorers import check_hub_weights, load_scorer
 
+    check_hub_weights(kwargs)  # offline without the weights: one line now, not a minute of retries per model
     for name, kw in kwargs.items():
         print(f">>> Loading {name} scorer")
         yield load_scorer(name, **kw)
@@ -308,6 +309,12 @@ def main(argv: Sequence[str] | None = None) -> None:
             score_manifests(args.json_path, iter_scorers(kwargs), batch_size=args.batch_size, output_dir=args.output_dir,
                             frames=args.frames)
     except ManifestError as exc:
+        sys.exit(f"error: {exc}")
+    except OSError as exc:  # eval.scorers.WeightsUnavailable: offline without the weights, one line
+        from eval.scorers import WeightsUnavailable
+
+        if not isinstance(exc, WeightsUnavailable):
+            raise
         sys.exit(f"error: {exc}")
 
 

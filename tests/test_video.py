@@ -490,3 +490,69 @@ def test_manifest_labels_are_cast_per_line(models, tmp_path, pairs):
     manifest.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
     with pytest.raises(ValueError, match=r"pairs.jsonl, line 2: label_0 holds 'left', which is not a number"):
         train.load_rows(video_args(models, manifest))
+
+
+def decodes(path) -> bool:
+    try:
+        video_data.decode_clip(str(path), int(FRAMES["wan"]))
+        return True
+    except Exception:  # noqa: BLE001 - the tiny set's corrupt and too-short clips
+        return False
+
+
+def no_signal_manifest(pairs, out):
+    """6 rows: 0 winner and loser one file, 1 a missing loser, 2 two files with the same frames (three bad rows in a
+    row), then 3 good decided pairs taken from the tiny set's manifest."""
+    import shutil
+
+    source = pairs["manifest"]
+    good = [json.loads(line) for line in source.read_text().splitlines()]
+    good = [e for e in good if e["label_0"] in (0, 1) and all(decodes(source.parent / e[f"video_{side}"]) for side in (0, 1))]
+    out.mkdir(parents=True, exist_ok=True)
+    for entry in good[:6]:  # copy the videos next to the new manifest
+        for side in (0, 1):
+            (out / entry[f"video_{side}"]).parent.mkdir(exist_ok=True)
+            shutil.copy(source.parent / entry[f"video_{side}"], out / entry[f"video_{side}"])
+    first = good[3]["video_0"]
+    shutil.copy(out / first, out / "videos" / "copy.mp4")
+    lines = [dict(good[3], video_1=first), dict(good[4], video_1="videos/missing.mp4"),
+             dict(good[5], video_1="videos/copy.mp4", video_0=first)] + good[:3]
+    manifest = out / "train.jsonl"
+    manifest.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    return manifest
+
+
+def test_pairs_without_preference_signal_are_skipped_and_each_bad_row_met_is_reported(models, pairs, tmp_path):
+    """Row 0 (the same file twice) stands in through rows 1 and 2 (a missing file, identical frames in two files)
+    to row 3: the example reports all three bad rows with their reasons, not "1 skipped"."""
+    manifest = no_signal_manifest(pairs, tmp_path / "data")
+    args = video_args(models, manifest, "--proportion_empty_prompts", "0")
+    _, out = examples(args, [(0, 0, 0), (0, 0, 1)])
+    assert out[0]["skipped"] == 1
+    assert [(row, reason) for row, reason, _ in out[0]["bad_rows"]] == [
+        (0, "no preference signal"), (1, "undecodable video"), (2, "no preference signal")]
+    assert "same file" in out[0]["bad_rows"][0][2] and "missing.mp4" in out[0]["bad_rows"][1][2]
+    assert "same frames" in out[0]["bad_rows"][2][2]
+    assert [row for row, _, _ in out[1]["bad_rows"]] == [1, 2]  # met again as stand-ins: the run counts each once
+
+
+def test_bad_rows_are_counted_once_per_reason_in_a_run(models, pairs, tmp_path):
+    """Two epochs over the 6 rows (batch 1): the 3 bad rows are met as keys and as stand-ins, twice each epoch, and
+    counted 3 times in all, per reason in training_state.json."""
+    manifest = no_signal_manifest(pairs, tmp_path / "data")
+    train_video("wan", models, manifest, tmp_path / "out", "--train_method", "sft", "--train_batch_size", "1",
+                "--checkpointing_steps", "12", steps=12)
+    assert metrics(tmp_path / "out")[-1]["skipped_rows"] == 3
+    state = json.loads((tmp_path / "out" / "checkpoint-12" / "training_state.json").read_text())
+    assert state["skipped_rows"] == 3
+    assert state["skipped_by_reason"] == {"undecodable video": 1, "no preference signal": 2}
+
+
+def test_a_run_whose_rows_all_fail_names_the_video_and_the_reason(models, pairs, tmp_path):
+    """81 frames from 12-frame clips: every row fails; the error names the row, the video and why (raised in a
+    DataLoader worker, it reaches the user as that cause, train.worker_cause)."""
+    with pytest.raises(RuntimeError) as caught:
+        run_train(models["wan"], pairs["manifest"], tmp_path, "--num_frames", "81", "--dataloader_num_workers", "1")
+    message = train.worker_cause(str(caught.value))
+    assert message.startswith("row ") and ".mp4: video too short (12 frames, the clip needs 81)" in message
+    assert message.endswith("(DataLoader worker process 0)") and "\n" not in message
