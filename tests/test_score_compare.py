@@ -198,7 +198,7 @@ def test_summary_formats(runs, tmp_path, capsys):
     assert saved == summary
     assert list(saved) == ["pair", "metrics", "averages"]
     assert saved["pair"] == {"model_a": "LA", "model_b": "LB", "ties_policy": "half"}
-    assert [r["metric"] for r in saved["metrics"]] == ["PickScore", "HPSv2", "CLIP", "Aesthetics", "ImageReward"]
+    assert [r["metric"] for r in saved["metrics"]] == ["PickScore", "HPSv2", "CLIPScore", "AesScore", "ImageReward"]
     for r in saved["metrics"]:
         assert list(r) == ["metric", "mean_a", "mean_b", "win_rate_a_over_b", "wins_a", "wins_b", "ties", "total_pairs"]
     assert list(saved["averages"]) == ["macro_win_rate_a_over_b", "micro_win_rate_a_over_b"]
@@ -211,7 +211,7 @@ def test_summary_formats(runs, tmp_path, capsys):
              "|--------------|----------|----------|--------------|------------------|------|",
              "| PickScore    | 55.000000 | 87.500000 |  62.50%     | 2/1/1         |    4 |",
              "| HPSv2        | 55.000000 | 87.500000 |  62.50%     | 2/1/1         |    4 |",
-             "| CLIP         | 110.000000 | 111.000000 |  62.50%     | 2/1/1         |    4 |"]
+             "| CLIPScore    | 110.000000 | 111.000000 |  62.50%     | 2/1/1         |    4 |"]
     i = lines.index(table[0])
     assert lines[i : i + 5] == table
     assert lines[i + 7 : i + 9] == ["|--------------|----------|----------|--------------|------------------|------|",
@@ -247,7 +247,7 @@ def test_summarize_official_pair_files(tmp_path):
             "model_a": "x/y/a.json", "model_b": "x/y/b.json", "total_pairs": n, "wins_a": wa, "wins_b": wb, "ties": t,
             "win_rate_a_over_b": wr, "mean_score_a": ma, "mean_score_b": mb, "ties_policy": "half", "results": []}))
     s = summarize(tmp_path)
-    assert [r["metric"] for r in s["metrics"]] == ["PickScore", "Aesthetics"]
+    assert [r["metric"] for r in s["metrics"]] == ["PickScore", "AesScore"]
     assert s["averages"]["macro_win_rate_a_over_b"] == pytest.approx(0.575)
     assert (tmp_path / "win_rates.png").is_file()
     with pytest.raises(ManifestError, match="no pair_"):
@@ -486,3 +486,21 @@ def test_offline_without_scorer_weights_fails_at_once_naming_option_and_command(
     local = tmp_path / "hps.pt"  # a local copy needs no hub: the check lets the loader run
     local.write_bytes(b"")
     eval.scorers.check_hub_weights({"hpsv2": {"model_path": str(local), "device": "cpu"}})
+
+
+def test_one_metric_naming_and_the_group_is_the_prompt_file():
+    """eval.compare's names are the scorers' (eval.score's FinalResults tokens); a manifest of prompts_vid.json is
+    group prompts_vid, the official names keep theirs; a TemporalConsistency row keeps the summary aligned."""
+    from eval.compare import PAIR_FILES, summary_text
+    from eval.manifest import group_name
+    from eval.scorers import _SCORERS
+
+    assert {key: name for key, (name, _) in PAIR_FILES.items()} == {key: cls.metric for key, cls in _SCORERS.items()}
+    assert group_name("out/prompts_vid_seed0_480x832_50s_5.0cfg.json") == "prompts_vid"
+    assert group_name("out/papv2_seed0_512x512_50s_7.5cfg.json") == "papv2" and group_name("x/hpsv2_official.json") == "hpsv2"
+    row = dict(mean_a=0.5, mean_b=0.25, win_rate_a_over_b=0.5, wins_a=1, wins_b=1, ties=0, total_pairs=2)
+    summary = {"pair": {"model_a": "A", "model_b": "B", "ties_policy": "half"},
+               "metrics": [dict(row, metric="PickScore"), dict(row, metric="TemporalConsistency")],
+               "averages": {"macro_win_rate_a_over_b": 0.5, "micro_win_rate_a_over_b": 0.5}}
+    table = [line for line in summary_text(summary, []).splitlines() if line.startswith("|")]
+    assert len({line.index("|", 1) for line in table}) == 1  # the first column ends at the same place on every row
