@@ -274,9 +274,8 @@ def scorer_kwargs(args: argparse.Namespace) -> dict[str, dict]:
 
 def iter_scorers(kwargs: dict[str, dict]):
     """Load the scorers lazily, one per iteration, so that only one model is in memory at a time."""
-    from eval.scorers import check_hub_weights, load_scorer
+    from eval.scorers import load_scorer
 
-    check_hub_weights(kwargs)  # offline without the weights: one line now, not a minute of retries per model
     for name, kw in kwargs.items():
         print(f">>> Loading {name} scorer")
         yield load_scorer(name, **kw)

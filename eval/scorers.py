@@ -454,4 +454,5 @@ def load_scorer(name: str, device: str | torch.device = "cpu", batch_size: int =
     unknown = sorted(set(options) - set(accepted))
     if unknown:
         raise TypeError(f"{key} scorer got unknown option(s) {unknown}; it accepts: {', '.join(accepted) or 'none'}")
+    check_hub_weights({key: {"model_path": model_path, **options}})  # offline without them: one line, no retries
     return cls(device=device, batch_size=batch_size, model_path=model_path, **options)

@@ -458,7 +458,7 @@ def test_no_bootstrap(runs, tmp_path, capsys):
 
 
 def test_offline_without_scorer_weights_fails_at_once_naming_option_and_command(runs, tmp_path, monkeypatch, capsys):
-    """HF_HUB_OFFLINE=1 and an empty Hugging Face cache: eval.score stops before loading anything, with one line
+    """HF_HUB_OFFLINE=1 and an empty Hugging Face cache: eval.score stops before loading a model, with one line
     naming the option for a local copy and the `hf download` command (no retries, no connection traceback); the hub
     unreachable (no offline flag) gives the same line."""
     from huggingface_hub import constants
@@ -469,14 +469,16 @@ def test_offline_without_scorer_weights_fails_at_once_naming_option_and_command(
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     loaded = []
-    monkeypatch.setattr(eval.scorers, "load_scorer", lambda *a, **k: loaded.append(a))
+    monkeypatch.setattr(eval.scorers.PickScoreScorer, "__init__", lambda *a, **k: loaded.append(a))
     with pytest.raises(SystemExit) as exited:
         main(["--json_path", str(runs[0]), "--metrics", "pickscore", "clip", "--device", "cpu"])
     message = str(exited.value.code)
     assert not loaded and "\n" not in message and message.startswith("error: the Hugging Face hub is offline")
     assert "pickscore needs yuvalkirstain/PickScore_v1 (or a local copy: --pickscore_path)" in message
     assert "hf download yuvalkirstain/PickScore_v1" in message
-    assert "hf download laion/CLIP-ViT-H-14-laion2B-s32B-b79K open_clip_pytorch_model.bin" in message
+    with pytest.raises(SystemExit) as exited:
+        main(["--json_path", str(runs[0]), "--metrics", "clip", "--device", "cpu"])
+    assert "hf download laion/CLIP-ViT-H-14-laion2B-s32B-b79K open_clip_pytorch_model.bin" in str(exited.value.code)
     monkeypatch.delenv("HF_HUB_OFFLINE")
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(eval.scorers, "hub_reachable", lambda timeout=3.0: False)
