@@ -556,3 +556,22 @@ def test_a_run_whose_rows_all_fail_names_the_video_and_the_reason(models, pairs,
     message = train.worker_cause(str(caught.value))
     assert message.startswith("row ") and ".mp4: video too short (12 frames, the clip needs 81)" in message
     assert message.endswith("(DataLoader worker process 0)") and "\n" not in message
+
+
+def test_video_run_states_its_clip_and_points_to_its_evaluation(models, pairs, tmp_path, caplog):
+    """The log and training_config.json give frames, size and spacing; the model card is tagged text-to-video with
+    them; the summary names test_wan.sh; after a resume it says which steps this launch trained."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="train")
+    train_video("wan", models, pairs["parquet"], tmp_path, "--use_lora", steps=2)
+    clip = "5 frames of 32 x 32 px, consecutive source frames (the source's fps)"
+    assert json.loads((tmp_path / "training_config.json").read_text())["resolved"]["video"] == clip
+    card = (tmp_path / "README.md").read_text()
+    assert "tags: [text-to-video," in card and clip in card
+    assert f"Video: {clip}" in caplog.text
+    assert f"Evaluate: PRETRAIN={models['wan']} bash scripts/eval/test_wan.sh {tmp_path}" in caplog.text
+    assert "no evaluation script" not in caplog.text and "Finished 2 steps in" in caplog.text
+    caplog.clear()
+    train_video("wan", models, pairs["parquet"], tmp_path, "--use_lora", steps=3)
+    assert "Finished at step 3: steps 3..3 (1) in this launch" in caplog.text and "resumed from step 2" in caplog.text
