@@ -160,8 +160,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
     """How images are sampled: size, steps, guidance, batch, precision, device (shared with eval.make_pairs)."""
-    p.add_argument("--height", type=int, default=None, help="default 512 (sd) / 1024 (sdxl, sd3, flux)")
-    p.add_argument("--width", type=int, default=None, help="default 512 (sd) / 1024 (sdxl, sd3, flux)")
+    p.add_argument("--height", type=int, default=None, help="default 512 (sd) / 1024 (sdxl, sd3, flux) / 480 (wan, cogvideox)")
+    p.add_argument("--width", type=int, default=None, help="default 512 (sd) / 1024 (sdxl, sd3, flux) / 832 (wan) / 720 (cogvideox)")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default 50; sd3: 40)")
     p.add_argument("--cfg", type=float, default=None,
                    help="guidance scale, read as --guidance_formula says (default 7.5; sd3: 4.5; flux: 3.5, its "
