@@ -165,7 +165,7 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default 50; sd3: 40)")
     p.add_argument("--cfg", type=float, default=None,
                    help="guidance scale, read as --guidance_formula says (default 7.5; sd3: 4.5; flux: 3.5, its "
-                        "guidance embedding)")
+                        "guidance embedding; wan: 5.0; cogvideox: 6.0)")
     p.add_argument("--guidance_formula", choices=("official", "standard"), default=None,
                    help="official: eps_c + cfg*(eps_c - eps_u) (= standard scale cfg+1), the default for sd/sdxl; "
                         "standard: eps_u + cfg*(eps_c - eps_u) (diffusers), the default for sd3. A non-default formula "
