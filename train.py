@@ -1925,7 +1925,7 @@ def video_clip(args) -> str:
     height, width = args.video_size
     spacing = (f"sampled at {args.target_fps:g} fps" if args.target_fps is not None else
                "consecutive source frames (the source's fps)" if args.frame_stride == 1 else
-               f"every {args.frame_stride}th source frame (the source's fps / {args.frame_stride})")
+               f"every {args.frame_stride}-th source frame (the source's fps / {args.frame_stride})")
     return f"{args.num_frames} frames of {height} x {width} px, {spacing}"
 
 
