@@ -96,6 +96,7 @@ def torch_file_problem(path: Path, load: bool = False) -> str | None:
 
 # training_state.json: each key and what its value must be. `step` must also equal the folder's number.
 STATE_KEYS = ("format", "step", "num_processes", "data", "skipped_rows", "ema", "args")
+OPTIONAL_STATE_KEYS = ("skipped_by_reason",)  # {reason: rows}; absent in checkpoints written before it was counted
 DATA_KEYS = {"seed": 0, "epoch": 0, "position": 0}  # a map-style run saves the seed; a stream also epoch and position
 EMA_KEYS = {"decay": (float, 0.0, 1.0), "min_decay": (float, 0.0, 1.0), "optimization_step": (int, 0, None),
             "update_after_step": (int, 0, None), "use_ema_warmup": (bool, None, None),
@@ -125,7 +126,8 @@ def training_state_problem(state, folder: Path) -> str | None:
         return f"is {type(state).__name__}, not a JSON object"
     if state.get("format") != STATE_FORMAT:
         return f"has an unknown format (field 'format' is {state.get('format')!r}, expected {STATE_FORMAT})"
-    unknown, missing = sorted(set(state) - set(STATE_KEYS)), [k for k in STATE_KEYS if k not in state]
+    unknown = sorted(set(state) - set(STATE_KEYS) - set(OPTIONAL_STATE_KEYS))
+    missing = [k for k in STATE_KEYS if k not in state]
     if unknown or missing:
         return "; ".join(([f"has unknown fields {unknown}"] if unknown else []) +
                          ([f"lacks the fields {missing}"] if missing else []))
@@ -152,6 +154,13 @@ def training_state_problem(state, folder: Path) -> str | None:
             problem = _number_problem(f"ema.{key}", value, kind, low, high)
             if problem:
                 return problem
+    reasons = state.get("skipped_by_reason", {})
+    if not isinstance(reasons, dict) or not all(isinstance(k, str) for k in reasons):
+        return f"has field 'skipped_by_reason' = {reasons!r:.80} (must be an object of reason: rows)"
+    for key, value in reasons.items():
+        problem = _number_problem(f"skipped_by_reason.{key}", value, int, 0)
+        if problem:
+            return problem
     if not isinstance(state["args"], dict):
         return f"has field 'args' = {state['args']!r:.80} (must be an object of the run's arguments)"
     return None

@@ -238,10 +238,12 @@ class CachedPairDataset(torch.utils.data.Dataset):
         seed, epoch, index = key
         n = len(self.cache)
         rng = random.Random(f"{seed}-{epoch}-{index}")  # the draws of PairDataset.example, in its order
+        bad_rows = []
         for attempt in range(n):
             row = (index + attempt) % n
             if not self.cache.bad[row]:
                 break
+            bad_rows.append((row, "bad in the latent cache", "the row was marked bad when the cache was built"))
         else:
             raise RuntimeError(f"no usable row from row {index} on in the cache")
         images = [0, 1] if self.cache.labels[row] != 0 else [1, 0]  # winner first
@@ -250,13 +252,14 @@ class CachedPairDataset(torch.utils.data.Dataset):
             images = images[:1]
         moments = torch.stack([self.cache.moments(row, image, self.hflip and rng.random() < 0.5) for image in images])
         return {"moments": moments, "conditioning": self.cache.conditioning(None if dropped else row),
-                "skipped": int(attempt > 0)}
+                "skipped": int(attempt > 0), "bad_rows": bad_rows}
 
 
 def collate(examples):
     return {"moments": torch.stack([e["moments"] for e in examples]),
             "conditioning": {k: torch.stack([e["conditioning"][k] for e in examples]) for k in examples[0]["conditioning"]},
-            "skipped": torch.tensor(sum(e["skipped"] for e in examples))}
+            "skipped": torch.tensor(sum(e["skipped"] for e in examples)),
+            "bad_rows": [bad for e in examples for bad in e["bad_rows"]]}
 
 
 def latents_from_moments(family, moments: torch.Tensor, latent_config) -> torch.Tensor:

@@ -842,6 +842,24 @@ class LabelFilter:
         return label in (0, 1)
 
 
+class UnusableCaption(ValueError):
+    pass
+
+
+# Why a data row is skipped (counted per reason in training_state.json's skipped_by_reason and the end summary).
+SKIP_REASONS = ("undecodable image", "undecodable video", "video too short", "video too large", "unusable caption",
+                "no preference signal", "bad in the latent cache")
+
+
+def bad_row(rows, epoch: int, position: int, reason: str, error: Exception) -> tuple:
+    """(row id, reason, message) of a skipped row. The id is the dataset's row index (a map-style dataset; `rows` is
+    None for a stream: (epoch, stream position)), so that a bad row met again, as a stand-in for another row or in a
+    later epoch, is counted once."""
+    row_id = position % len(rows) if rows is not None else (epoch, position)
+    reason = "unusable caption" if isinstance(error, UnusableCaption) else reason
+    return row_id, reason, f"{type(error).__name__}: {error}"
+
+
 def valid_caption(value) -> bool:
     """A caption is a string ("" included) or a non-empty list of strings (one is drawn per use)."""
     if isinstance(value, str):
@@ -908,13 +926,15 @@ class PairDataset(torch.utils.data.Dataset):
         rows standing in for it) whose two images decode."""
         seed, epoch, index = key
         rng = random.Random(f"{seed}-{epoch}-{index}")
+        bad_rows = []
         for attempt, row in enumerate(candidates):
             try:
                 if not valid_caption(row[self.caption_column]):
-                    raise ValueError(f"unusable caption {row[self.caption_column]!r}")
+                    raise UnusableCaption(f"unusable caption {row[self.caption_column]!r}")
                 images = [decode_image(row["jpg_0"]), decode_image(row["jpg_1"])]
                 break
             except Exception as error:  # noqa: BLE001 - an undecodable image or a bad caption skips the row, the run goes on
+                bad_rows.append(bad_row(self.rows, epoch, index + attempt, "undecodable image", error))
                 logger.debug(f"{key}: row skipped ({error})")
         else:
             raise RuntimeError(f"no row from row {index} on has two decodable images and a caption; check the "
@@ -931,7 +951,7 @@ class PairDataset(torch.utils.data.Dataset):
             pixels = self.transform(images[0], rng)
         else:
             pixels = torch.cat([self.transform(image, rng) for image in images])
-        example = {"pixel_values": pixels, "caption": caption, "skipped": skipped}
+        example = {"pixel_values": pixels, "caption": caption, "skipped": skipped, "bad_rows": bad_rows}
         if self.pair_weight_column:
             example["pair_weight"] = pair_weight_of(row, self.pair_weight_column)
         if self.for_scorer:
@@ -1098,6 +1118,7 @@ class Collate:
             "pixel_values": torch.stack([e["pixel_values"] for e in examples]).contiguous(),
             "captions": captions,
             "skipped": torch.tensor(sum(e["skipped"] for e in examples)),
+            "bad_rows": [bad for e in examples for bad in e.get("bad_rows", ())],  # (row id, reason, message)
         }
         for i, (tokenizer, length) in enumerate(zip(self.tokenizers, self.max_lengths)):
             ids = tokenizer(captions, max_length=length, padding="max_length", truncation=True, return_tensors="pt").input_ids
@@ -1759,6 +1780,7 @@ def main(argv=None):
     # Resume
     metrics_file = output_dir / "metrics.jsonl"
     global_step, first_epoch, skip_batches, skipped_rows_before = 0, 0, 0, 0
+    skipped_by_reason_before = {}
     if checkpoint is not None:
         accelerator.print(f"Resuming from checkpoint {checkpoint}")
         accelerator.load_state(str(checkpoint))
@@ -1766,6 +1788,7 @@ def main(argv=None):
         if ema is not None:
             ema.load_state_dict(resumed_state["ema"])
         global_step, skipped_rows_before = resumed_state["step"], resumed_state["skipped_rows"]
+        skipped_by_reason_before = resumed_state.get("skipped_by_reason", {})  # absent in older checkpoints
         if accelerator.is_main_process:  # the steps logged after the checkpoint are logged again
             checkpoints.truncate_metrics(metrics_file, global_step)
         if stream is not None:  # the checkpoint restored its epoch and position: the used rows are skipped undecoded
@@ -1788,6 +1811,7 @@ def main(argv=None):
         checkpoint_state.update(
             format=checkpoints.STATE_FORMAT, step=step, num_processes=accelerator.num_processes,
             data=data_state.state_dict(), skipped_rows=skipped_rows_before + count_skipped(),
+            skipped_by_reason=skipped_by_reason(),
             ema={k: v for k, v in ema.state_dict().items() if k != "shadow_params"} if ema is not None else None,
             args=requested,
         )
@@ -1824,12 +1848,31 @@ def main(argv=None):
     # Device-side accumulators between logging points: no host sync inside the step.
     zero = lambda: torch.zeros((), device=accelerator.device)  # noqa: E731
     sums, weight_history = {}, {}
-    bad_update, nonfinite_in_a_row, skipped_updates, skipped_rows = zero(), 0, 0, zero()
+    bad_update, nonfinite_in_a_row, skipped_updates = zero(), 0, 0
     last, final_logs = {}, {}
+    # Bad rows, host side (no device read per micro-batch): met here and not yet shared, and counted (every rank).
+    met_bad_rows, new_bad_rows, counted_bad_rows, logged_reasons = set(), [], set(), set()
+    bad_row_counts = dict.fromkeys(SKIP_REASONS, 0)
 
     def count_skipped() -> int:
-        """Rows skipped (undecodable image, unusable caption) by every rank since this process started."""
-        return int(accelerator.reduce(skipped_rows.clone(), reduction="sum").item())
+        """Bad rows (undecodable image or video, unusable caption, no preference signal) met by any rank since this
+        process started, each counted once however often and wherever it was met (as a stand-in, in later epochs,
+        on two ranks). One reduce per call; the row ids travel between ranks only when some rank met a new one."""
+        pending = accelerator.reduce(torch.tensor(len(new_bad_rows), device=accelerator.device), reduction="sum").item()
+        if pending:
+            from accelerate.utils import gather_object
+
+            for row_id, reason in gather_object(new_bad_rows) if accelerator.num_processes > 1 else new_bad_rows:
+                if row_id not in counted_bad_rows:
+                    counted_bad_rows.add(row_id)
+                    bad_row_counts[reason] += 1
+            new_bad_rows.clear()
+        return sum(bad_row_counts.values())
+
+    def skipped_by_reason() -> dict:
+        """Bad rows per reason, the resumed run's included, as of the last count_skipped (for training_state.json)."""
+        counts = {r: skipped_by_reason_before.get(r, 0) + bad_row_counts[r] for r in SKIP_REASONS}
+        return {reason: count for reason, count in counts.items() if count}
 
     for epoch in range(first_epoch, args.num_train_epochs):
         if global_step >= args.max_train_steps:  # resuming a finished run: nothing left to train
@@ -1875,7 +1918,14 @@ def main(argv=None):
             if choice_scorer is not None:
                 sums["relabelled_fraction"] = sums.get("relabelled_fraction", 0) + \
                     relabelled.float().mean() / args.gradient_accumulation_steps
-            skipped_rows = skipped_rows + batch["skipped"].to(skipped_rows.device)  # read when logging, not here
+            for row_id, reason, message in batch.get("bad_rows", ()):
+                if row_id not in met_bad_rows:
+                    if reason not in logged_reasons:  # the first of each reason in full; the end summary counts them
+                        logged_reasons.add(reason)
+                        logger.warning(f"row {row_id} skipped: {message} (further rows skipped for {reason} are "
+                                       f"counted, not logged)", main_process_only=False)
+                    met_bad_rows.add(row_id)
+                    new_bad_rows.append((row_id, reason))
             if stream is not None:
                 stream.position = batch["stream_position"]  # saved with the next checkpoint
 
@@ -1954,8 +2004,8 @@ def main(argv=None):
         save_weights(final_unet, output_dir, args, ema, family=family, write=accelerator.is_main_process)
     if accelerator.is_main_process:
         if skipped_total:
-            logger.warning(f"{skipped_total} rows were skipped (undecodable image or unusable caption; each replaced "
-                           f"by the next row)")
+            reasons = ", ".join(f"{reason} {count}" for reason, count in skipped_by_reason().items())
+            logger.warning(f"{skipped_total} rows were skipped ({reasons}; each replaced by the next row)")
         if not fsdp:
             final_bytes = sum(p.numel() * 4 for _, p in trainable_parameters(final_unet)) * (1 if args.use_lora else 2)
             checkpoints.check_free_space(output_dir, final_bytes * (2 if ema is not None else 1), "the final weights")
@@ -1969,7 +2019,8 @@ def main(argv=None):
                 final_unet.load_state_dict(load_file(str(output_dir / f"{family.denoiser}.safetensors")))
             save_pipeline(args, final_unet, output_dir)
         write_model_card(args, output_dir, global_step, final_logs)
-        log_summary(args, output_dir, global_step, time.time() - started, final_logs, written, skipped_total)
+        log_summary(args, output_dir, global_step, time.time() - started, final_logs, written, skipped_by_reason(),
+                    first_step=resumed_state["step"] if checkpoint is not None else 0)
         if args.push_to_hub:
             from huggingface_hub import create_repo, upload_folder
 
@@ -2033,7 +2084,17 @@ def describe_run(args, requested: dict, accelerator, weight_dtype, base_lr: floa
         "processes": accelerator.num_processes,
         "effective_batch": args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps,
         "seed": args.seed if requested["seed"] is not None else f"{args.seed} (drawn: no --seed given; a resume reuses it)",
+        **({"video": video_clip(args)} if FAMILIES[args.model_family].video else {}),
     }
+
+
+def video_clip(args) -> str:
+    """A video run's clip: frames, size and how the frames are spaced in time (logged, in the model card)."""
+    height, width = args.video_size
+    spacing = (f"sampled at {args.target_fps:g} fps" if args.target_fps is not None else
+               "consecutive source frames (the source's fps)" if args.frame_stride == 1 else
+               f"every {args.frame_stride}-th source frame (the source's fps / {args.frame_stride})")
+    return f"{args.num_frames} frames of {height} x {width} px, {spacing}"
 
 
 def final_weight_names(args) -> list[str]:
@@ -2045,11 +2106,13 @@ def final_weight_names(args) -> list[str]:
 EVAL_SCRIPTS = {"sd": ("scripts/eval/test_sd15.sh", "stable-diffusion-v1-5/stable-diffusion-v1-5"),
                 "sdxl": ("scripts/eval/test_sdxl.sh", "stabilityai/stable-diffusion-xl-base-1.0"),
                 "sd3": ("scripts/eval/test_sd3.sh", "stabilityai/stable-diffusion-3.5-medium"),
-                "flux": ("scripts/eval/test_flux.sh", "black-forest-labs/FLUX.1-dev")}
+                "flux": ("scripts/eval/test_flux.sh", "black-forest-labs/FLUX.1-dev"),
+                "wan": ("scripts/eval/test_wan.sh", "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"),
+                "cogvideox": ("scripts/eval/test_cogvideox.sh", "THUDM/CogVideoX-2b")}
 
 
 def eval_command(args, output_dir: Path) -> str:
-    if args.model_family not in EVAL_SCRIPTS:  # the video families have no evaluation script yet
+    if args.model_family not in EVAL_SCRIPTS:  # a family without an evaluation script
         return f"no evaluation script for {args.model_family} yet; load it with diffusers' {FAMILIES[args.model_family].pipeline_class}"
     script, default_base = EVAL_SCRIPTS[args.model_family]
     target = output_dir if args.use_lora else output_dir / f"{FAMILIES[args.model_family].denoiser}.pth"
@@ -2057,12 +2120,18 @@ def eval_command(args, output_dir: Path) -> str:
     return f"{env}bash {script} {target}"
 
 
-def log_summary(args, output_dir: Path, steps: int, seconds: float, logs: dict, written: list, skipped: int):
+def log_summary(args, output_dir: Path, steps: int, seconds: float, logs: dict, written: list, skipped: dict,
+                first_step: int = 0):
     """The end of a run in a few lines: time, steps, last metrics, files, and the command to evaluate it."""
     shown = {k: v for k, v in logs.items() if k in ("train_loss", "implicit_acc_accumulated", "avg_lose_l_scale", "lr")}
-    lines = [f"Finished {steps} steps in {seconds / 3600:.2f} h ({seconds:.0f} s)",
+    finished = f"Finished {steps} steps in {seconds / 3600:.2f} h ({seconds:.0f} s)"
+    if first_step:  # resumed: the time is this launch's, so say which steps it covers
+        finished = (f"Finished at step {steps}: steps {first_step + 1}..{steps} ({steps - first_step}) in this launch, "
+                    f"{seconds / 3600:.2f} h ({seconds:.0f} s), resumed from step {first_step}")
+    lines = [finished,
              "Last metrics: " + ", ".join(f"{k} {v:.4g}" for k, v in shown.items() if v is not None),
-             f"Skipped: {logs.get('skipped_updates', 0)} non-finite updates, {skipped} data rows",
+             f"Skipped: {logs.get('skipped_updates', 0)} non-finite updates, {sum(skipped.values())} data rows"
+             + (f" ({', '.join(f'{reason} {count}' for reason, count in skipped.items())})" if skipped else ""),
              "Wrote: " + ", ".join(str(p) for p in written if p.exists()) + f", {output_dir / 'metrics.jsonl'}, "
              f"{output_dir / 'training_config.json'}, {output_dir / 'README.md'} (model card)",
              f"Evaluate: {eval_command(args, output_dir)}"]
@@ -2094,17 +2163,20 @@ def write_model_card(args, output_dir: Path, steps: int, logs: dict):
         sampling = ("\nEvaluated with `eval.generate`: Euler built from the base's scheduler config (SD1.5's own "
                     "PNDM samples differently), 50 steps, guidance scale 8.5 in diffusers' terms.\n")
     loss = logs.get("train_loss")
+    size = f"{args.resolution} px"
+    if family.video:  # frames, size and their spacing: "64 px" alone does not say what a video model saw
+        size = video_clip(args)
     text = f"""---
 base_model: {base}
 library_name: diffusers
-tags: [text-to-image, diffusers, preference-optimization, {args.train_method}]
+tags: [{'text-to-video' if family.video else 'text-to-image'}, diffusers, preference-optimization, {args.train_method}]
 ---
 
 # {method}{' (LoRA)' if args.use_lora else ''} fine-tune of {base}
 
 Trained with train.py of this project: {method}{safeguard}, beta {args.beta_dpo:g}, {steps} steps, learning rate
 {args.learning_rate:g}, effective batch {args.train_batch_size} x {args.gradient_accumulation_steps} accumulation x processes,
-{args.resolution} px, mixed precision {args.mixed_precision}, data `{args.dataset_name or args.train_data_dir}` (split `{args.split}`).
+{size}, mixed precision {args.mixed_precision}, data `{args.dataset_name or args.train_data_dir}` (split `{args.split}`).
 Last logged train loss: {f'{loss:.4g}' if isinstance(loss, float) and math.isfinite(loss) else 'n/a'}.
 Every argument is in `training_config.json`; the training curves in `metrics.jsonl`.
 {sampling}
@@ -2209,10 +2281,22 @@ def save_pipeline(args, unet, output_dir: Path):
                 f"through a hard link)")
 
 
+def worker_cause(message: str) -> str:
+    """torch re-raises a DataLoader worker's exception as "Caught X in DataLoader worker process N.\nOriginal
+    Traceback ...": the one line worth printing is the original exception's, at the end of that traceback."""
+    if not (message.startswith("Caught ") and "Original Traceback" in message):
+        return message
+    head = message.splitlines()[0]
+    lines = [line for line in message.splitlines() if line.strip() and not line.startswith(" ")]
+    cause = re.sub(r"^[A-Za-z_][\w.]*: ", "", lines[-1])  # the exception type
+    return f"{cause} ({head.removeprefix('Caught ').split(' in ', 1)[-1].rstrip('.')})"
+
+
 if __name__ == "__main__":
     try:
         main()
     except (OSError, ValueError, RuntimeError, FloatingPointError, ImportError) as error:
         message = error.strerror if isinstance(error, OSError) and error.strerror and not error.filename else error
+        message = worker_cause(str(message))
         print(f"train.py: error: {message}", file=sys.stderr)  # once, and last: the cause does not scroll away
         sys.exit(1)

@@ -10,7 +10,8 @@ Rows are Pick-a-Pic-style with videos instead of images: `mp4_0`, `mp4_1`, `labe
   `video_1` (paths, relative to the manifest's folder unless absolute) and `label_0`, read here (`load_manifest`);
   `video_0`/`video_1` become `mp4_0`/`mp4_1` holding the absolute paths.
 
-Each video is decoded with PyAV. `--num_frames` frames are taken `--frame_stride` source frames apart, or at
+Each video is decoded with PyAV and turned upright by its display-matrix rotation (eval.video.upright_rgb, shared
+with scoring: phone footage stored sideways plays, trains and scores upright). `--num_frames` frames are taken `--frame_stride` source frames apart, or at
 `--target_fps` (the nearest source frame to each time step of 1/target_fps, from the container's frame rate); the clip
 is centred in the video, or starts at a random frame with `--random_crop`. Frames are resized so that the clip covers
 `--video_size` (the shorter side to `--resolution` for a square size; bilinear, antialiased), cropped (centre, or
@@ -18,7 +19,9 @@ random with `--random_crop`), flipped with p = 0.5 unless `--no_hflip`, and scal
 per video, the same for all of its frames. Every random choice comes from the generator keyed by (seed, epoch,
 index), as for images, so batches are identical after a resume. A video that cannot be decoded, has fewer frames
 than the clip needs, or frames larger than 8K UHD (refused from its header, before any frame is decoded), skips its
-row (the next row takes its place) and is counted in `skipped_rows`.
+row (the next row takes its place) and is counted in `skipped_rows`, as is a pair with no preference signal: winner
+and loser the same file, or the same decoded frames. Each bad row is counted once per reason (`skipped_by_reason` in
+training_state.json and the end summary).
 
 An example's `pixel_values` are (2 x 3, F, H, W): the winner's (3, F, H, W) then the loser's along the channels, as
 image pairs are (6, H, W); SFT keeps the winner alone.
@@ -51,6 +54,30 @@ class VideoTooLarge(ValueError):
 # The largest frame decoded: 8K UHD. A file's header can claim any size, and a small file can hold huge frames that
 # compress well (a uniform colour); a clip of such frames would take gigabytes as RGB and as floats: its row is skipped.
 MAX_FRAME_PIXELS = 7680 * 4320
+
+
+class BadVideo(ValueError):
+    """A video of a row that cannot be used, naming the video; `reason` is its skip reason (train.py counts them)."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+def video_name(value) -> str:
+    """A video for messages: its path, or the size of the bytes a parquet/WebDataset row holds."""
+    if isinstance(value, dict):
+        value = value.get("path") or value.get("bytes")
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return f"<{len(value)} bytes>"
+    return str(value)
+
+
+def same_source(first, second) -> bool:
+    """The two videos of a row are one file (the same path or the same bytes)."""
+    if isinstance(first, dict) and isinstance(second, dict):
+        first, second = first.get("bytes") or first.get("path"), second.get("bytes") or second.get("path")
+    return type(first) is type(second) and first == second
 
 
 # --- arguments -------------------------------------------------------------------------------------------------
@@ -117,8 +144,9 @@ def load_manifest(source: str, args):
     """A JSONL manifest of local video pairs as a datasets.Dataset with mp4_0/mp4_1 (absolute paths), label_0 and
     the caption column. Relative paths are resolved against the manifest's folder (not the working directory);
     absolute paths, `..` and symbolic links are followed as written: the manifest is the user's own list of local
-    files, trusted as the command line is. A line that is not JSON, lacks a field or gives a path that is not a string
-    stops the run naming the line; a missing file is found when decoded (its row is skipped and counted)."""
+    files, trusted as the command line is. label_0 may be a number or a numeric string on any line (cast per line to
+    float). A line that is not JSON, lacks a field or holds one of the wrong type (a path that is not a string
+    included) stops the run naming the line; a missing file is found when decoded (its row is skipped and counted)."""
     from datasets import Dataset
 
     path = Path(source)
@@ -139,17 +167,31 @@ def load_manifest(source: str, args):
             if missing:
                 raise ValueError(f"{source}, line {number}: no {', '.join(missing)}; a video manifest line needs "
                                  f"{', '.join(needed)}")
-            for key in ("video_0", "video_1"):
-                if not isinstance(entry[key], str) or not entry[key]:
-                    raise ValueError(f"{source}, line {number}: {key} is {entry[key]!r}, not a file path")
-            row = {"mp4_0": str(folder / entry["video_0"]), "mp4_1": str(folder / entry["video_1"]),
-                   "label_0": entry["label_0"], args.caption_column: entry[args.caption_column]}
-            rows.append(row)
+            rows.append(manifest_row(entry, path, number, args.caption_column))
     if not rows:
         raise ValueError(f"{source}: the manifest holds no pairs")
     args.resolved_dataset = f"{source} (JSONL manifest, {len(rows)} pairs)"
     dataset = Dataset.from_list(rows)
     return dataset.to_iterable_dataset() if args.streaming else dataset
+
+
+def manifest_row(entry: dict, path: Path, number: int, caption_column: str) -> dict:
+    """One manifest line as a row, label_0 a float; a field of the wrong type stops the run naming the line (Arrow
+    would otherwise refuse the whole column without saying where)."""
+    for key in ("video_0", "video_1"):
+        if not isinstance(entry[key], str) or not entry[key]:
+            raise ValueError(f"{path}, line {number}: {key} is {entry[key]!r}; give the video's path as a string")
+    from train import as_label
+
+    caption = entry[caption_column]
+    if not (isinstance(caption, str) or (isinstance(caption, list) and all(isinstance(c, str) for c in caption))):
+        raise ValueError(f"{path}, line {number}: {caption_column} is {caption!r}; give a string (or a list of strings)")
+    try:  # as train.numeric_labels casts parquet labels: 1, "0", "0.5" and 1.0 may mix in one manifest
+        label = as_label(entry["label_0"])
+    except ValueError as error:
+        raise ValueError(f"{path}, line {number}: {error}") from None
+    return {"mp4_0": str(path.parent / entry["video_0"]), "mp4_1": str(path.parent / entry["video_1"]),
+            "label_0": label, caption_column: caption}
 
 
 # --- decoding and frame sampling -------------------------------------------------------------------------------
@@ -189,7 +231,10 @@ def clip_indices(total: int, fps: float | None, num_frames: int, stride: int, ta
 
 def decode_clip(value, num_frames: int, stride: int = 1, target_fps: float | None = None,
                 position: float | None = None) -> torch.Tensor:
-    """The clip's frames, (F, H, W, 3) uint8. Frames are decoded in order up to the clip's last one only."""
+    """The clip's frames, (F, H, W, 3) uint8, upright (the container's display rotation applied, eval.video.upright_rgb).
+    Frames are decoded in order up to the clip's last one only."""
+    from eval.video import upright_rgb
+
     with open_video(value) as container:
         stream = container.streams.video[0]
         check_frame_size(stream.codec_context.width, stream.codec_context.height)  # before any frame is decoded
@@ -203,7 +248,7 @@ def decode_clip(value, num_frames: int, stride: int = 1, target_fps: float | Non
         for index, frame in enumerate(container.decode(stream)):
             if index in keep:
                 check_frame_size(frame.width, frame.height)  # a stream can change size midway
-                array = torch.from_numpy(frame.to_ndarray(format="rgb24"))
+                array = torch.from_numpy(upright_rgb(frame))  # the display rotation applied, as for scoring
                 frames.extend([array] * keep[index])  # a low source rate can repeat a frame under --target_fps
             if index >= wanted[-1]:
                 break
@@ -277,18 +322,26 @@ class VideoPairDataset(torch.utils.data.Dataset):
         rng = random.Random(f"{seed}-{epoch}-{index}")
         # Where each clip starts in its video: drawn first, so that a skipped row does not shift the later draws.
         positions = [rng.random(), rng.random()] if self.random_crop else [None, None]
+        from train import UnusableCaption, bad_row
+
+        bad_rows = []
         for attempt, row in enumerate(candidates):
             try:
                 if not valid_caption(row[self.caption_column]):
-                    raise ValueError(f"unusable caption {row[self.caption_column]!r}")
-                clips = [decode_clip(row[f"mp4_{side}"], self.num_frames, self.stride, self.target_fps, positions[side])
-                         for side in (0, 1)]
+                    raise UnusableCaption(f"unusable caption {row[self.caption_column]!r}")
+                clips = [self.decode(row, side, positions[side]) for side in (0, 1)]
+                if same_source(row["mp4_0"], row["mp4_1"]) or torch.equal(clips[0], clips[1]):
+                    raise BadVideo(f"mp4_0 and mp4_1 are the same {'file' if same_source(row['mp4_0'], row['mp4_1']) else 'frames'} "
+                                   f"({video_name(row['mp4_0'])}): the pair has no preference signal",
+                                   "no preference signal")
                 break
             except Exception as error:  # noqa: BLE001 - an undecodable or too short video skips the row
+                bad_rows.append(bad_row(self.rows, epoch, index + attempt, getattr(error, "reason", "undecodable video"), error))
                 logger.debug(f"{key}: row skipped ({type(error).__name__}: {error})")
         else:
-            raise RuntimeError(f"no row from row {index} on has two decodable videos of {self.num_frames} frames and "
-                               f"a caption; check the mp4_0/mp4_1 (video_0/video_1) and {self.caption_column} columns")
+            raise RuntimeError(f"row {index}: {bad_rows[0][2].split(': ', 1)[-1]}; and no row after it has two decodable "
+                               f"videos of {self.num_frames} frames and a caption either: check the mp4_0/mp4_1 "
+                               f"(video_0/video_1) and {self.caption_column} columns, and --num_frames / --frame_stride")
         skipped = int(attempt > 0)
         if row["label_0"] == 0:
             clips.reverse()  # winner first
@@ -301,4 +354,14 @@ class VideoPairDataset(torch.utils.data.Dataset):
             pixels = transform_clip(clips[0], self.size, self.random_crop, self.hflip, rng)
         else:
             pixels = torch.cat([transform_clip(clip, self.size, self.random_crop, self.hflip, rng) for clip in clips])
-        return {"pixel_values": pixels, "caption": caption, "skipped": skipped}
+        return {"pixel_values": pixels, "caption": caption, "skipped": skipped, "bad_rows": bad_rows}
+
+    def decode(self, row, side: int, position) -> torch.Tensor:
+        """decode_clip of the row's video `side`; a failure is a BadVideo naming the video and its reason."""
+        value = row[f"mp4_{side}"]
+        try:
+            return decode_clip(value, self.num_frames, self.stride, self.target_fps, position)
+        except Exception as error:  # noqa: BLE001 - any decoding failure skips the row
+            reason = ("video too short" if isinstance(error, VideoTooShort) else
+                      "video too large" if isinstance(error, VideoTooLarge) else "undecodable video")
+            raise BadVideo(f"mp4_{side} {video_name(value)}: {reason} ({error})", reason) from error

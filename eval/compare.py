@@ -24,12 +24,14 @@ import numpy as np
 
 from eval.manifest import DEFAULT_FRAMES, ManifestError, check_images, pair_items, read_manifest, score_items
 
-# metric -> (name in console/summary, file); dict order = the official summary order
+# metric -> (name in console/summary, file); dict order = the official summary order. The names are the scorers'
+# (eval.scorers `metric`, eval.score's FinalResults lines), one naming everywhere; the official summary_vs_scores.py
+# printed CLIP and Aesthetics for CLIPScore and AesScore.
 PAIR_FILES = {
     "pickscore": ("PickScore", "pair_pickscore.json"),
     "hpsv2": ("HPSv2", "pair_hpsv2.json"),
-    "clip": ("CLIP", "pair_clip.json"),
-    "aesthetics": ("Aesthetics", "pair_aesthetics.json"),
+    "clip": ("CLIPScore", "pair_clip.json"),
+    "aesthetics": ("AesScore", "pair_aesthetics.json"),
     "imagereward": ("ImageReward", "pair_imagereward.json"),
     "temporal": ("TemporalConsistency", "pair_temporal.json"),  # videos only
 }
@@ -175,15 +177,17 @@ def compare_manifests(
 def summary_text(summary: dict, extras: list[dict]) -> str:
     """The official summary_vs_scores.py block, then a table of the added statistics."""
     pair, rows, avg = summary["pair"], summary["metrics"], summary["averages"]
+    width = max([12] + [len(r["metric"]) for r in rows])  # TemporalConsistency is wider than the official 12
+    sep = "|" + "-" * (width + 2) + SEP[15:]
     out = ["", "========== SUMMARY ==========",
            f"Pair: {pair['model_a']}  vs  {pair['model_b']}   (ties policy: {pair['ties_policy']})", "",
-           "| Metric       |  A mean  |  B mean  |  A win rate  | Wins/Ties/Losses |   n  |", SEP]
+           f"| {'Metric':<{width}} |  A mean  |  B mean  |  A win rate  | Wins/Ties/Losses |   n  |", sep]
     for r in rows:
         losses = r["total_pairs"] - r["wins_a"] - r["ties"]
-        out.append(f"| {r['metric']:<12} | {r['mean_a']:.6f} | {r['mean_b']:.6f} | "
+        out.append(f"| {r['metric']:<{width}} | {r['mean_a']:.6f} | {r['mean_b']:.6f} | "
                    f"{100.0 * r['win_rate_a_over_b']:>6.2f}%     | {r['wins_a']}/{r['ties']}/{losses}         | "
                    f"{r['total_pairs']:>4} |")
-    out += [SEP, f"| {'Average':<12} | {'-':>8} | {'-':>8} | {100.0 * avg['macro_win_rate_a_over_b']:>6.2f}%     | "
+    out += [sep, f"| {'Average':<{width}} | {'-':>8} | {'-':>8} | {100.0 * avg['macro_win_rate_a_over_b']:>6.2f}%     | "
                  f"{'-':<18} | {'-':>4} |", ""]
     out.append(f"Macro avg win rate (unweighted across {len(rows)} metrics): {100.0 * avg['macro_win_rate_a_over_b']:.2f}%")
     if avg["micro_win_rate_a_over_b"] is not None:
@@ -312,6 +316,12 @@ def main(argv: Sequence[str] | None = None) -> None:
                           args.outdir, args.batch_size, args.ties_as_loss_for_a, args.n_bootstrap, args.seed,
                           frames=args.frames)
     except ManifestError as exc:
+        sys.exit(f"error: {exc}")
+    except OSError as exc:  # eval.scorers.WeightsUnavailable: offline without the weights, one line
+        from eval.scorers import WeightsUnavailable
+
+        if not isinstance(exc, WeightsUnavailable):
+            raise
         sys.exit(f"error: {exc}")
 
 

@@ -1,4 +1,4 @@
-"""Generate evaluation images for SD1.x/2.x, SDXL, SD3/SD3.5 or FLUX.1; SD1.5 and SDXL follow the official
+"""Generate evaluation images (SD1.x/2.x, SDXL, SD3/SD3.5, FLUX.1) or videos (Wan2.1, CogVideoX); SD1.5 and SDXL follow the official
 `test_sd15.py` / `test_sdxl.py` protocol.
 
     python -m eval.generate --unet_path output/sd15-dpo/unet.pth --test_json prompts/papv2.json
@@ -7,7 +7,7 @@
     python -m eval.generate --pretrain_path /models/FLUX.1-dev --transformer_path output/flux-dpo/transformer.pth
     accelerate launch -m eval.generate ...            # several GPUs: prompts are sharded across ranks
 
-The family (sd, sdxl, sd3, flux) is read from the base model's model_index.json `_class_name`, as train.py does
+The family (sd, sdxl, sd3, flux, wan, cogvideox) is read from the base model's model_index.json `_class_name`, as train.py does
 (families.PIPELINE_FAMILIES); `--model_family` names it when that file cannot be read, `--sdxl` means sdxl.
 sd and sdxl run the hand-written official loop below: an SD2.x v-prediction model gets it too, the scheduler config's
 `prediction_type` deciding how Euler reads the prediction. sd3 and flux run their diffusers pipeline
@@ -147,13 +147,13 @@ GENERATE_RANGES = {**SAMPLING_RANGES, "seed": ">= 0", "num_frames": ">= 1", "fps
 def add_model_args(p: argparse.ArgumentParser) -> None:
     """The model to sample from: base, fine-tuned denoiser, LoRA adapter, family, VAE (shared with eval.make_pairs)."""
     p.add_argument("--unet_path", "--transformer_path", dest="unet_path", default=None,
-                   help="fine-tuned UNet (sd, sdxl) or transformer (sd3, flux): a .pth state dict (the released "
+                   help="fine-tuned UNet (sd, sdxl) or transformer (sd3, flux, wan, cogvideox): a .pth state dict (the released "
                         "checkpoints' format), a .safetensors file, a diffusers UNet/transformer folder, a pipeline "
                         "folder with unet/ or transformer/, or a train.py output folder holding unet.* / transformer.* "
                         "(or a LoRA adapter). Omit to use the base model (eval.generate then needs --output_path).")
     p.add_argument("--pretrain_path", default=None,
                    help=f"base model (default {SD15_BASE}; {SDXL_BASE} with --sdxl; {SD3_BASE} / {FLUX_BASE} with "
-                        "--model_family sd3 / flux)")
+                        f"--model_family sd3 / flux; {WAN_BASE} / {COGVIDEOX_BASE} with --model_family wan / cogvideox)")
     p.add_argument("--sdxl", action="store_true", help="SDXL mode (= --model_family sdxl)")
     p.add_argument("--model_family", choices=tuple(FAMILY_DEFAULTS), default=None,
                    help="sd (SD1.x/2.x), sdxl, sd3 (SD3/3.5), flux (FLUX.1), wan (Wan2.1 T2V) or cogvideox "
@@ -168,12 +168,12 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
     """How images are sampled: size, steps, guidance, batch, precision, device (shared with eval.make_pairs)."""
-    p.add_argument("--height", type=int, default=None, help="default 512 (sd) / 1024 (sdxl, sd3, flux)")
-    p.add_argument("--width", type=int, default=None, help="default 512 (sd) / 1024 (sdxl, sd3, flux)")
+    p.add_argument("--height", type=int, default=None, help="default 512 (sd) / 1024 (sdxl, sd3, flux) / 480 (wan, cogvideox)")
+    p.add_argument("--width", type=int, default=None, help="default 512 (sd) / 1024 (sdxl, sd3, flux) / 832 (wan) / 720 (cogvideox)")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default 50; sd3: 40)")
     p.add_argument("--cfg", type=float, default=None,
                    help="guidance scale, read as --guidance_formula says (default 7.5; sd3: 4.5; flux: 3.5, its "
-                        "guidance embedding)")
+                        "guidance embedding; wan: 5.0; cogvideox: 6.0)")
     p.add_argument("--guidance_formula", choices=("official", "standard"), default=None,
                    help="official: eps_c + cfg*(eps_c - eps_u) (= standard scale cfg+1), the default for sd/sdxl; "
                         "standard: eps_u + cfg*(eps_c - eps_u) (diffusers), the default for sd3. A non-default formula "

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,8 +36,12 @@ class Item:
 
 
 def group_name(manifest_path: str | os.PathLike) -> str:
-    """The official group name: manifest file name (without .json) up to the first '_' ('papv2', 'hpsv2', ...)."""
-    return Path(manifest_path).stem.split("_")[0]
+    """The prompt set a manifest belongs to: the prompt file's stem that eval.generate's run name starts with
+    (`<prompt file stem>_seed<seed>_...`: prompts_vid_seed0_... -> prompts_vid), else, as the official scripts, the
+    file name up to the first '_' ('papv2', 'hpsv2', ...). The official names give the same group either way."""
+    stem = Path(manifest_path).stem
+    match = re.match(r"(.+?)_seed\d+_", stem)
+    return match.group(1) if match else stem.split("_")[0]
 
 
 def read_json_list(path: str | os.PathLike) -> list:

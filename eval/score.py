@@ -315,6 +315,12 @@ def main(argv: Sequence[str] | None = None) -> None:
                             frames=args.frames)
     except ManifestError as exc:
         sys.exit(f"error: {exc}")
+    except OSError as exc:  # eval.scorers.WeightsUnavailable: offline without the weights, one line
+        from eval.scorers import WeightsUnavailable
+
+        if not isinstance(exc, WeightsUnavailable):
+            raise
+        sys.exit(f"error: {exc}")
 
 
 if __name__ == "__main__":

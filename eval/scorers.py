@@ -348,6 +348,94 @@ _SCORERS = {cls.name: cls for cls in (PickScoreScorer, HPSv2Scorer, AestheticsSc
 VIDEO_METRICS = ("temporal",)  # videos only: TemporalConsistencyScorer
 
 
+class WeightsUnavailable(OSError):
+    """Scorer weights that are neither local nor downloadable now (check_hub_weights)."""
+
+
+def hub_downloads(name: str, model_path=None, **options) -> list[tuple[str, tuple[str, ...], str]]:
+    """What loading metric ``name`` with these load_scorer options would fetch from the hub: (repo, the file that
+    shows it is cached (alternatives), the option that names a local copy instead). Local paths fetch nothing."""
+    def remote(location) -> bool:
+        return location is not None and not Path(str(location)).exists()
+
+    key = ALIASES.get(str(name).lower(), str(name).lower())
+    path = f"--{key}_path"
+    wanted = []
+    if key == "pickscore":
+        wanted += [(model_path or PICKSCORE_MODEL, ("config.json",), path),
+                   (options.get("processor_path") or PICKSCORE_PROCESSOR, ("preprocessor_config.json",),
+                    'processor_path (--scorer_config \'{"pickscore": {"processor_path": DIR}}\')')]
+    elif key == "hpsv2":
+        wanted.append((model_path or HPS_REPO, (HPS_FILES.get(options.get("version", "v2.0"), ""),), path))
+    elif key == "aesthetics":
+        mlp = options.get("mlp_path") or os.environ.get(AESTHETICS_MLP_ENV) or AESTHETICS_MLP_REPO
+        wanted += [(model_path or AESTHETICS_CLIP, ("config.json",), path),
+                   (mlp, (AESTHETICS_MLP_FILE,), f"${AESTHETICS_MLP_ENV} or mlp_path (--scorer_config)")]
+    elif key in ("clip", "temporal"):
+        tag = str(model_path or OPENCLIP_PRETRAINED)
+        if remote(tag):  # an OpenCLIP pretrained tag: its hub repo
+            import open_clip
+
+            repo = (open_clip.get_pretrained_cfg(str(options.get("arch", OPENCLIP_ARCH)), tag) or {}).get("hf_hub", "")
+            if repo:
+                wanted.append((repo.strip("/"), ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"), path))
+    elif key == "imagereward":
+        wanted += [(model_path or IMAGEREWARD_REPO, ("ImageReward.pt",), path),
+                   (options.get("tokenizer") or IMAGEREWARD_TOKENIZER, ("vocab.txt",), "tokenizer (--scorer_config)")]
+    return [(repo, files, option) for repo, files, option in wanted
+            if remote(repo) and re.fullmatch(r"[\w.-]+/[\w.-]+|[\w.-]+", str(repo))]
+
+
+def hub_offline() -> bool:
+    from huggingface_hub import constants
+
+    env = any(os.environ.get(name, "").upper() in ("1", "ON", "YES", "TRUE") for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    return env or bool(constants.HF_HUB_OFFLINE)
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """One TCP connection to the hub's host: seconds, where a download would retry for about a minute."""
+    import socket
+    from urllib.parse import urlparse
+
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def check_hub_weights(settings: dict[str, dict]) -> None:
+    """Before any scorer loads: every hub download the metrics need is in the local Hugging Face cache, or the hub
+    can be reached. Otherwise one WeightsUnavailable (OSError) line naming the option for a local copy and the `hf download` command,
+    at once instead of a minute of retries and a connection traceback. ``settings``: metric -> load_scorer kwargs."""
+    from huggingface_hub import try_to_load_from_cache
+
+    missing = []
+    for name, kwargs in settings.items():
+        options = {k: v for k, v in kwargs.items() if k not in ("device", "batch_size")}
+        for repo, files, option in hub_downloads(name, **options):
+            if not any(isinstance(try_to_load_from_cache(repo, file), str) for file in files):
+                missing.append((name, repo, files, option))
+    if not missing:
+        return
+    offline = hub_offline()
+    if not offline and hub_reachable():
+        return  # downloaded on first use
+    from huggingface_hub import constants
+
+    state = "offline (HF_HUB_OFFLINE)" if offline else f"unreachable ({constants.ENDPOINT})"
+    commands = " && ".join(dict.fromkeys(f"hf download {repo}" + (f" {files[-1]}" if files[0] not in
+                                                                   ("config.json", "preprocessor_config.json", "vocab.txt")
+                                                                   else "") for _, repo, files, _ in missing))
+    needs = "; ".join(f"{name} needs {repo} (or a local copy: {option})" for name, repo, _, option in missing)
+    raise WeightsUnavailable(f"the Hugging Face hub is {state} and the scorer weights are not in the local cache: {needs}. "
+                  f"Download them on a machine with access: {commands}")
+
+
 def load_scorer(name: str, device: str | torch.device = "cpu", batch_size: int = 32, model_path: str | None = None,
                 **options) -> Scorer:
     """The scorer for metric ``name`` (one of METRICS, or the train.py aliases "aes" / "hps").
@@ -366,4 +454,5 @@ def load_scorer(name: str, device: str | torch.device = "cpu", batch_size: int =
     unknown = sorted(set(options) - set(accepted))
     if unknown:
         raise TypeError(f"{key} scorer got unknown option(s) {unknown}; it accepts: {', '.join(accepted) or 'none'}")
+    check_hub_weights({key: {"model_path": model_path, **options}})  # offline without them: one line, no retries
     return cls(device=device, batch_size=batch_size, model_path=model_path, **options)

@@ -6,7 +6,10 @@
 
 Encoding: H.264 (libx264, CRF 17, yuv420p) when the installed PyAV has it, else MPEG-4 part 2 at a high bit rate:
 both play everywhere. The prompt is stored as the container's `comment` tag (UTF-8), the way the images store it in
-EXIF, so that a resumed run regenerates a file holding another prompt. Decoding uses PyAV (FFmpeg).
+EXIF, so that a resumed run regenerates a file holding another prompt. Decoding uses PyAV (FFmpeg); every decoded
+frame goes through `upright_rgb`, which applies the stream's display-matrix rotation (phone footage stored sideways
+with a rotation of -90 degrees is turned upright, as players and `ffmpeg` do). Training (video_data.decode_clip)
+and scoring (read_frames) share it.
 """
 
 from __future__ import annotations
@@ -63,10 +66,28 @@ def write_mp4(frames, path: str | os.PathLike, fps: float, prompt: str | None = 
     os.replace(tmp, path)
 
 
+def display_rotation(frame) -> int:
+    """Degrees counter-clockwise (a multiple of 90) the frame must be turned to be shown upright: the display matrix
+    the container stores (PyAV's VideoFrame.rotation; 0 without one). Mirroring in the matrix is not applied."""
+    return int(round((getattr(frame, "rotation", 0) or 0) / 90)) * 90 % 360
+
+
+def rotate(array: np.ndarray, degrees: int) -> np.ndarray:
+    """(H, W, C) array turned `degrees` counter-clockwise (a multiple of 90)."""
+    return np.ascontiguousarray(np.rot90(array, k=(degrees // 90) % 4))
+
+
+def upright_rgb(frame) -> np.ndarray:
+    """A decoded PyAV frame as an (H, W, 3) uint8 RGB array, shown the way it is meant to be seen (display rotation
+    applied): the one decoding step training and scoring share."""
+    return rotate(frame.to_ndarray(format="rgb24"), display_rotation(frame))
+
+
 def read_frames(path: str | os.PathLike, indices=None) -> list:
     """The video's frames as PIL RGB images, in order (only those at `indices` if given); decoding stops at the last
-    frame needed. Raises ValueError naming the file when it cannot be decoded."""
+    frame needed, each turned upright (`upright_rgb`). Raises ValueError naming the file when it cannot be decoded."""
     import av
+    from PIL import Image
 
     wanted = None if indices is None else sorted(set(indices))
     frames = []
@@ -74,7 +95,7 @@ def read_frames(path: str | os.PathLike, indices=None) -> list:
         with av.open(str(path)) as container:
             for i, frame in enumerate(container.decode(video=0)):
                 if wanted is None or i in wanted:
-                    frames.append(frame.to_image())
+                    frames.append(Image.fromarray(upright_rgb(frame)) if display_rotation(frame) else frame.to_image())
                 if wanted is not None and i >= wanted[-1]:
                     break
     except (av.error.FFmpegError, OSError, IndexError) as error:  # IndexError: no video stream

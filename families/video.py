@@ -80,7 +80,8 @@ class VideoFamily(Family):
 class Wan(VideoFamily):
     """Wan2.1 text-to-video: UMT5 states of the caption (512 tokens, the positions past the caption set to zero, as
     WanPipeline pads them), latents normalised per channel with the VAE's latents_mean / latents_std, rectified flow
-    with the scheduler's shift; the transformer sees timestep s x 1000."""
+    with the scheduler's shift; the transformer sees the integer timestep floor(s x 1000), as WanPipeline gives it
+    (docs/video.md: UniPCMultistepScheduler.set_timesteps casts its flow timesteps s x 1000 to int64)."""
 
     name, pipeline_class = "wan", "WanPipeline"
     default_video_size, default_num_frames = (480, 832), 81  # WanPipeline's defaults (480 x 832, 81 frames)
@@ -136,7 +137,9 @@ class Wan(VideoFamily):
         return (latents - mean) / std
 
     def predict(self, model, noisy, timesteps, inputs):
-        return model(hidden_states=noisy, timestep=timesteps, return_dict=False, **inputs)[0]
+        # Sampling feeds int64 timesteps (UniPCMultistepScheduler with use_flow_sigmas: (sigmas * 1000) cast to int64,
+        # i.e. truncated; FlowMatchEulerDiscreteScheduler's float s * 1000 is not what the model meets): the same here.
+        return model(hidden_states=noisy, timestep=timesteps.long(), return_dict=False, **inputs)[0]
 
 
 class CogVideoX(VideoFamily):

@@ -306,7 +306,7 @@ def test_video_family_launchers(script, family, beta, size, frames, stubs, tmp_p
     assert parsed.lora_target_modules == "to_k,to_q,to_v,to_out.0"
     _, argv = launch(script, stubs, tmp_path, "--dataset_name=/local/pairs", "--num_frames", "9", gpus=0, CPU="1")
     parsed = train.parse_args(split(argv)[1])
-    assert parsed.video_size == [256, 256] and parsed.num_frames == 9 and parsed.mixed_precision == "no"
+    assert parsed.video_size == [64, 64] and parsed.num_frames == 9 and parsed.mixed_precision == "no"
 
 
 def test_importance_variants(stubs, tmp_path):
@@ -331,3 +331,20 @@ def test_cogvideox5b_launcher(stubs, tmp_path):
     assert parsed.beta_dpo == 1800 and parsed.use_lora and parsed.output_dir.endswith("cogvideox5b-diffusion-dpo")
     done, _ = launch("cogvideox5b_diffusion_dpo", stubs, tmp_path, gpus=8)
     assert done.returncode == 2 and "give --dataset_name" in done.stderr
+
+
+@pytest.mark.parametrize("script, frames", [("wan_diffusion_dpo", 5), ("cogvideox_diffusion_dpo", 9),
+                                            ("cogvideox5b_diffusion_dpo", 9)])
+def test_cpu_smoke_settings_for_video_families(script, frames, stubs, tmp_path):
+    """CPU=1 on a video launcher: the smallest valid clip (64 px, wan 5 = 4k + 1 frames, cogvideox 9 = 8k + 1), not
+    the shipped 81/49 frames at 480 px; --video_size replaces the square size; without a GPU the message is the
+    video one (its smoke settings and the video demo), not the image scripts' Pick-a-Pic settings."""
+    _, argv = launch(script, stubs, tmp_path, "--dataset_name", "/local/pairs.jsonl", gpus=0, CPU="1")
+    parsed = train.parse_args(split(argv)[1])
+    assert parsed.video_size == [64, 64] and parsed.num_frames == frames and parsed.train_batch_size == 1
+    _, argv = launch(script, stubs, tmp_path, "--dataset_name", "/local/pairs.jsonl", "--video_size", "32", "48",
+                     gpus=0, CPU="1")
+    assert train.parse_args(split(argv)[1]).video_size == [32, 48]
+    done, argv = launch(script, stubs, tmp_path, "--dataset_name", "/local/pairs.jsonl", gpus=0)
+    assert done.returncode == 1 and argv is None
+    assert "scripts/video_demo.sh" in done.stderr and "Pick-a-Pic" not in done.stderr and "64 px" in done.stderr

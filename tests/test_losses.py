@@ -213,3 +213,70 @@ def test_safeguard_scales_only_the_loser_gradient():
                      model_pred)
     np.testing.assert_allclose(scaled[:B], full[:B], rtol=1e-5)  # winners untouched (u unchanged in value)
     np.testing.assert_allclose(scaled[B:], full[B:] * lam.view(-1, 1, 1, 1).numpy(), rtol=1e-5, atol=1e-12)
+
+
+def winner_change_along_the_update(method, off_w, off_l, ref_pred, target, mu, granularity, beta, alpha=0.01):
+    """First-order change of the winners' summed denoising loss along -grad of the safeguarded loss, for a model
+    whose pair i outputs theta_i + offset for winner and loser alike: its parameter gradients are the residuals (up to
+    2/N), the setting in which the safeguard's inequality is stated. Returns (change, margins)."""
+    theta = torch.zeros_like(off_w, requires_grad=True)
+    pred = torch.cat([theta + off_w, theta + off_l])
+    lam = train.winner_preserving_scale(pred, target, mu, granularity)
+    lam = lam.double()
+    loss, stats = train.preference_loss(method, pred, ref_pred, target, beta, dmpo_alpha=alpha, loser_scale=lam)
+    (grad,) = torch.autograd.grad(loss, theta)
+    (winner_grad,) = torch.autograd.grad(train.per_sample_mse(pred, target)[: len(off_w)].sum(), theta)
+    return float((-grad * winner_grad).sum()), stats["margin"]
+
+
+def test_diffusion_dpo_winner_loss_does_not_rise_per_pair():
+    """Diffusion-DPO's loss falls in every margin (its derivative is -(1 - sigmoid(u)) < 0), so with one lambda per
+    pair each winner's loss falls to first order: on random cases, with pairs of very different scales."""
+    g = torch.Generator().manual_seed(0)
+    for trial in range(100):
+        scale = torch.exp(1.5 * torch.randn(B, 1, 1, 1, generator=g, dtype=torch.float64))
+        target = torch.randn(2 * B, C, H, W, generator=g, dtype=torch.float64)
+        off_w = target[:B] + scale * torch.randn(B, C, H, W, generator=g, dtype=torch.float64)
+        off_l = target[B:] + scale * torch.randn(B, C, H, W, generator=g, dtype=torch.float64)
+        ref = target + scale.repeat(2, 1, 1, 1) * torch.randn(2 * B, C, H, W, generator=g, dtype=torch.float64)
+        change, _ = winner_change_along_the_update("diffusion-dpo", off_w, off_l, ref, target, 0.5, "sample", 1000.0)
+        assert change <= 1e-9, (trial, change)
+
+
+def two_pair_case():
+    """Pair 0: a small winner residual, a loser residual aligned with it, and a low margin (large loss weight);
+    pair 1: a large winner residual, an orthogonal loser, a high margin (small weight)."""
+    e = torch.eye(C * H * W, dtype=torch.float64).view(-1, C, H, W)
+    target = torch.zeros(4, C, H, W, dtype=torch.float64)
+    off_w, off_l = torch.stack([0.1 * e[0], 3.0 * e[1]]), torch.stack([1.0 * e[0], 3.0 * e[2]])
+    ref = torch.stack([0 * e[0], 10 * e[4], 10 * e[3], 0 * e[0]])
+    return off_w, off_l, ref, target
+
+
+def test_diffusion_dpo_batch_lambda_holds_for_the_sum_of_residuals_not_for_every_weighting():
+    """One lambda per micro-batch (the default, official) bounds the unweighted sum of <-g_w + lambda g_l, g_w>; the
+    loss weighs pairs by their margins, so with two pairs of very different margins the winners' loss can rise:
+    the guarantee is per pair, or for a micro-batch of one pair (README, "The safeguard")."""
+    off_w, off_l, ref, target = two_pair_case()
+    batch, margins = winner_change_along_the_update("diffusion-dpo", off_w, off_l, ref, target, 0.5, "batch", 1.0)
+    per_pair, _ = winner_change_along_the_update("diffusion-dpo", off_w, off_l, ref, target, 0.5, "sample", 1.0)
+    assert margins[0] < -5 and margins[1] > 5
+    assert batch > 0 > per_pair
+
+
+def test_dmpo_winner_loss_can_rise_with_the_safeguard():
+    """DMPO's loss is minimised at u = logit(1 - alpha): above it its derivative is positive, the update pulls the
+    margin down through the winner's own term, and lambda, which scales only the loser's term, cannot stop the
+    winner's loss from rising (the official code behaves the same); below it the winner's loss falls."""
+    g = torch.Generator().manual_seed(1)
+    target = torch.randn(2, C, H, W, generator=g, dtype=torch.float64)
+    off_w = target[:1] + 0.1 * torch.randn(1, C, H, W, generator=g, dtype=torch.float64)
+    off_l = target[1:] + 0.1 * torch.randn(1, C, H, W, generator=g, dtype=torch.float64)
+    target_margin = math.log(0.99 / 0.01)  # logit(1 - alpha), alpha 0.01
+    for ref_win_error, above in ((3.0, True), (0.0, False)):  # a bad reference winner: a high margin
+        ref = target + torch.cat([ref_win_error * torch.ones(1, C, H, W, dtype=torch.float64),
+                                  0.1 * torch.randn(1, C, H, W, generator=g, dtype=torch.float64)])
+        for granularity in ("batch", "sample"):
+            change, margins = winner_change_along_the_update("dmpo", off_w, off_l, ref, target, 0.9, granularity, 10.0)
+            assert (float(margins[0]) > target_margin) == above
+            assert (change > 0) == above, (ref_win_error, granularity, change, margins)

@@ -198,7 +198,7 @@ def test_summary_formats(runs, tmp_path, capsys):
     assert saved == summary
     assert list(saved) == ["pair", "metrics", "averages"]
     assert saved["pair"] == {"model_a": "LA", "model_b": "LB", "ties_policy": "half"}
-    assert [r["metric"] for r in saved["metrics"]] == ["PickScore", "HPSv2", "CLIP", "Aesthetics", "ImageReward"]
+    assert [r["metric"] for r in saved["metrics"]] == ["PickScore", "HPSv2", "CLIPScore", "AesScore", "ImageReward"]
     for r in saved["metrics"]:
         assert list(r) == ["metric", "mean_a", "mean_b", "win_rate_a_over_b", "wins_a", "wins_b", "ties", "total_pairs"]
     assert list(saved["averages"]) == ["macro_win_rate_a_over_b", "micro_win_rate_a_over_b"]
@@ -211,7 +211,7 @@ def test_summary_formats(runs, tmp_path, capsys):
              "|--------------|----------|----------|--------------|------------------|------|",
              "| PickScore    | 55.000000 | 87.500000 |  62.50%     | 2/1/1         |    4 |",
              "| HPSv2        | 55.000000 | 87.500000 |  62.50%     | 2/1/1         |    4 |",
-             "| CLIP         | 110.000000 | 111.000000 |  62.50%     | 2/1/1         |    4 |"]
+             "| CLIPScore    | 110.000000 | 111.000000 |  62.50%     | 2/1/1         |    4 |"]
     i = lines.index(table[0])
     assert lines[i : i + 5] == table
     assert lines[i + 7 : i + 9] == ["|--------------|----------|----------|--------------|------------------|------|",
@@ -247,7 +247,7 @@ def test_summarize_official_pair_files(tmp_path):
             "model_a": "x/y/a.json", "model_b": "x/y/b.json", "total_pairs": n, "wins_a": wa, "wins_b": wb, "ties": t,
             "win_rate_a_over_b": wr, "mean_score_a": ma, "mean_score_b": mb, "ties_policy": "half", "results": []}))
     s = summarize(tmp_path)
-    assert [r["metric"] for r in s["metrics"]] == ["PickScore", "Aesthetics"]
+    assert [r["metric"] for r in s["metrics"]] == ["PickScore", "AesScore"]
     assert s["averages"]["macro_win_rate_a_over_b"] == pytest.approx(0.575)
     assert (tmp_path / "win_rates.png").is_file()
     with pytest.raises(ManifestError, match="no pair_"):
@@ -455,3 +455,54 @@ def test_no_bootstrap(runs, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "Bootstrap 95% CI: not computed | sign test p = 1" in out
     assert "| PickScore | 62.50% | - | 1 | 4 |" in out
+
+
+def test_offline_without_scorer_weights_fails_at_once_naming_option_and_command(runs, tmp_path, monkeypatch, capsys):
+    """HF_HUB_OFFLINE=1 and an empty Hugging Face cache: eval.score stops before loading a model, with one line
+    naming the option for a local copy and the `hf download` command (no retries, no connection traceback); the hub
+    unreachable (no offline flag) gives the same line."""
+    from huggingface_hub import constants
+
+    import eval.scorers
+    from eval.score import main
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    loaded = []
+    monkeypatch.setattr(eval.scorers.PickScoreScorer, "__init__", lambda *a, **k: loaded.append(a))
+    with pytest.raises(SystemExit) as exited:
+        main(["--json_path", str(runs[0]), "--metrics", "pickscore", "clip", "--device", "cpu"])
+    message = str(exited.value.code)
+    assert not loaded and "\n" not in message and message.startswith("error: the Hugging Face hub is offline")
+    assert "pickscore needs yuvalkirstain/PickScore_v1 (or a local copy: --pickscore_path)" in message
+    assert "hf download yuvalkirstain/PickScore_v1" in message
+    with pytest.raises(SystemExit) as exited:
+        main(["--json_path", str(runs[0]), "--metrics", "clip", "--device", "cpu"])
+    assert "hf download laion/CLIP-ViT-H-14-laion2B-s32B-b79K open_clip_pytorch_model.bin" in str(exited.value.code)
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(eval.scorers, "hub_reachable", lambda timeout=3.0: False)
+    with pytest.raises(SystemExit) as exited:
+        main(["--json_path", str(runs[0]), "--metrics", "hpsv2", "--device", "cpu"])
+    assert "hub is unreachable" in str(exited.value.code) and "hf download xswu/HPSv2 HPS_v2_compressed.pt" in str(exited.value.code)
+    local = tmp_path / "hps.pt"  # a local copy needs no hub: the check lets the loader run
+    local.write_bytes(b"")
+    eval.scorers.check_hub_weights({"hpsv2": {"model_path": str(local), "device": "cpu"}})
+
+
+def test_one_metric_naming_and_the_group_is_the_prompt_file():
+    """eval.compare's names are the scorers' (eval.score's FinalResults tokens); a manifest of prompts_vid.json is
+    group prompts_vid, the official names keep theirs; a TemporalConsistency row keeps the summary aligned."""
+    from eval.compare import PAIR_FILES, summary_text
+    from eval.manifest import group_name
+    from eval.scorers import _SCORERS
+
+    assert {key: name for key, (name, _) in PAIR_FILES.items()} == {key: cls.metric for key, cls in _SCORERS.items()}
+    assert group_name("out/prompts_vid_seed0_480x832_50s_5.0cfg.json") == "prompts_vid"
+    assert group_name("out/papv2_seed0_512x512_50s_7.5cfg.json") == "papv2" and group_name("x/hpsv2_official.json") == "hpsv2"
+    row = dict(mean_a=0.5, mean_b=0.25, win_rate_a_over_b=0.5, wins_a=1, wins_b=1, ties=0, total_pairs=2)
+    summary = {"pair": {"model_a": "A", "model_b": "B", "ties_policy": "half"},
+               "metrics": [dict(row, metric="PickScore"), dict(row, metric="TemporalConsistency")],
+               "averages": {"macro_win_rate_a_over_b": 0.5, "micro_win_rate_a_over_b": 0.5}}
+    table = [line for line in summary_text(summary, []).splitlines() if line.startswith("|")]
+    assert len({line.index("|", 1) for line in table}) == 1  # the first column ends at the same place on every row

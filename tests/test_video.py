@@ -397,3 +397,181 @@ def test_video_memory_tracker_counts_what_is_alive():
     fixed = video_memory.fixed_bytes({"transformer": 10, "lora": 1, "text_encoder": 3, "vae": 2})
     assert fixed["full"] == {"weights": 40, "gradients": 40, "optimizer": 80, "reference": 20, "frozen": 10}
     assert fixed["lora"] == {"weights": 24, "gradients": 4, "optimizer": 8, "reference": 0, "frozen": 10}
+
+
+# --- display rotation --------------------------------------------------------------------------------------------
+
+
+def rotated_mp4(path, rotation):
+    """4 frames stored 16 high x 32 wide, a white block in the stored top-left corner, with a display matrix that
+    turns them `rotation` degrees counter-clockwise (PyAV 18's set_display_rotation; -90 is what phones write)."""
+    import av
+
+    stored = np.zeros((16, 32, 3), dtype=np.uint8)
+    stored[:8, :8] = 255
+    with av.open(str(path), mode="w", format="mp4") as container:
+        stream = container.add_stream("mpeg4", rate=8)
+        stream.height, stream.width, stream.pix_fmt, stream.bit_rate = 16, 32, "yuv420p", 4_000_000
+        stream.set_display_rotation(rotation)
+        for _ in range(4):
+            for packet in stream.encode(av.VideoFrame.from_ndarray(stored, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def stored_frames(path):
+    """The frames as stored, no rotation applied (what decoding gave before)."""
+    import av
+
+    with av.open(str(path)) as container:
+        return [frame.to_ndarray(format="rgb24") for frame in container.decode(video=0)]
+
+
+def test_display_rotation_is_applied_in_training_and_scoring(tmp_path):
+    """A phone-style mp4 (display rotation -90: turn 90 degrees clockwise to show it) decodes upright for training
+    (video_data.decode_clip) and scoring (eval.video.read_frames): 32 high x 16 wide, the stored top-left block now
+    top-right. Compared with the stored frames turned by np.rot90: the same decoded pixels, so equal bitwise."""
+    from eval.video import display_rotation, read_frames
+
+    path = rotated_mp4(tmp_path / "phone.mp4", -90)
+    import av
+
+    with av.open(str(path)) as container:
+        assert display_rotation(next(container.decode(video=0))) == 270  # -90 read back from the display matrix
+    stored = stored_frames(path)
+    assert stored[0].shape == (16, 32, 3)
+    upright = np.rot90(stored[0], k=-1)  # clockwise
+    clip = video_data.decode_clip(str(path), 4).numpy()
+    assert clip.shape == (4, 32, 16, 3) and np.array_equal(clip[0], upright)
+    scored = np.asarray(read_frames(path)[0])
+    assert np.array_equal(scored, upright)
+    assert scored[:8, -8:].mean() > 200 and scored[:8, :8].mean() < 50  # the block went top-right
+    plain = rotated_mp4(tmp_path / "plain.mp4", 0)  # no rotation: frames as stored
+    assert np.array_equal(video_data.decode_clip(str(plain), 4).numpy()[0], stored_frames(plain)[0])
+
+
+def test_wan_sees_the_integer_timesteps_its_sampler_feeds(models):
+    """WanPipeline (UniPCMultistepScheduler, use_flow_sigmas) calls the transformer with int64 timesteps
+    floor(s x 1000); training's family.predict turns its float s x 1000 (877.59) into the same kind (877)."""
+    from diffusers import WanPipeline
+
+    pipeline = WanPipeline.from_pretrained(models["wan"])
+    seen = []
+    hook = pipeline.transformer.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(kwargs["timestep"].clone()), with_kwargs=True)
+    pipeline("a circle", num_frames=5, height=32, width=32, num_inference_steps=3, output_type="latent")
+    sigmas = pipeline.scheduler.sigmas[:3].double()
+    assert all(t.dtype == torch.int64 for t in seen)
+    assert sorted({int(t[0]) for t in seen}, reverse=True) == [int(s * 1000) for s in sigmas]
+    seen.clear()
+    args = parse(models["wan"], "--resolution", "32")
+    family = families.make_family(args)
+    inputs = family.model_inputs({"prompt_embeds": torch.randn(1, 512, 32)}, None, torch.float32)
+    family.predict(pipeline.transformer, torch.randn(1, 16, 2, 4, 4), torch.tensor([877.59]), inputs)
+    hook.remove()
+    assert seen[0].dtype == torch.int64 and seen[0].tolist() == [877]
+    reset_accelerate()
+
+
+def test_manifest_labels_are_cast_per_line(models, tmp_path, pairs):
+    """label_0 1 on one line and "0" on another (Arrow alone refuses the mixed column, naming no line): cast per line
+    as parquet labels are; a label that is not a number names its line."""
+    manifest = tmp_path / "pairs.jsonl"
+    video = str(next(pairs["manifest"].parent.rglob("*.mp4")))
+    lines = [{"caption": "a", "video_0": video, "video_1": video, "label_0": 1},
+             {"caption": "b", "video_0": video, "video_1": video, "label_0": "0"},
+             {"caption": "c", "video_0": video, "video_1": video, "label_0": "0.5"}]
+    manifest.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    rows = train.load_rows(video_args(models, manifest))
+    assert rows["label_0"] == [1.0, 0.0, 0.5]
+    lines[1]["label_0"] = "left"
+    manifest.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    with pytest.raises(ValueError, match=r"pairs.jsonl, line 2: label_0 holds 'left', which is not a number"):
+        train.load_rows(video_args(models, manifest))
+
+
+def decodes(path) -> bool:
+    try:
+        video_data.decode_clip(str(path), int(FRAMES["wan"]))
+        return True
+    except Exception:  # noqa: BLE001 - the tiny set's corrupt and too-short clips
+        return False
+
+
+def no_signal_manifest(pairs, out):
+    """6 rows: 0 winner and loser one file, 1 a missing loser, 2 two files with the same frames (three bad rows in a
+    row), then 3 good decided pairs taken from the tiny set's manifest."""
+    import shutil
+
+    source = pairs["manifest"]
+    good = [json.loads(line) for line in source.read_text().splitlines()]
+    good = [e for e in good if e["label_0"] in (0, 1) and all(decodes(source.parent / e[f"video_{side}"]) for side in (0, 1))]
+    out.mkdir(parents=True, exist_ok=True)
+    for entry in good[:6]:  # copy the videos next to the new manifest
+        for side in (0, 1):
+            (out / entry[f"video_{side}"]).parent.mkdir(exist_ok=True)
+            shutil.copy(source.parent / entry[f"video_{side}"], out / entry[f"video_{side}"])
+    first = good[3]["video_0"]
+    shutil.copy(out / first, out / "videos" / "copy.mp4")
+    lines = [dict(good[3], video_1=first), dict(good[4], video_1="videos/missing.mp4"),
+             dict(good[5], video_1="videos/copy.mp4", video_0=first)] + good[:3]
+    manifest = out / "train.jsonl"
+    manifest.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    return manifest
+
+
+def test_pairs_without_preference_signal_are_skipped_and_each_bad_row_met_is_reported(models, pairs, tmp_path):
+    """Row 0 (the same file twice) stands in through rows 1 and 2 (a missing file, identical frames in two files)
+    to row 3: the example reports all three bad rows with their reasons, not "1 skipped"."""
+    manifest = no_signal_manifest(pairs, tmp_path / "data")
+    args = video_args(models, manifest, "--proportion_empty_prompts", "0")
+    _, out = examples(args, [(0, 0, 0), (0, 0, 1)])
+    assert out[0]["skipped"] == 1
+    assert [(row, reason) for row, reason, _ in out[0]["bad_rows"]] == [
+        (0, "no preference signal"), (1, "undecodable video"), (2, "no preference signal")]
+    assert "same file" in out[0]["bad_rows"][0][2] and "missing.mp4" in out[0]["bad_rows"][1][2]
+    assert "same frames" in out[0]["bad_rows"][2][2]
+    assert [row for row, _, _ in out[1]["bad_rows"]] == [1, 2]  # met again as stand-ins: the run counts each once
+
+
+def test_bad_rows_are_counted_once_per_reason_in_a_run(models, pairs, tmp_path):
+    """Two epochs over the 6 rows (batch 1): the 3 bad rows are met as keys and as stand-ins, twice each epoch, and
+    counted 3 times in all, per reason in training_state.json."""
+    manifest = no_signal_manifest(pairs, tmp_path / "data")
+    train_video("wan", models, manifest, tmp_path / "out", "--train_method", "sft", "--train_batch_size", "1",
+                "--checkpointing_steps", "12", steps=12)
+    assert metrics(tmp_path / "out")[-1]["skipped_rows"] == 3
+    state = json.loads((tmp_path / "out" / "checkpoint-12" / "training_state.json").read_text())
+    assert state["skipped_rows"] == 3
+    assert state["skipped_by_reason"] == {"undecodable video": 1, "no preference signal": 2}
+
+
+def test_a_run_whose_rows_all_fail_names_the_video_and_the_reason(models, pairs, tmp_path):
+    """81 frames from 12-frame clips: every row fails; the error names the row, the video and why (raised in a
+    DataLoader worker, it reaches the user as that cause, train.worker_cause)."""
+    with pytest.raises(RuntimeError) as caught:
+        run_train(models["wan"], pairs["manifest"], tmp_path, "--num_frames", "81", "--dataloader_num_workers", "1")
+    message = train.worker_cause(str(caught.value))
+    assert message.startswith("row ") and ".mp4: video too short (12 frames, the clip needs 81)" in message
+    assert message.endswith("(DataLoader worker process 0)") and "\n" not in message
+
+
+def test_video_run_states_its_clip_and_points_to_its_evaluation(models, pairs, tmp_path, caplog):
+    """The log and training_config.json give frames, size and spacing; the model card is tagged text-to-video with
+    them; the summary names test_wan.sh; after a resume it says which steps this launch trained."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="train")
+    train_video("wan", models, pairs["parquet"], tmp_path, "--use_lora", steps=2)
+    clip = "5 frames of 32 x 32 px, consecutive source frames (the source's fps)"
+    assert json.loads((tmp_path / "training_config.json").read_text())["resolved"]["video"] == clip
+    card = (tmp_path / "README.md").read_text()
+    assert "tags: [text-to-video," in card and clip in card
+    assert f"Video: {clip}" in caplog.text
+    assert f"Evaluate: PRETRAIN={models['wan']} bash scripts/eval/test_wan.sh {tmp_path}" in caplog.text
+    assert "no evaluation script" not in caplog.text and "Finished 2 steps in" in caplog.text
+    caplog.clear()
+    train_video("wan", models, pairs["parquet"], tmp_path, "--use_lora", steps=3)
+    assert "Finished at step 3: steps 3..3 (1) in this launch" in caplog.text and "resumed from step 2" in caplog.text

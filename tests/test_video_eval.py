@@ -183,7 +183,7 @@ def test_compare_cli_on_video_manifests(tiny_scorers, tmp_path):
                   str(tmp_path / "out"), "--metrics", "pickscore", "clip", "temporal", "--device", "cpu",
                   "--scorer_config", str(config), "--frames", "2", "--n_bootstrap", "20"])
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
-    assert [m["metric"] for m in summary["metrics"]] == ["PickScore", "CLIP", "TemporalConsistency"]
+    assert [m["metric"] for m in summary["metrics"]] == ["PickScore", "CLIPScore", "TemporalConsistency"]
     temporal = json.loads((tmp_path / "out" / "pair_temporal.json").read_text())
     assert temporal["wins_a"] == 2 and temporal["total_pairs"] == 2  # static beats changing
     assert temporal["results"][0]["image_a"].endswith(".mp4")

@@ -7,4 +7,4 @@
 #
 #   bash scripts/eval/test_cogvideox.sh output/cogvideox-diffusion-dpo [--max_prompts 4] [extra eval.generate args, e.g. --num_frames 17]
 set -euo pipefail
-EVAL_FAMILY=cogvideox exec bash "$(dirname "${BASH_SOURCE[0]}")/test_sd15.sh" "$@"
+EVAL_FAMILY=cogvideox EVAL_SCRIPT=$0 exec bash "$(dirname "${BASH_SOURCE[0]}")/test_sd15.sh" "$@"

@@ -31,7 +31,7 @@
 set -euo pipefail
 
 if [[ $# -lt 1 ]]; then
-    echo "usage: $0 UNET_PATH [extra eval.generate arguments]" >&2
+    echo "usage: ${EVAL_SCRIPT:-$0} UNET_PATH [extra eval.generate arguments]" >&2
     exit 2
 fi
 UNET=$1
@@ -87,7 +87,7 @@ SCORE_DEVICE=()
 [[ -n ${DEVICE:-} ]] && SCORE_DEVICE=(--device "$DEVICE")
 
 run_all() {
-    echo "===== $(date '+%Y-%m-%d %H:%M:%S') $0 $UNET $*"
+    echo "===== $(date '+%Y-%m-%d %H:%M:%S') ${EVAL_SCRIPT:-$0} $UNET $*"  # EVAL_SCRIPT: the wrapper that ran this
     local weights
     weights=$("$PYTHON" -m eval.generate --print_weights "${GEN_ARGS[@]}" "$@")
     echo "$WEIGHTS_LABEL: $UNET | weights: $weights | output: $OUTPUT | size $SIZE, $STEP steps, cfg $CFG, seed $SEED | groups: $PROMPT_GROUPS"

@@ -25,8 +25,8 @@
 #                    config` file present, the config decides; multi-node: GPUs per machine x machines)
 #   ACCELERATE_ARGS  more `accelerate launch` options, e.g. "--config_file multinode.yaml --machine_rank 1"
 #   CPU=1            run on the CPU (one process) even without a GPU, with smoke-test settings (batch 1, no
-#                    accumulation, 256 px (SDXL 512), 4 steps, a checkpoint at step 2, 16 pairs, fp32, <= 2 data
-#                    workers) that the script's own arguments override
+#                    accumulation, 256 px (SDXL 512; wan 64 px x 5 frames, cogvideox 64 px x 9 frames), 4 steps, a
+#                    checkpoint at step 2, 16 pairs, fp32, <= 2 data workers) that the script's own arguments override
 #   SAFEGUARD=0      plain objective: drop --use_winner_preserving and its mu; output_dir gets "-no-safeguard"
 #   VARIANT=cm       DPO-C&M of arXiv 2505.21893 (our interpretation, docs/importance.md): --importance_weighting
 #                    clip_mask (pairs with importance weight < 0.9 masked); output_dir gets "-cm"
@@ -124,10 +124,26 @@ if [[ ${CPU:-0} == 1 ]]; then
     smoke_workers=$(nproc 2> /dev/null || echo 1)
     ((smoke_workers > 2)) && smoke_workers=2
     SMOKE_ARGS=(
-        --train_batch_size 1 --gradient_accumulation_steps 1 --resolution "$smoke_resolution"
+        --train_batch_size 1 --gradient_accumulation_steps 1
         --dataloader_num_workers "$smoke_workers" --max_train_steps 4 --checkpointing_steps 2 --lr_warmup_steps 0
         --max_train_samples 16 --mixed_precision no
     )
+    # Video families: the smallest valid clip (docs/video.md "Smoke test on the CPU"): 64 px square and the fewest
+    # frames of more than one latent frame (wan 4k + 1: 5; cogvideox 8k + 1: 9); the shipped 81/49 frames at 480 px
+    # take minutes per step and tens of GB on a CPU.
+    smoke_family=
+    for ((i = 0; i < ${#ARGS[@]}; i++)); do
+        [[ ${ARGS[i]} == --model_family ]] && smoke_family=${ARGS[i + 1]}
+    done
+    for ((i = 0; i < ${#USER_ARGS[@]}; i++)); do  # the script's own arguments win, as in train.py
+        [[ ${USER_ARGS[i]} == --model_family ]] && smoke_family=${USER_ARGS[i + 1]:-}
+        [[ ${USER_ARGS[i]} == --model_family=* ]] && smoke_family=${USER_ARGS[i]#--model_family=}
+    done
+    case $smoke_family in
+        wan) smoke_resolution=64; SMOKE_ARGS+=(--num_frames 5) ;;
+        cogvideox) smoke_resolution=64; SMOKE_ARGS+=(--num_frames 9) ;;
+    esac
+    given --video_size || SMOKE_ARGS+=(--resolution "$smoke_resolution")  # train.py takes one of the two
     echo ">>> CPU=1: smoke-test settings ${SMOKE_ARGS[*]} (your arguments override them)"
 else
     if [[ -z ${NUM_GPUS:-} ]]; then
@@ -136,6 +152,17 @@ else
             echo "  bash scripts/setup.sh && source .venv/bin/activate   (or set PYTHON=/path/to/python)" >&2
             exit 1
         fi
+    fi
+    if [[ $NUM_GPUS == 0 && -z ${NUM_PROCESSES:-} && ${VIDEO_PAIRS:-0} == 1 ]]; then
+        cat >&2 << EOF
+No GPU found: torch.cuda.device_count() is 0 for $PYTHON. The shipped settings of $SCRIPT
+(1 video pair x 16 accumulation steps per GPU at the model's full frame count and size, bf16, 2000 steps) are meant
+for GPUs. A smoke test on the CPU: CPU=1 uses batch 1, no accumulation, 64 px clips of 5 (wan) or 9 (cogvideox)
+frames, 4 steps (checkpoint at 2), 16 pairs, fp32 (docs/video.md gives its time and memory per step):
+  CPU=1 bash $SCRIPT --dataset_name pairs.jsonl [--pretrained_model_name_or_path DIR]
+To see the whole video pipeline work on the CPU, run the offline demo: bash scripts/video_demo.sh
+EOF
+        exit 1
     fi
     if [[ $NUM_GPUS == 0 && -z ${NUM_PROCESSES:-} ]]; then
         cat >&2 << EOF

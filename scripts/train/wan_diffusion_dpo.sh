@@ -21,7 +21,8 @@
 #     (128 pairs per update on 8 GPUs: our choice, not a published setting), gradient checkpointing, bf16.
 # Writes output/wan-diffusion-dpo/: checkpoint-500 ... checkpoint-2000/, pytorch_lora_weights.safetensors,
 # metrics.jsonl, training_config.json, README.md (model card), logs/. Load it with diffusers' WanPipeline and
-# pipe.load_lora_weights(output/wan-diffusion-dpo) (video evaluation scripts: not yet in this repository).
+# pipe.load_lora_weights(output/wan-diffusion-dpo) ; evaluate it with
+#   bash scripts/eval/test_wan.sh output/wan-diffusion-dpo   (mp4s, frame scores, temporal consistency; docs/video.md).
 # A failed run ends with one line, `error: <cause> (exit status N)`, and exits with that status.
 # Environment (scripts/train/_launch.sh): NUM_GPUS, NUM_PROCESSES, ACCELERATE_ARGS, PYTHON, ACCELERATE,
 # CPU=1 (on the CPU with smoke-test settings; arguments override them), SAFEGUARD=0 (no safeguard),
