@@ -153,7 +153,6 @@ def load_manifest(source: str, args):
     if not path.is_file():
         raise FileNotFoundError(f"--dataset_name {source}: no such manifest file")
     needed = ("video_0", "video_1", "label_0", args.caption_column)
-    folder = path.absolute().parent  # relative paths resolve here, whatever the working directory
     rows = []
     with open(path) as lines:
         for number, line in enumerate(lines, 1):
@@ -180,7 +179,8 @@ def manifest_row(entry: dict, path: Path, number: int, caption_column: str) -> d
     would otherwise refuse the whole column without saying where)."""
     for key in ("video_0", "video_1"):
         if not isinstance(entry[key], str) or not entry[key]:
-            raise ValueError(f"{path}, line {number}: {key} is {entry[key]!r}; give the video's path as a string")
+            raise ValueError(f"{path}, line {number}: {key} is {entry[key]!r}, not a file path; give the video's path "
+                             f"as a string")
     from train import as_label
 
     caption = entry[caption_column]
@@ -190,7 +190,8 @@ def manifest_row(entry: dict, path: Path, number: int, caption_column: str) -> d
         label = as_label(entry["label_0"])
     except ValueError as error:
         raise ValueError(f"{path}, line {number}: {error}") from None
-    return {"mp4_0": str(path.parent / entry["video_0"]), "mp4_1": str(path.parent / entry["video_1"]),
+    folder = path.absolute().parent  # relative paths resolve here, whatever the working directory
+    return {"mp4_0": str(folder / entry["video_0"]), "mp4_1": str(folder / entry["video_1"]),
             "label_0": label, caption_column: caption}
 
 
