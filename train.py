@@ -1331,6 +1331,38 @@ def prune_checkpoints(output_dir: Path, keep: int):
 # The training step
 
 
+def check_output_dir_is_shared(accelerator, output_dir: Path):
+    """Several machines: every rank writes its part of each checkpoint (its RNG state, FSDP shards) into output_dir,
+    and rank 0 then renames the folder, so output_dir must be one folder that every machine sees. Checked at the
+    start: rank 0 writes a token there, and every rank must read it back; all ranks stop together if one cannot."""
+    machines = accelerator.num_processes // int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
+    if machines <= 1:
+        return
+    from accelerate.utils import broadcast_object_list
+
+    marker = output_dir / ".shared_storage_check"
+    token = [f"{os.getpid()}-{random.SystemRandom().random()}" if accelerator.is_main_process else None]
+    if accelerator.is_main_process:
+        marker.write_text(token[0])
+    token = broadcast_object_list(token)[0]
+    accelerator.wait_for_everyone()
+    seen = False
+    for _ in range(20):  # a network file system can take a moment to show another machine's new file
+        seen = marker.is_file() and marker.read_text() == token
+        if seen:
+            break
+        time.sleep(1)
+    blind = accelerator.gather(torch.tensor([0.0 if seen else 1.0], device=accelerator.device))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        marker.unlink(missing_ok=True)
+    if blind.sum() > 0:
+        ranks = [rank for rank, value in enumerate(blind.tolist()) if value]
+        raise RuntimeError(f"--output_dir {output_dir} is not shared by the {machines} machines: ranks {ranks} do not "
+                           f"see the file rank 0 wrote there. Put it on storage that every machine mounts at the same "
+                           f"path (docs/multinode.md, 'Checkpoints on shared storage')")
+
+
 def keep_global_batch(args, accelerator, checkpoint: Path, state: dict, logger) -> bool:
     """A checkpoint resumed on another number of processes keeps its global batch (pairs per update): the gradient
     accumulation becomes global batch / (--train_batch_size x processes), said in the log, or the resume is refused
@@ -1504,6 +1536,7 @@ def main(argv=None):
         set_seed(args.seed + accelerator.process_index)  # official: every rank its own noise stream (Q27)
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
+    check_output_dir_is_shared(accelerator, output_dir)
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

@@ -31,10 +31,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(args, log_dir, machines=1, processes=2, strategy="ddp", timeout=300):
+def launch(args, log_dir, machines=1, processes=2, strategy="ddp", timeout=300, folders=None):
     """`accelerate launch tests/record_pairs.py` once per machine, all on this one: machine 0 (started first) hosts
-    torch.distributed's rendezvous at 127.0.0.1:<free port>, as the first node of a SLURM job would. Returns the
-    launchers' combined output; fails the test with it if any launcher fails."""
+    torch.distributed's rendezvous at 127.0.0.1:<free port>, as the first node of a SLURM job would. Each machine
+    runs in the repository, or in folders[rank]. Returns the exit codes and the launchers' combined output."""
     port = free_port()
     kind = FSDP if strategy == "fsdp" else ["--multi_gpu"]
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", PAIRS_LOG=str(log_dir))
@@ -46,7 +46,7 @@ def launch(args, log_dir, machines=1, processes=2, strategy="ddp", timeout=300):
         output = open(log_dir / f"launcher{rank}.log", "w")
         command = [*ACCELERATE, "--num_processes", str(processes), *where, *LAUNCH, *kind,
                    str(REPO / "tests" / "record_pairs.py"), *args]
-        launchers.append((subprocess.Popen(command, cwd=REPO, env=env, stdout=output, stderr=subprocess.STDOUT,
+        launchers.append((subprocess.Popen(command, cwd=folders[rank] if folders else REPO, env=env, stdout=output, stderr=subprocess.STDOUT,
                                            start_new_session=True), output))
     try:
         codes = [process.wait(timeout=timeout) for process, _ in launchers]
@@ -161,3 +161,16 @@ def test_resume_on_two_processes_keeps_batch_and_pairs(tiny_sd15, pickapic, tmp_
     codes, text = launch(train_args(tiny_sd15, pickapic, small, *COMMON, steps=4), small / "refused")
     assert codes == [1]
     assert "its global batch of 2 pairs per update cannot be kept" in text and "Resume on a number of processes that keeps it (1)" in text
+
+
+def test_output_dir_not_shared_by_the_machines_is_refused(tiny_sd15, pickapic, tmp_path):
+    """Node-local storage, simulated: each machine runs in its own folder with a relative --output_dir, so each sees
+    its own "out". Every rank writes its part of a checkpoint there, so the run stops at the start, on every rank."""
+    folders = [tmp_path / "machine0", tmp_path / "machine1"]
+    for folder in folders:
+        folder.mkdir()
+    codes, text = launch(train_args(tiny_sd15, pickapic, "out", *COMMON, steps=2), tmp_path / "pairs", machines=2,
+                         folders=folders)
+    assert codes == [1, 1]
+    assert "--output_dir out is not shared by the 2 machines: ranks [1] do not see the file rank 0 wrote" in text
+    assert not (folders[0] / "out" / "checkpoint-2").exists()
