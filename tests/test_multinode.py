@@ -174,3 +174,24 @@ def test_output_dir_not_shared_by_the_machines_is_refused(tiny_sd15, pickapic, t
     assert codes == [1, 1]
     assert "--output_dir out is not shared by the 2 machines: ranks [1] do not see the file rank 0 wrote" in text
     assert not (folders[0] / "out" / "checkpoint-2").exists()
+
+
+def test_fsdp_resume_on_three_processes_reshards(tiny_sd15, pickapic, tmp_path):
+    """FSDP2, 2 processes (1 pair x 3 accumulation steps each) -> 3 processes (1 pair x 2): accelerate loads the
+    sharded model and optimizer through torch.distributed.checkpoint, which re-shards them for 3 ranks. Bit-exact:
+    the loaded weights (a finished run resumed on 3 ranks writes the checkpoint's weights), the pairs of each update
+    and the lr. The weights after further updates differ (the ranks' noise, as on DDP)."""
+    extra = [a for a in COMMON if a not in ("--max_train_samples", "14")]  # 64 pairs: no epoch end within 4 steps
+    extra += ["--train_batch_size", "1", "--gradient_accumulation_steps", "3"]
+    straight = tmp_path / "straight"
+    launch_ok(train_args(tiny_sd15, pickapic, straight, *extra, steps=4), straight / "pairs", strategy="fsdp")
+    finished = interrupted_copy(straight, tmp_path / "finished", 4)
+    launch_ok(train_args(tiny_sd15, pickapic, finished, *extra, steps=4), finished / "pairs", processes=3,
+              strategy="fsdp")
+    assert same_weights(finished, straight)
+    resumed = interrupted_copy(straight, tmp_path / "resumed", 2)
+    text = launch_ok(train_args(tiny_sd15, pickapic, resumed, *extra, steps=4), resumed / "pairs", processes=3,
+                     strategy="fsdp")
+    assert "gradient accumulation 3 -> 2 steps, keeping the checkpoint's global batch of 6 pairs" in text
+    assert record_pairs.updates(resumed / "pairs", 3, 2) == record_pairs.updates(straight / "pairs", 2, 3)[2:]
+    assert [m["lr"] for m in metrics(resumed)] == [m["lr"] for m in metrics(straight)]
