@@ -195,3 +195,16 @@ def test_fsdp_resume_on_three_processes_reshards(tiny_sd15, pickapic, tmp_path):
     assert "gradient accumulation 3 -> 2 steps, keeping the checkpoint's global batch of 6 pairs" in text
     assert record_pairs.updates(resumed / "pairs", 3, 2) == record_pairs.updates(straight / "pairs", 2, 3)[2:]
     assert [m["lr"] for m in metrics(resumed)] == [m["lr"] for m in metrics(straight)]
+
+
+def test_streamed_resume_on_one_process_keeps_batch_and_pairs(tiny_sd15, pickapic, tmp_path):
+    """--streaming, 2 processes -> 1: the stream's saved row position is global already (PairStream deals rows as
+    accelerate deals map-style batches); the accumulation is raised to keep 4 pairs per update, and the lr goes on."""
+    extra = [a for a in COMMON if a not in ("--max_train_samples", "14")]  # 64 pairs: no epoch end within 4 steps
+    extra += ["--streaming", "--shuffle_buffer_size", "4"]
+    straight = tmp_path / "straight"
+    launch_ok(train_args(tiny_sd15, pickapic, straight, *extra, steps=4), straight / "pairs")
+    resumed = interrupted_copy(straight, tmp_path / "resumed", 2)
+    run_in_process(train_args(tiny_sd15, pickapic, resumed, *extra, steps=4), resumed / "pairs")
+    assert record_pairs.updates(resumed / "pairs", 1, 2) == record_pairs.updates(straight / "pairs", 2, 1)[2:]
+    assert [m["lr"] for m in metrics(resumed)] == [m["lr"] for m in metrics(straight)]
