@@ -96,8 +96,11 @@ def torch_file_problem(path: Path, load: bool = False) -> str | None:
 
 # training_state.json: each key and what its value must be. `step` must also equal the folder's number.
 STATE_KEYS = ("format", "step", "num_processes", "data", "skipped_rows", "ema", "args")
-OPTIONAL_STATE_KEYS = ("skipped_by_reason",)  # {reason: rows}; absent in checkpoints written before it was counted
-DATA_KEYS = {"seed": 0, "epoch": 0, "position": 0}  # a map-style run saves the seed; a stream also epoch and position
+# Absent in checkpoints written before they were recorded: skipped_by_reason {reason: rows}; global_batch (pairs per
+# update, kept when a run resumes on another number of processes).
+OPTIONAL_STATE_KEYS = ("skipped_by_reason", "global_batch")
+# A map-style run saves the seed, the epoch and the pairs used in it by all ranks; a stream the seed, epoch, position.
+DATA_KEYS = {"seed": 0, "epoch": 0, "position": 0, "used": 0}
 EMA_KEYS = {"decay": (float, 0.0, 1.0), "min_decay": (float, 0.0, 1.0), "optimization_step": (int, 0, None),
             "update_after_step": (int, 0, None), "use_ema_warmup": (bool, None, None),
             "inv_gamma": (float, 0.0, None), "power": (float, 0.0, None)}  # diffusers' EMAModel.state_dict
@@ -140,7 +143,8 @@ def training_state_problem(state, folder: Path) -> str | None:
         return f"has field 'step' = {state['step']} (must be {number}, the number of its folder {Path(folder).name})"
     data = state["data"]
     if not isinstance(data, dict) or "seed" not in data or set(data) - set(DATA_KEYS):
-        return f"has field 'data' = {data!r:.80} (must hold 'seed', and for a stream 'epoch' and 'position')"
+        return (f"has field 'data' = {data!r:.80} (must hold 'seed', and 'epoch' with 'used' or, for a stream, "
+                f"'position')")
     for key, value in data.items():
         problem = _number_problem(f"data.{key}", value, int, DATA_KEYS[key])
         if problem:
@@ -154,6 +158,10 @@ def training_state_problem(state, folder: Path) -> str | None:
             problem = _number_problem(f"ema.{key}", value, kind, low, high)
             if problem:
                 return problem
+    if "global_batch" in state:
+        problem = _number_problem("global_batch", state["global_batch"], int, 1)
+        if problem:
+            return problem
     reasons = state.get("skipped_by_reason", {})
     if not isinstance(reasons, dict) or not all(isinstance(k, str) for k in reasons):
         return f"has field 'skipped_by_reason' = {reasons!r:.80} (must be an object of reason: rows)"

@@ -994,11 +994,14 @@ def pair_dataset(rows, args):
 class EpochSampler(torch.utils.data.Sampler):
     """Yields (seed, epoch, index) keys: a permutation seeded by (seed, epoch) when shuffling, else dataset order.
 
-    Its only state is the seed (saved in checkpoints), so a resumed run sees exactly the same batches.
+    Its state is the seed (saved in checkpoints), so a resumed run sees exactly the same batches, and where the run
+    is: `used`, the pairs of this epoch that all processes together have trained on, set by the training loop. That
+    position is global (accelerate deals batch g of the permutation to process g % W), so a run resumed on another
+    number of processes goes on at the same pair.
     """
 
     def __init__(self, size: int, seed: int, shuffle: bool):
-        self.size, self.seed, self.shuffle, self.epoch = size, seed, shuffle, 0
+        self.size, self.seed, self.shuffle, self.epoch, self.used = size, seed, shuffle, 0, 0
 
     def __len__(self):
         return self.size
@@ -1011,10 +1014,11 @@ class EpochSampler(torch.utils.data.Sampler):
         return iter([(self.seed, self.epoch, i) for i in order.tolist()])
 
     def state_dict(self):
-        return {"seed": self.seed}
+        return {"seed": self.seed, "epoch": self.epoch, "used": self.used}
 
     def load_state_dict(self, state):
         self.seed = state["seed"]
+        self.epoch, self.used = state.get("epoch", 0), state.get("used", 0)  # absent in older checkpoints
 
 
 class PairStream(torch.utils.data.IterableDataset):
@@ -1463,6 +1467,88 @@ def prune_checkpoints(output_dir: Path, keep: int):
 # The training step
 
 
+def check_output_dir_is_shared(accelerator, output_dir: Path):
+    """Several machines: every rank writes its part of each checkpoint (its RNG state, FSDP shards) into output_dir,
+    and rank 0 then renames the folder, so output_dir must be one folder that every machine sees. Checked at the
+    start: rank 0 writes a token there, and every rank must read it back; all ranks stop together if one cannot."""
+    machines = accelerator.num_processes // int(os.environ.get("LOCAL_WORLD_SIZE", accelerator.num_processes))
+    if machines <= 1:
+        return
+    from accelerate.utils import broadcast_object_list
+
+    marker = output_dir / ".shared_storage_check"
+    token = [f"{os.getpid()}-{random.SystemRandom().random()}" if accelerator.is_main_process else None]
+    if accelerator.is_main_process:
+        marker.write_text(token[0])
+    token = broadcast_object_list(token)[0]
+    accelerator.wait_for_everyone()
+    seen = False
+    for _ in range(20):  # a network file system can take a moment to show another machine's new file
+        seen = marker.is_file() and marker.read_text() == token
+        if seen:
+            break
+        time.sleep(1)
+    blind = accelerator.gather(torch.tensor([0.0 if seen else 1.0], device=accelerator.device))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        marker.unlink(missing_ok=True)
+    if blind.sum() > 0:
+        ranks = [rank for rank, value in enumerate(blind.tolist()) if value]
+        raise RuntimeError(f"--output_dir {output_dir} is not shared by the {machines} machines: ranks {ranks} do not "
+                           f"see the file rank 0 wrote there. Put it on storage that every machine mounts at the same "
+                           f"path (docs/multinode.md, 'Checkpoints on shared storage')")
+
+
+def keep_global_batch(args, accelerator, checkpoint: Path, state: dict, logger) -> bool:
+    """A checkpoint resumed on another number of processes keeps its global batch (pairs per update): the gradient
+    accumulation becomes global batch / (--train_batch_size x processes), said in the log, or the resume is refused
+    where that is no whole number. Returns whether the processes or the accumulation differ from the checkpoint's."""
+    saved_processes, saved = state["num_processes"], state["args"]
+    global_batch = state.get("global_batch",  # absent in older checkpoints: their run's own arguments
+                             saved["train_batch_size"] * saved["gradient_accumulation_steps"] * saved_processes)
+    per_micro_step = args.train_batch_size * accelerator.num_processes
+    if saved_processes == accelerator.num_processes and global_batch == per_micro_step * args.gradient_accumulation_steps:
+        return False
+    message = f"{checkpoint} was written by {saved_processes} processes and this run has {accelerator.num_processes}"
+    if not {"position", "used"} & state["data"].keys():
+        raise checkpoints.CheckpointError(
+            f"{message}, and it comes from a version that saved no global data position. Resume with "
+            f"--num_processes {saved_processes}, or train into a new --output_dir")
+    if global_batch % per_micro_step:
+        fits = [n for n in range(1, global_batch // args.train_batch_size + 1)
+                if global_batch % (args.train_batch_size * n) == 0]
+        raise checkpoints.CheckpointError(
+            f"{message}: its global batch of {global_batch} pairs per update cannot be kept, as it is no whole number "
+            f"of --train_batch_size {args.train_batch_size} x {accelerator.num_processes} processes. Resume on a "
+            f"number of processes that keeps it ({', '.join(map(str, fits))}), or train into a new --output_dir")
+    accumulation = global_batch // per_micro_step
+    logger.warning(f"{message}: gradient accumulation {args.gradient_accumulation_steps} -> {accumulation} steps, "
+                   f"keeping the checkpoint's global batch of {global_batch} pairs ({args.train_batch_size} per "
+                   f"process x {accumulation} x {accelerator.num_processes} processes). The data goes on from the "
+                   f"checkpoint's global position; noise and timesteps are drawn from this run's per-rank random "
+                   f"streams, so the run is not bit-identical to an unbroken one (docs/multinode.md)")
+    args.gradient_accumulation_steps = accelerator.gradient_accumulation_steps = accumulation
+    return True
+
+
+def regroup_resumed_state(args, accelerator, state: dict, lr_scheduler, sampler=None, updates_per_epoch=None):
+    """After loading a checkpoint of another process count or accumulation: its counters moved to this run's
+    grouping. For map-style data (`sampler`, already loaded) returns (first epoch, batches per process to skip in it)
+    from the checkpoint's global position; a stream's saved (epoch, row position) is global already."""
+    accelerator.step = 0  # micro-batches since the last update: the checkpoint counted them in its own accumulation
+    scheduler = lr_scheduler.scheduler  # accelerate steps it once per process and update: rescaled to this run's
+    scheduler.last_epoch = scheduler.last_epoch // state["num_processes"] * accelerator.num_processes
+    if sampler is None:
+        return None
+    per_micro_step = args.train_batch_size * accelerator.num_processes
+    if sampler.used % per_micro_step:  # a whole number of global batches, as keep_global_batch kept
+        raise checkpoints.CheckpointError(f"the checkpoint's data position ({sampler.used} pairs into epoch "
+                                          f"{sampler.epoch}) is no whole number of batches on this run's processes")
+    remaining_epochs = math.ceil((args.max_train_steps - state["step"]) / updates_per_epoch)
+    args.num_train_epochs = max(args.num_train_epochs, sampler.epoch + 1 + remaining_epochs)
+    return sampler.epoch, 0 if args.hard_skip_resume else sampler.used // per_micro_step
+
+
 def compute_loss(args, batch, unet, reference, vae, text_encoders, family, noise_process, weight_dtype,
                  log_weight_coefficients=None, choice_scorer=None, latent_config=None):
     """One micro-batch, pixels to loss: the training step that `main` runs (and benchmarks/bench_train.py times).
@@ -1590,6 +1676,7 @@ def main(argv=None):
         logger.warning(f"{accelerator.num_processes} processes and no accelerator found: training on CPU ranks (gloo)")
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
+    check_output_dir_is_shared(accelerator, output_dir)
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -1603,21 +1690,12 @@ def main(argv=None):
         return checkpoints.checkpoint_problems(folder, weight_files, accelerator.scaler is not None, fsdp=fsdp)
 
     checkpoint = checkpoints.choose_checkpoint(output_dir, args.resume_from_checkpoint, problems_of)
-    resumed_state = None
+    resumed_state, regrouped = None, False
     if checkpoint is not None:
         resumed_state = checkpoints.read_training_state(checkpoint)
-        if resumed_state["num_processes"] != accelerator.num_processes:
-            streamed = "position" in resumed_state["data"]  # a stream resumes by row position: any process count
-            message = (f"{checkpoint} was written by {resumed_state['num_processes']} processes and this run has "
-                       f"{accelerator.num_processes}")
-            if not streamed:
-                raise checkpoints.CheckpointError(
-                    f"{message}: the data order and the per-rank random states would differ. Resume with "
-                    f"--num_processes {resumed_state['num_processes']}, or train into a new --output_dir")
-            logger.warning(f"{message}: the stream goes on from its saved position, but the noise of ranks without a "
-                           f"saved random state is newly drawn, so the run is not bit-identical to an unbroken one")
         for line in checkpoints.resumed_arguments(resumed_state["args"], requested):
             logger.info(f"Changed since {checkpoint.name}: {line}")
+        regrouped = keep_global_batch(args, accelerator, checkpoint, resumed_state, logger)
     args.seed = run_seed(args.seed, resumed_state)
     set_seed(args.seed + accelerator.process_index)  # official: every rank its own noise stream (Q27)
 
@@ -1799,6 +1877,11 @@ def main(argv=None):
             first_epoch = global_step // updates_per_epoch
             if not args.hard_skip_resume:
                 skip_batches = (global_step - first_epoch * updates_per_epoch) * args.gradient_accumulation_steps
+        if regrouped:  # another process count or accumulation than the checkpoint's (keep_global_batch)
+            position = regroup_resumed_state(args, accelerator, resumed_state, lr_scheduler,
+                                             None if stream else sampler, None if stream else updates_per_epoch)
+            if stream is None:
+                first_epoch, skip_batches = position
 
     def save_checkpoint(step: int):
         """Every rank writes its state into a temporary folder, which is then renamed: a checkpoint is whole or absent.
@@ -1810,6 +1893,7 @@ def main(argv=None):
         checkpoint_state.clear()
         checkpoint_state.update(
             format=checkpoints.STATE_FORMAT, step=step, num_processes=accelerator.num_processes,
+            global_batch=args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps,
             data=data_state.state_dict(), skipped_rows=skipped_rows_before + count_skipped(),
             skipped_by_reason=skipped_by_reason(),
             ema={k: v for k, v in ema.state_dict().items() if k != "shadow_params"} if ema is not None else None,
@@ -1884,6 +1968,7 @@ def main(argv=None):
             epoch_loader = (send_to_device(batch, accelerator.device) for batch in dataloader)
         else:
             sampler.epoch = epoch
+            sampler.used = skip_batches * args.train_batch_size * accelerator.num_processes if epoch == first_epoch else 0
             epoch_loader = dataloader
             if epoch == first_epoch and skip_batches:
                 epoch_loader = accelerator.skip_first_batches(dataloader, skip_batches)
@@ -1928,6 +2013,10 @@ def main(argv=None):
                     new_bad_rows.append((row_id, reason))
             if stream is not None:
                 stream.position = batch["stream_position"]  # saved with the next checkpoint
+            else:  # the global data position, saved with the next checkpoint; a finished epoch: the next one's start
+                sampler.used += args.train_batch_size * accelerator.num_processes
+                if accelerator.gradient_state.end_of_dataloader:
+                    sampler.epoch, sampler.used = epoch + 1, 0
 
             if accelerator.sync_gradients:
                 global_step += 1

@@ -56,7 +56,8 @@ def launch(script, stubs, tmp_path, *extra, gpus=8, **env):
     argv_file.unlink(missing_ok=True)
     full_env = {**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}", "STUB_ARGV": str(argv_file),
                 "STUB_GPUS": str(gpus), "HF_HOME": str(tmp_path / "hf"), **env}
-    for key in ("NUM_GPUS", "NUM_PROCESSES", "ACCELERATE_ARGS", "CPU", "SAFEGUARD", "PYTHON", "ACCELERATE"):
+    for key in ("NUM_GPUS", "NUM_PROCESSES", "ACCELERATE_ARGS", "CPU", "SAFEGUARD", "PYTHON", "ACCELERATE",
+                "NUM_MACHINES", "MACHINE_RANK", "MAIN_PROCESS_IP", "MAIN_PROCESS_PORT"):
         if key not in env:
             full_env.pop(key, None)
     done = subprocess.run(["bash", str(SCRIPTS / f"{script}.sh"), *extra], cwd=tmp_path, env=full_env,
@@ -119,6 +120,57 @@ def test_processes_follow_the_gpus_and_overrides(stubs, tmp_path):
     config.write_text("num_processes: 16\n")
     done, argv = launch("sd15_diffusion_dpo", stubs, tmp_path, gpus=8)
     assert split(argv)[0] == ["--quiet"] and "accelerate config" in done.stdout
+
+
+def test_several_machines(stubs, tmp_path):
+    """NUM_MACHINES > 1: accelerate's multi-node options, and the processes of the whole job (GPUs x machines)."""
+    where = dict(NUM_MACHINES="2", MACHINE_RANK="1", MAIN_PROCESS_IP="10.0.0.1", MAIN_PROCESS_PORT="29555")
+    done, argv = launch("sd15_diffusion_dpo", stubs, tmp_path, gpus=8, **where)
+    assert done.returncode == 0, done.stderr
+    assert split(argv)[0] == ["--quiet", "--num_processes", "16", "--num_machines", "2", "--machine_rank", "1",
+                              "--main_process_ip", "10.0.0.1", "--main_process_port", "29555"]
+    assert "16 processes on 2 machines (this is machine 1" in done.stdout
+    for missing in ("MACHINE_RANK", "MAIN_PROCESS_IP"):
+        done, argv = launch("sd15_diffusion_dpo", stubs, tmp_path, gpus=8,
+                            **{k: v for k, v in where.items() if k != missing})
+        assert done.returncode == 2 and argv is None and "slurm.sbatch" in done.stderr
+    done, argv = launch("sd15_diffusion_dpo", stubs, tmp_path, gpus=8, **dict(where, MACHINE_RANK="2"))
+    assert done.returncode == 2 and "MACHINE_RANK (0 .. 1" in done.stderr
+
+
+def test_slurm_sbatch_derives_the_machines_from_slurm(stubs, tmp_path):
+    """scripts/train/slurm.sbatch under a stub `srun` that runs its command once per node (SLURM_NODEID 0, 1) and a
+    stub `scontrol show hostnames`: each node's `accelerate launch` gets its rank, the first host and one port."""
+    (stubs / "scontrol").write_text("#!/usr/bin/env bash\n[[ $* == 'show hostnames node-[07-08]' ]] && "
+                                    "printf 'node-07\\nnode-08\\n'\n")
+    (stubs / "srun").write_text(
+        "#!/usr/bin/env bash\n"
+        "printf '%s\\0' \"$@\" > \"$STUB_ARGV.srun\"\n"
+        "while [[ $1 == --* ]]; do [[ $1 == *=* ]] && shift || shift 2; done\n"
+        "for ((node = 0; node < SLURM_NNODES; node++)); do\n"
+        "    SLURM_NODEID=$node SLURM_PROCID=$node STUB_ARGV=$STUB_ARGV.$node \"$@\" || exit\n"
+        "done\n")
+    for stub in ("scontrol", "srun"):
+        (stubs / stub).chmod(0o755)
+    slurm = dict(SLURM_JOB_ID="123456", SLURM_NNODES="2", SLURM_JOB_NODELIST="node-[07-08]",
+                 SLURM_SUBMIT_DIR=str(REPO), SLURM_GPUS_ON_NODE="4")
+    env = {**os.environ, "PATH": f"{stubs}:{os.environ['PATH']}", "STUB_ARGV": str(tmp_path / "argv"),
+           "HF_HOME": str(tmp_path / "hf"), **slurm}
+    for key in ("NUM_GPUS", "NUM_PROCESSES", "ACCELERATE_ARGS", "CPU", "MAIN_PROCESS_PORT", "REPO"):
+        env.pop(key, None)
+    done = subprocess.run(["bash", str(SCRIPTS / "slurm.sbatch"), "sd15_diffusion_dpo", "--max_train_steps", "10"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "--kill-on-bad-exit=1" in (tmp_path / "argv.srun").read_text().split("\0")  # one dead node ends the job
+    for node in (0, 1):
+        argv = (tmp_path / f"argv.{node}").read_text().split("\0")[:-1]
+        launch_options, train_args = split(argv)
+        assert launch_options == ["--quiet", "--num_processes", "8", "--num_machines", "2", "--machine_rank", str(node),
+                                  "--main_process_ip", "node-07", "--main_process_port", str(20000 + 123456 % 20000)]
+        assert train_args[-2:] == ["--max_train_steps", "10"]
+    done = subprocess.run(["bash", str(SCRIPTS / "slurm.sbatch"), "no_such_script"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True)
+    assert done.returncode == 2 and "sd15_diffusion_dpo" in done.stderr
 
 
 def test_no_gpu_says_how_to_run_on_cpu(stubs, tmp_path):

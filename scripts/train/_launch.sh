@@ -23,7 +23,13 @@
 #   NUM_GPUS         GPUs on this machine (default: torch.cuda.device_count())
 #   NUM_PROCESSES    processes in the whole job, passed as --num_processes (default: NUM_GPUS; with an `accelerate
 #                    config` file present, the config decides; multi-node: GPUs per machine x machines)
-#   ACCELERATE_ARGS  more `accelerate launch` options, e.g. "--config_file multinode.yaml --machine_rank 1"
+#   ACCELERATE_ARGS  more `accelerate launch` options, e.g. "--config_file configs/accelerate/fsdp_sdxl.yaml"
+#   NUM_MACHINES     several machines (docs/multinode.md): run this script once on each machine, with
+#   MACHINE_RANK     this machine's rank, 0 .. NUM_MACHINES-1 (0 hosts torch.distributed's rendezvous),
+#   MAIN_PROCESS_IP  the address of machine 0, and
+#   MAIN_PROCESS_PORT  a free port on it (default 29500); passed as accelerate's --num_machines, --machine_rank,
+#                    --main_process_ip and --main_process_port, and NUM_PROCESSES defaults to NUM_GPUS x NUM_MACHINES.
+#                    scripts/train/slurm.sbatch sets all four from SLURM's environment.
 #   CPU=1            run on the CPU (one process) even without a GPU, with smoke-test settings (batch 1, no
 #                    accumulation, 256 px (SDXL 512; wan 64 px x 5 frames, cogvideox 64 px x 9 frames), 4 steps, a
 #                    checkpoint at step 2, 16 pairs, fp32, <= 2 data workers) that the script's own arguments override
@@ -116,6 +122,23 @@ fi
 
 LAUNCH=(--quiet)
 SMOKE_ARGS=()
+MACHINES=${NUM_MACHINES:-1}
+if [[ ! $MACHINES =~ ^[1-9][0-9]*$ ]]; then
+    echo "error: NUM_MACHINES=$MACHINES: give the number of machines, 1 or more" >&2
+    exit 2
+fi
+if ((MACHINES > 1)); then
+    if [[ ! ${MACHINE_RANK:-} =~ ^[0-9]+$ ]] || ((MACHINE_RANK >= MACHINES)) || [[ -z ${MAIN_PROCESS_IP:-} ]]; then
+        echo "error: NUM_MACHINES=$MACHINES needs MACHINE_RANK (0 .. $((MACHINES - 1)), this machine's;" \
+             "now '${MACHINE_RANK:-}') and MAIN_PROCESS_IP (machine 0's address; now '${MAIN_PROCESS_IP:-}')." \
+             "Under SLURM: sbatch scripts/train/slurm.sbatch (docs/multinode.md)" >&2
+        exit 2
+    fi
+    if [[ ${CPU:-0} == 1 ]]; then
+        echo "error: CPU=1 is a one-process smoke test on one machine; unset NUM_MACHINES" >&2
+        exit 2
+    fi
+fi
 if [[ ${CPU:-0} == 1 ]]; then
     LAUNCH+=(--cpu --num_processes 1)
     PROCESSES="1 process on the CPU"
@@ -176,7 +199,13 @@ EOF
         exit 1
     fi
     accelerate_config=${HF_HOME:-${XDG_CACHE_HOME:-$HOME/.cache}/huggingface}/accelerate/default_config.yaml
-    if [[ -n ${NUM_PROCESSES:-} ]]; then
+    if ((MACHINES > 1)); then  # accelerate counts the processes of the whole job, over every machine
+        NUM_PROCESSES=${NUM_PROCESSES:-$((NUM_GPUS * MACHINES))}
+        LAUNCH+=(--num_processes "$NUM_PROCESSES" --num_machines "$MACHINES" --machine_rank "$MACHINE_RANK"
+                 --main_process_ip "$MAIN_PROCESS_IP" --main_process_port "${MAIN_PROCESS_PORT:-29500}")
+        PROCESSES="$NUM_PROCESSES processes on $MACHINES machines (this is machine $MACHINE_RANK; rendezvous at"
+        PROCESSES+=" $MAIN_PROCESS_IP:${MAIN_PROCESS_PORT:-29500})"
+    elif [[ -n ${NUM_PROCESSES:-} ]]; then
         LAUNCH+=(--num_processes "$NUM_PROCESSES")
         PROCESSES="$NUM_PROCESSES processes (NUM_PROCESSES; $NUM_GPUS GPUs on this machine)"
     elif [[ -f $accelerate_config || ${ACCELERATE_ARGS:-} == *--config_file* ]]; then
