@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import families  # noqa: E402
 import latent_cache  # noqa: E402
 import train  # noqa: E402
+from data.pairs import PairDataset
 
 # (latent channels, VAE factor, text outputs per caption as (tokens, width) plus pooled widths), from the real configs
 SHAPES = {
@@ -86,7 +87,7 @@ def main(argv=None):
         tokenizers, encoders = family.load_text(torch.float32)
         noise, vae = family.load_noise(), family.load_vae(torch.float32)
         unet, reference = family.load_denoiser(str(model)), family.load_denoiser(str(model))
-        pairs = train.PairDataset(train.filter_rows(train.load_rows(args), args, True), args)
+        pairs = PairDataset(train.filter_rows(train.load_rows(args), args, True), args)
         cache = latent_cache.LatentCache(work / "cache", cached_args)
         cached = latent_cache.CachedPairDataset(cache, cached_args)
         keys = [(0, 0, i) for i in range(options.batch)]

@@ -4,7 +4,7 @@
     python benchmarks/bench_data.py --workers 0 1 2 --resolution 512 --json
     python benchmarks/bench_data.py --sdxl --resolution 1024 --workers 8 16    # on a many-core GPU host
 
-The pipeline is train.py's: train.load_rows / filter_rows -> train.PairDataset (JPEG decode, resize, crop, flip,
+The pipeline is train.py's: train.load_rows / filter_rows -> PairDataset (JPEG decode, resize, crop, flip,
 caption dropout) -> train.EpochSampler -> train.Collate (CLIP tokenisation; two tokenizers with --sdxl) -> the
 DataLoader with main()'s settings (pin_memory on CUDA, persistent workers). The data is the synthetic Pick-a-Pic
 parquet of tiny.build_pickapic, with images of Pick-a-Pic-like sizes (--image_size; the real ones are 512-1024 px).
@@ -30,6 +30,7 @@ import torch  # noqa: E402
 
 import train  # noqa: E402
 from benchmarks.common import command_line, common_fields, quiet_libraries  # noqa: E402
+from data.pairs import PairDataset
 
 
 def parse_args(argv=None):
@@ -100,7 +101,7 @@ def measure_all(args, folder: Path) -> list[dict]:
     targs = train.parse_args(["--pretrained_model_name_or_path", "<none>", "--dataset_name", str(data),
                               "--resolution", str(args.resolution), "--train_batch_size", str(args.batch),
                               "--cache_dir", str(folder / "cache")] + (["--sdxl"] if args.sdxl else []))
-    dataset = train.PairDataset(train.filter_rows(train.load_rows(targs), targs, is_main=False), targs)
+    dataset = PairDataset(train.filter_rows(train.load_rows(targs), targs, is_main=False), targs)
     tokenizer = build_clip_tokenizer(folder / "tokenizer")
     tokenizers = [tokenizer, tokenizer] if args.sdxl else [tokenizer]
     common = common_fields("cpu", args.command)

@@ -40,6 +40,7 @@ import torch  # noqa: E402
 
 import families  # noqa: E402
 import train  # noqa: E402
+from families.noise import importance_log_weight_coefficients  # noqa: E402
 from benchmarks.common import (  # noqa: E402
     command_line, common_fields, interleaved, peak_flops, peak_memory_mb, quantile, quiet_libraries,
     reset_peak_memory, synchronize, timed,
@@ -152,7 +153,7 @@ class Bench:
         self.noise_scheduler = DDPMScheduler(**SCHEDULE)
         self.family = families.make_family(probe)  # sd or sdxl: the step's model-dependent parts
         self.noise_process = families.DDPMNoise(self.noise_scheduler).to(self.device)
-        self.log_weight_coefficients = train.importance_log_weight_coefficients(self.noise_scheduler).to(self.device)
+        self.log_weight_coefficients = importance_log_weight_coefficients(self.noise_scheduler).to(self.device)
         unet = models.unet  # from here on as main() sets it up
         if probe.use_lora:
             train.add_lora(unet, probe, self.weight_dtype)
@@ -296,7 +297,7 @@ def meta_flops(config: str, method: str, safeguard: bool, batch: int, precision:
                 return models.unet(*inputs, **kwargs)
     if args.gradient_checkpointing:  # the recomputed forwards count in the backward
         models.unet.enable_gradient_checkpointing()
-    coefficients = train.importance_log_weight_coefficients(DDPMScheduler(**SCHEDULE)).to("meta")
+    coefficients = importance_log_weight_coefficients(DDPMScheduler(**SCHEDULE)).to("meta")
     noise_process = families.DDPMNoise(DDPMScheduler(**SCHEDULE)).to("meta")
     with torch.device("meta"):
         batch_ = train.Collate(models.tokenizers)([

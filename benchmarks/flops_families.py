@@ -22,22 +22,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import families  # noqa: E402
 import train  # noqa: E402
-from benchmarks.models import CLIP_BIGG_TEXT, CLIP_L_TEXT, VAE  # noqa: E402
+from benchmarks.models import (CLIP_BIGG_TEXT, CLIP_L_TEXT, FLUX_DEV_TRANSFORMER, SD35_MEDIUM_TRANSFORMER,  # noqa: E402
+                               T5_XXL, VAE_16, WAN_1_3B_TRANSFORMER)
 
-SD35_MEDIUM_TRANSFORMER = dict(  # stabilityai/stable-diffusion-3.5-medium transformer/config.json
-    sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64, num_attention_heads=24,
-    joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048, out_channels=16,
-    pos_embed_max_size=384, dual_attention_layers=tuple(range(13)), qk_norm="rms_norm",
-)
-FLUX_DEV_TRANSFORMER = dict(  # black-forest-labs/FLUX.1-dev transformer/config.json
-    patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24,
-    joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56),
-)
-VAE_16 = dict(VAE, latent_channels=16, use_quant_conv=False, use_post_quant_conv=False)  # SD3 and FLUX VAEs
-T5_XXL = dict(  # google/t5-v1_1-xxl encoder, text_encoder_3 (SD3) and text_encoder_2 (FLUX)
-    vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64, feed_forward_proj="gated-gelu",
-    relative_attention_num_buckets=32, is_encoder_decoder=False,
-)
 TEXT_TOKENS = {"sd35": (77, 77, 256), "flux": (77, 512)}
 
 
@@ -119,8 +106,6 @@ def video_flops_per_pair(name: str) -> dict:
     from diffusers import (AutoencoderKLCogVideoX, AutoencoderKLWan, CogVideoXDDIMScheduler, CogVideoXTransformer3DModel,
                            FlowMatchEulerDiscreteScheduler, WanTransformer3DModel)
     from transformers import T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel
-
-    from benchmarks.memory_table import WAN_1_3B_TRANSFORMER
 
     family_name, (height, width), frames = VIDEO[name]
     args = train.parse_args(["--pretrained_model_name_or_path", f"<random {name}>", "--dataset_name", "<none>",

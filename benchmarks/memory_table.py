@@ -27,14 +27,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.flops_families import FLUX_DEV_TRANSFORMER, SD35_MEDIUM_TRANSFORMER, T5_XXL, VAE_16  # noqa: E402
-from benchmarks.models import CLIP_BIGG_TEXT, CLIP_L_TEXT, SD15_UNET, SDXL_UNET, VAE  # noqa: E402
+from benchmarks.models import (CLIP_BIGG_TEXT, CLIP_L_TEXT, FLUX_DEV_TRANSFORMER, SD15_UNET,  # noqa: E402
+                               SD35_MEDIUM_TRANSFORMER, SDXL_UNET, T5_XXL, VAE, VAE_16, WAN_1_3B_TRANSFORMER)
 
-WAN_1_3B_TRANSFORMER = dict(  # Wan-AI/Wan2.1-T2V-1.3B-Diffusers transformer/config.json
-    patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
-    text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
-    eps=1e-6,
-)
 COGVIDEOX_5B_TRANSFORMER = dict(  # THUDM/CogVideoX-5b transformer/config.json
     num_attention_heads=48, attention_head_dim=64, in_channels=16, out_channels=16, time_embed_dim=512,
     text_embed_dim=4096, num_layers=42, sample_width=90, sample_height=60, sample_frames=49, patch_size=2,

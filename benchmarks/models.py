@@ -136,3 +136,32 @@ def build(name: str, device="cpu", weight_dtype=torch.float32, reference: bool =
     alphas_cumprod = DDPMScheduler(**SCHEDULE).alphas_cumprod.to(device)
     return BenchModels(name, sdxl, RESOLUTION[name], unet, ref_unet, vae, text_encoders,
                        _tokenizers(sdxl), alphas_cumprod)
+
+
+SD35_MEDIUM_TRANSFORMER = dict(  # stabilityai/stable-diffusion-3.5-medium transformer/config.json
+    sample_size=128, patch_size=2, in_channels=16, num_layers=24, attention_head_dim=64, num_attention_heads=24,
+    joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048, out_channels=16,
+    pos_embed_max_size=384, dual_attention_layers=tuple(range(13)), qk_norm="rms_norm",
+)
+
+
+FLUX_DEV_TRANSFORMER = dict(  # black-forest-labs/FLUX.1-dev transformer/config.json
+    patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24,
+    joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56),
+)
+
+
+VAE_16 = dict(VAE, latent_channels=16, use_quant_conv=False, use_post_quant_conv=False)  # SD3 and FLUX VAEs
+
+
+T5_XXL = dict(  # google/t5-v1_1-xxl encoder, text_encoder_3 (SD3) and text_encoder_2 (FLUX)
+    vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64, feed_forward_proj="gated-gelu",
+    relative_attention_num_buckets=32, is_encoder_decoder=False,
+)
+
+
+WAN_1_3B_TRANSFORMER = dict(  # Wan-AI/Wan2.1-T2V-1.3B-Diffusers transformer/config.json
+    patch_size=(1, 2, 2), num_attention_heads=12, attention_head_dim=128, in_channels=16, out_channels=16,
+    text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+    eps=1e-6,
+)

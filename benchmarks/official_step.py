@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 import train
+from families.conditioning import sdxl_time_ids
 
 
 def official_lose_scale(pred_eps: torch.Tensor, true_eps: torch.Tensor, mu: float, eps: float = 1e-9,
@@ -77,7 +78,7 @@ def official_compute_loss(args, batch, unet, ref_unet, vae, text_encoders, noise
     with torch.no_grad():
         if args.sdxl:
             prompt_embeds, pooled = _encode_prompt_sdxl(batch["captions"], text_encoders, tokenizers, accelerator.device)
-            time_ids = train.sdxl_time_ids(latents.shape[0], args.resolution, latents.device, weight_dtype)
+            time_ids = sdxl_time_ids(latents.shape[0], args.resolution, latents.device, weight_dtype)
             if preference:
                 prompt_embeds, pooled = prompt_embeds.repeat(2, 1, 1), pooled.repeat(2, 1)
             added = {"text_embeds": pooled.to(weight_dtype), "time_ids": time_ids}

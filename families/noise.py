@@ -101,10 +101,8 @@ class DDPMNoise:
         return Noised(noisy, timesteps, timesteps, target, importance_target)
 
     def log_weight_coefficients(self) -> torch.Tensor:
-        """c per DDPM index for the residual of what is predicted: epsilon c_t (see train.importance_log_weight_
-        coefficients); v: eps_hat - eps = sqrt(abar_t) (v_hat - v), so c_t abar_t."""
-        from train import importance_log_weight_coefficients
-
+        """c per DDPM index for the residual of what is predicted: epsilon c_t (see
+        importance_log_weight_coefficients below); v: eps_hat - eps = sqrt(abar_t) (v_hat - v), so c_t abar_t."""
         coefficients = importance_log_weight_coefficients(self.scheduler)
         if self.prediction_type == "v_prediction":
             abar = self.scheduler.alphas_cumprod.double()
@@ -188,3 +186,23 @@ class FlowNoise:
         the scheduler's grid with gaussian_path_coefficients, times s^2 (x0_hat - x_0 = -s (v_hat - v))."""
         sigmas = self.sigmas.double().cpu().flip(0)  # ascending noise
         return (gaussian_path_coefficients(1 - sigmas, sigmas) * sigmas.pow(2)).float()
+
+
+def importance_log_weight_coefficients(scheduler) -> torch.Tensor:
+    """c_t for every training timestep t (diffusers DDPM index 0..T-1), so that log w = -c_t mean((eps_hat - eps)^2).
+
+    p_theta(x_{t-1} | x_t) and the forward posterior q(x_{t-1} | x_t, x_0) share the variance
+    btilde_t = (1 - abar_{t-1}) / (1 - abar_t) beta_t (abar_{-1} = 1; btilde_0 := btilde_1, DDPM's clipped variance),
+    and their means differ by beta_t / (sqrt(alpha_t) sqrt(1 - abar_t)) (eps_hat - eps), so per element
+
+        KL(q || p_theta) / d = c_t mean((eps_hat - eps)^2),   c_t = beta_t^2 / (2 btilde_t alpha_t (1 - abar_t)).
+
+    Our interpretation of the step-wise importance weight of SDPO (arXiv:2505.21893). beta_t = 1 - abar_t / abar_{t-1}
+    from the scheduler's alphas_cumprod, as DDPMScheduler.step derives it. Computed in float64, returned fp32.
+    """
+    alphas_cumprod = scheduler.alphas_cumprod.double()
+    previous = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
+    betas = 1 - alphas_cumprod / previous
+    posterior_variance = (1 - previous) / (1 - alphas_cumprod) * betas
+    posterior_variance[0] = posterior_variance[1]
+    return (betas.pow(2) / (2 * posterior_variance * (1 - betas) * (1 - alphas_cumprod))).float()

@@ -19,7 +19,8 @@ from types import SimpleNamespace
 
 import torch
 
-from families import DDPMNoise, Family, FlowNoise
+from families.base import Family
+from families.noise import DDPMNoise, FlowNoise
 
 
 class VideoFamily(Family):

@@ -28,6 +28,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import train  # noqa: E402  (the repository root: the data pipeline and the importance weight are train.py's own)
 from eval.generate import GenerateError  # noqa: E402
+from data.pairs import PairDataset
+from families.conditioning import load_tokenizer, sdxl_time_ids
+from families.noise import importance_log_weight_coefficients
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -90,7 +93,7 @@ def analyse(args) -> list[dict]:
     precision = args.mixed_precision if args.mixed_precision != "auto" else ("fp16" if device.type == "cuda" else "no")
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
     base = args.pretrained_model_name_or_path
-    train.load_tokenizer(base, "tokenizer", None)  # names the fix when the model is neither local nor cached
+    load_tokenizer(base, "tokenizer", None)  # names the fix when the model is neither local nor cached
     # eval.generate's loader: the same --unet_path forms and errors; frozen, UNet and text encoders in dtype, VAE fp32
     models = load_models(argparse.Namespace(pretrain_path=base, unet_path=args.unet_path, sdxl=args.sdxl, lora_path=None,
                                             vae_path=args.pretrained_vae_model_name_or_path), device, dtype)
@@ -100,11 +103,11 @@ def analyse(args) -> list[dict]:
         raise ValueError(f"{base}: prediction_type {scheduler.config.prediction_type!r}; only 'epsilon' is supported")
     if args.timestep_range[1] >= scheduler.config.num_train_timesteps:
         raise ValueError(f"--timestep_range: HI must be at most {scheduler.config.num_train_timesteps - 1}")
-    coefficients = train.importance_log_weight_coefficients(scheduler).to(device)
+    coefficients = importance_log_weight_coefficients(scheduler).to(device)
     alphas_cumprod = scheduler.alphas_cumprod.to(device)
 
     targs = data_args(args)
-    dataset = train.PairDataset(train.filter_rows(train.load_rows(targs), targs, is_main=True), targs)
+    dataset = PairDataset(train.filter_rows(train.load_rows(targs), targs, is_main=True), targs)
     loader = torch.utils.data.DataLoader(dataset, sampler=train.EpochSampler(len(dataset), args.seed, shuffle=False),
                                          batch_size=args.batch_size, collate_fn=train.Collate(models.tokenizers))
     low, high = args.timestep_range
@@ -125,7 +128,7 @@ def analyse(args) -> list[dict]:
             added = None
             if args.sdxl:
                 added = {"text_embeds": pooled.repeat(2, 1).to(dtype),
-                         "time_ids": train.sdxl_time_ids(len(latents), targs.resolution, device, dtype)}
+                         "time_ids": sdxl_time_ids(len(latents), targs.resolution, device, dtype)}
             pairs = len(latents) // 2
             for b in range(args.num_bins):
                 timesteps = torch.randint(edges[b], edges[b + 1], (pairs,), generator=generator).repeat(2).to(device)

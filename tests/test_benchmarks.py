@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import train
+from families.noise import importance_log_weight_coefficients
 from families import DDPMNoise, make_family
 from benchmarks import bench_data, bench_eval, bench_train
 from benchmarks.models import CLIP_BIGG_TEXT, CLIP_L_TEXT, SD15_UNET, SDXL_UNET, VAE, build
@@ -102,7 +103,7 @@ def test_the_step_reads_nothing_on_the_host(tiny_bench, method, monkeypatch):
     models = tiny_bench
     args = step_args(models, method, "--winner_preserving_granularity", "sample" if method == "dmpo" else "batch",
                      "--importance_weighting", "full" if method == "dspo" else "clip_mask")
-    coefficients = train.importance_log_weight_coefficients(DDPMScheduler(**SCHEDULE))
+    coefficients = importance_log_weight_coefficients(DDPMScheduler(**SCHEDULE))
     batch = bench_train.synthetic_batch(args, models.tokenizers, "cpu", torch.Generator().manual_seed(0))
     refuse_host_reads(monkeypatch)
     loss, step_metrics, weight_metrics, relabelled = train.compute_loss(

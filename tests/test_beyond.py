@@ -8,6 +8,9 @@ import torch
 from safetensors.torch import load_file
 
 import train
+import data.pairs as pair_data
+from data.pairs import PairDataset, decode_image
+from data.rows import expand_braces, webdataset_shards
 from test_train import base_unet, metrics, run_train
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
@@ -151,7 +154,7 @@ def same(a, b):
 def test_stream_and_webdataset_sources_give_the_parquet_pairs(pickapic, webdataset, monkeypatch):
     """Same rows, same filtering (ties), same stand-in for the corrupt image, same keyed augmentations."""
     args = data_args(pickapic)
-    parquet = train.PairDataset(train.filter_rows(train.load_rows(args), args, True), args)
+    parquet = PairDataset(train.filter_rows(train.load_rows(args), args, True), args)
     expected = [parquet[(0, 0, i)] for i in range(len(parquet))]
     usable = len(expected) // 2 * 2  # whole batches of 2
     assert sum(e["skipped"] for e in expected[:usable]) == 1
@@ -176,9 +179,9 @@ def test_stream_and_webdataset_sources_give_the_parquet_pairs(pickapic, webdatas
         assert len(got) == usable // 4 * 2  # complete rounds only: both ranks get the same number of batches
         assert all(same(a, b) for a, b in zip(got, mine))
 
-    resumed, decoded, decode_image = stream_of(webdataset), [], train.decode_image
+    resumed, decoded, decode = stream_of(webdataset), [], pair_data.decode_image
     resumed.load_state_dict({"seed": 0, "epoch": 0, "position": 10})
-    monkeypatch.setattr(train, "decode_image", lambda value: (decoded.append(value), decode_image(value))[1])
+    monkeypatch.setattr(pair_data, "decode_image", lambda value: (decoded.append(value), decode(value))[1])
     got = list(resumed)
     assert len(got) == usable - 10 and all(same(g, e) for g, e in zip(got, expected[10:]))
     assert len(decoded) == 2 * len(got)  # the 10 rows before the resume position were skipped undecoded
@@ -190,15 +193,15 @@ def test_stream_and_webdataset_sources_give_the_parquet_pairs(pickapic, webdatas
 
 
 def test_webdataset_source_names(webdataset, tmp_path):
-    assert train.expand_braces("a-{000..002}.tar") == ["a-000.tar", "a-001.tar", "a-002.tar"]
-    assert train.expand_braces("{x,y}/s-{8..9}.tar") == ["x/s-8.tar", "x/s-9.tar", "y/s-8.tar", "y/s-9.tar"]
-    assert train.webdataset_shards(str(webdataset), "test_unique") == [str(webdataset / "test_unique-00000.tar")]
-    assert train.webdataset_shards("hf://datasets/org/pairs/{00..01}.tar", "train") == [
+    assert expand_braces("a-{000..002}.tar") == ["a-000.tar", "a-001.tar", "a-002.tar"]
+    assert expand_braces("{x,y}/s-{8..9}.tar") == ["x/s-8.tar", "x/s-9.tar", "y/s-8.tar", "y/s-9.tar"]
+    assert webdataset_shards(str(webdataset), "test_unique") == [str(webdataset / "test_unique-00000.tar")]
+    assert webdataset_shards("hf://datasets/org/pairs/{00..01}.tar", "train") == [
         "hf://datasets/org/pairs/00.tar", "hf://datasets/org/pairs/01.tar"]
     with pytest.raises(ValueError, match="no shard for split 'validation'"):
-        train.webdataset_shards(str(webdataset), "validation")
+        webdataset_shards(str(webdataset), "validation")
     with pytest.raises(FileNotFoundError, match="no .tar shard matches"):
-        train.webdataset_shards(str(tmp_path / "none-*.tar"), "train")
+        webdataset_shards(str(tmp_path / "none-*.tar"), "train")
     rows = train.load_rows(data_args(webdataset / "train-*.tar"))
     assert {"jpg_0", "jpg_1", "label_0", "label_1", "caption", "model_0"} <= set(rows.column_names)
     assert next(iter(rows))["label_0"] in (0.0, 0.5, 1.0)
@@ -265,7 +268,7 @@ class ConstantScorer:
 
 def scored_batch(pickapic, size=6):
     args = data_args(pickapic, "--choice_model", "pickscore", "--no_hflip")
-    dataset = train.PairDataset(train.filter_rows(train.load_rows(args), args, True), args)
+    dataset = PairDataset(train.filter_rows(train.load_rows(args), args, True), args)
     return train.Collate([])([dataset[(0, 0, i)] for i in range(size)])
 
 
@@ -302,7 +305,7 @@ def test_choice_model_training_logs_the_relabelled_fraction(tiny_sd15, pickapic,
     logged = metrics(tmp_path / "run")[0]
 
     args = data_args(pickapic, "--split", "test_unique", "--choice_model", "hps")
-    dataset = train.PairDataset(train.filter_rows(train.load_rows(args), args, True), args)
+    dataset = PairDataset(train.filter_rows(train.load_rows(args), args, True), args)
     scorer = load_scorer("hps", **tiny_scorers["hpsv2"])
     flips = []
     for i in range(4):

@@ -11,6 +11,9 @@ from safetensors.torch import load_file
 
 import families
 import train
+from data.pairs import PairDataset
+from families.conditioning import sdxl_time_ids
+from families.noise import importance_log_weight_coefficients
 from families import DDPMNoise, FlowNoise, gaussian_path_coefficients
 from test_beyond import tiny_scorers  # noqa: F401 - a fixture
 from test_train import metrics, reset_accelerate, run_train, train_args
@@ -157,7 +160,7 @@ def legacy_step(args, batch, unet, reference, vae, text_encoders, alphas_cumprod
     added = None
     if args.sdxl:
         added = {"text_embeds": pooled.to(weight_dtype),
-                 "time_ids": train.sdxl_time_ids(noisy.shape[0], args.resolution, noisy.device, weight_dtype)}
+                 "time_ids": sdxl_time_ids(noisy.shape[0], args.resolution, noisy.device, weight_dtype)}
     cond = prompt_embeds.to(weight_dtype)
     model_pred = unet(noisy, timesteps, cond, added_cond_kwargs=added).sample.float()
     log_weight = train.log_importance_weight(model_pred, noise_in, timesteps, coefficients)
@@ -186,7 +189,7 @@ def test_sd15_and_sdxl_steps_are_bit_identical_to_the_pre_family_code(models, pi
     vae, unet = family.load_vae(torch.float32), family.load_denoiser(str(model))
     reference = family.load_denoiser(str(model))
     rows = train.filter_rows(train.load_rows(args), args, True)
-    dataset = train.PairDataset(rows, args)
+    dataset = PairDataset(rows, args)
     batch = train.Collate(tokenizers, family.max_lengths())([dataset[(0, 0, i)] for i in range(2)])
     coefficients = noise.log_weight_coefficients()
     results = []
@@ -270,7 +273,7 @@ def test_gaussian_path_coefficients_give_the_ddpm_ones(models):
     scheduler = DDPMScheduler.from_pretrained(models["sd15"], subfolder="scheduler")
     abar = scheduler.alphas_cumprod.double()
     general = gaussian_path_coefficients(abar.sqrt(), (1 - abar).sqrt()) * (1 - abar) / abar  # x0 error -> eps error
-    ddpm = train.importance_log_weight_coefficients(scheduler).double()
+    ddpm = importance_log_weight_coefficients(scheduler).double()
     torch.testing.assert_close(general[1:], ddpm[1:], rtol=1e-5, atol=0)
 
 
@@ -279,7 +282,7 @@ def test_v_prediction_coefficients_are_epsilons_times_abar(models):
 
     scheduler = DDPMScheduler.from_pretrained(models["sd2v"], subfolder="scheduler")
     coefficients = DDPMNoise(scheduler).log_weight_coefficients()
-    eps = train.importance_log_weight_coefficients(scheduler)
+    eps = importance_log_weight_coefficients(scheduler)
     torch.testing.assert_close(coefficients, eps * scheduler.alphas_cumprod, rtol=1e-6, atol=0)
 
 

@@ -21,6 +21,8 @@ from safetensors.torch import load_file
 
 import checkpoints
 import train
+from data.pairs import PairDataset
+from families.conditioning import load_tokenizer
 from test_train import REPO, metrics, run_train, train_args
 
 MARKER = "pwned-marker"
@@ -142,7 +144,7 @@ def dataset_from(folder, **overrides):
     args = train.parse_args(["--pretrained_model_name_or_path", "x", "--dataset_name", str(folder), "--resolution", "32",
                              "--no_hflip", "--proportion_empty_prompts", "0"])
     vars(args).update(overrides)
-    return train.PairDataset(train.filter_rows(train.load_rows(args), args, True), args)
+    return PairDataset(train.filter_rows(train.load_rows(args), args, True), args)
 
 
 def bad_caption_rows(pickapic, tmp_path) -> Path:
@@ -410,11 +412,11 @@ def test_empty_local_tokenizer_names_the_folder_and_file(tiny_sd15, tmp_path):
     for name in ("tokenizer.json", "vocab.json", "merges.txt"):  # transformers then loads an empty vocabulary
         (model / "tokenizer" / name).unlink()
     with pytest.raises(RuntimeError) as error:
-        train.load_tokenizer(str(model), "tokenizer", None)
+        load_tokenizer(str(model), "tokenizer", None)
     assert f"{model / 'tokenizer' / 'vocab.json'} is missing" in str(error.value) and "hf download" not in str(error.value)
     (model / "tokenizer" / "vocab.json").write_text("{}")  # a damaged file: tokenizers raises a plain Exception
     with pytest.raises(RuntimeError, match=f"cannot load the tokenizer in {model / 'tokenizer'}"):
-        train.load_tokenizer(str(model), "tokenizer", None)
+        load_tokenizer(str(model), "tokenizer", None)
 
 
 def test_cli_error_is_printed_once_and_last(pickapic, tmp_path):

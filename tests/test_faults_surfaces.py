@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file
 
 import train
-import video_data
+import data.video as video_data
 from test_train import REPO, metrics, reset_accelerate, run_train
 
 # --- video pairs -------------------------------------------------------------------------------------------------

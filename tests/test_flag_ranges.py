@@ -13,6 +13,7 @@ import pytest
 import flag_ranges
 import latent_cache
 import train
+from arguments import FLAG_RANGES
 from eval import compare, generate, make_pairs, score
 
 
@@ -24,7 +25,7 @@ class Captured(Exception):
 TRAIN_ARGV = ["--pretrained_model_name_or_path", "x", "--dataset_name", "d"]
 # name: (entry point, minimal valid argv, range table)
 CLIS = {
-    "train.py": (train.parse_args, TRAIN_ARGV, train.FLAG_RANGES),
+    "train.py": (train.parse_args, TRAIN_ARGV, FLAG_RANGES),
     "eval.generate": (generate.parse_args, [], generate.GENERATE_RANGES),
     "eval.make_pairs": (make_pairs.parse_args, ["--prompts", "p.json", "--output_dir", "out"], make_pairs.MAKE_PAIRS_RANGES),
     "eval.score": (score.main, [], score.SCORER_RANGES),

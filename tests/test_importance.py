@@ -11,6 +11,7 @@ import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 
 import train
+from families.noise import importance_log_weight_coefficients
 from test_train import metrics, run_train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,7 +45,7 @@ def posterior_means(scheduler, t, x_t, x0, eps_hat):
 def test_closed_form_kl_matches_monte_carlo(t):
     """log w = E_q[log p_theta - log q] / d, estimated with x_{t-1} drawn by diffusers' DDPMScheduler.step from q."""
     scheduler = sd_scheduler()
-    coefficients = train.importance_log_weight_coefficients(scheduler)
+    coefficients = importance_log_weight_coefficients(scheduler)
     g = torch.Generator().manual_seed(t)
     shape = (1, 4, 2, 2)
     x0, eps = torch.randn(shape, generator=g, dtype=torch.float64), torch.randn(shape, generator=g, dtype=torch.float64)
@@ -74,7 +75,7 @@ def test_closed_form_kl_matches_monte_carlo(t):
 def test_closed_form_equals_gaussian_kl_at_every_timestep():
     """-c_t mean((eps_hat - eps)^2) == -mean((mu_p - mu_q)^2) / (2 btilde_t) for all 1000 t (exact, no sampling)."""
     scheduler = sd_scheduler()
-    coefficients = train.importance_log_weight_coefficients(scheduler)
+    coefficients = importance_log_weight_coefficients(scheduler)
     g = torch.Generator().manual_seed(0)
     x0, eps, noise = (torch.randn(1, 4, 2, 2, generator=g, dtype=torch.float64) for _ in range(3))
     eps_hat = eps + 0.5 * noise
@@ -87,7 +88,7 @@ def test_closed_form_equals_gaussian_kl_at_every_timestep():
 
 
 def test_log_weight_has_no_gradient_and_is_per_sample():
-    coefficients = train.importance_log_weight_coefficients(sd_scheduler())
+    coefficients = importance_log_weight_coefficients(sd_scheduler())
     pred = torch.randn(3, 4, 2, 2, requires_grad=True)
     noise = torch.zeros(3, 4, 2, 2)
     log_weight = train.log_importance_weight(pred, noise, torch.tensor([0, 10, 999]), coefficients)
@@ -138,7 +139,7 @@ def test_weighted_dpo_loss_and_gradient_by_hand():
     model_pred = (target + 0.5 * torch.randn(2 * B, C, H, W, generator=g, dtype=torch.float64)).requires_grad_(True)
     ref_pred = target + 0.5 * torch.randn(2 * B, C, H, W, generator=g, dtype=torch.float64)
     timesteps = torch.tensor([1, 3, 2]).repeat(2)  # small t: weights far from 1 and from each other
-    coefficients = train.importance_log_weight_coefficients(sd_scheduler())
+    coefficients = importance_log_weight_coefficients(sd_scheduler())
     log_weight = train.log_importance_weight(model_pred, target, timesteps, coefficients)
     win, lose = log_weight.chunk(2)
     weights = train.importance_weights(0.5 * (win + lose), "full", clip_min=0.1, clip_max=1.0)

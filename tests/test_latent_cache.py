@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 import latent_cache
 import train
+from data.pairs import PairDataset
 from test_train import ACCELERATE, REPO, base_unet, metrics, reset_accelerate, run_train, train_args
 
 
@@ -33,7 +34,7 @@ def test_cache_holds_the_vae_moments_of_the_same_pairs_and_flips(tiny_sd15, pick
 
     args = train.parse_args(train_args(tiny_sd15, pickapic, "unused", "--latents_cache", str(cache)))
     cached = latent_cache.CachedPairDataset(latent_cache.LatentCache(cache, args), args)
-    pairs = train.PairDataset(train.filter_rows(train.load_rows(args), args, True), args)
+    pairs = PairDataset(train.filter_rows(train.load_rows(args), args, True), args)
     vae = AutoencoderKL.from_pretrained(tiny_sd15, subfolder="vae")
     assert len(cached) == len(pairs)
     flipped = 0

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 import train
+from data.pairs import PairDataset, decode_image
 from eval import generate as gen
 from eval import make_pairs as mp
 
@@ -252,12 +253,12 @@ def test_shards_load_through_train_py_and_train_two_steps(built, setup, tmp_path
         loaded = train.filter_rows(train.load_rows(args), args, True)
         if source == out:
             assert len(loaded) == summary["pairs"]
-            dataset = train.PairDataset(loaded, args)
+            dataset = PairDataset(loaded, args)
             first = dataset[(0, 0, 0)]
             assert first["caption"] == rows[0]["caption"]
             images = [rows[0]["jpg_0"], rows[0]["jpg_1"]]
             winner = images[0] if rows[0]["label_0"] == 1.0 else images[1]
-            assert torch.equal(first["pixel_values"][:3], dataset.transform(train.decode_image(winner), None))
+            assert torch.equal(first["pixel_values"][:3], dataset.transform(decode_image(winner), None))
         else:  # WebDataset shards stream
             streamed = list(loaded)
             assert sorted(r["label_0"] for r in streamed) == sorted(r["label_0"] for r in rows)

@@ -11,6 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 import train
+from data.pairs import PairDataset
+from families.conditioning import load_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch"]
@@ -219,7 +221,7 @@ def dataset_for(pickapic, **overrides):
             "--no_hflip", "--proportion_empty_prompts", "0"]
     args = train.parse_args(argv)
     vars(args).update(overrides)
-    return train.PairDataset(train.filter_rows(train.load_rows(args), args, True), args)
+    return PairDataset(train.filter_rows(train.load_rows(args), args, True), args)
 
 
 def test_ties_dropped_winner_first_and_corrupt_row_skipped(pickapic):
@@ -279,7 +281,7 @@ def test_missing_column_is_named(pickapic, tmp_path):
 
 def test_empty_tokenizer_is_refused():
     with pytest.raises(RuntimeError, match="empty vocabulary.*stable-diffusion-v1-5/stable-diffusion-v1-5|stable-diffusion-v1-5.*empty vocabulary"):
-        train.load_tokenizer("stable-diffusion-v1-5/stable-diffusion-v1-5", "tokenizer", None)
+        load_tokenizer("stable-diffusion-v1-5/stable-diffusion-v1-5", "tokenizer", None)
 
 
 def test_8bit_adam_without_bitsandbytes_says_how_to_install(tiny_sd15, pickapic, tmp_path):

@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 
 import families
 import train
-import video_data
+from families.noise import importance_log_weight_coefficients
+import data.video as video_data
 from test_train import metrics, reset_accelerate, run_train
 
 FRAMES = {"wan": "5", "cogvideox": "9", "cogvideox5": "9"}  # wan 4k + 1; cogvideox 8k + 1 (odd latent count)
@@ -279,7 +280,7 @@ def test_zero_terminal_snr_v_coefficient_is_finite_and_right(models):
     assert abar[-1] == 0
     coefficients = families.DDPMNoise(scheduler).log_weight_coefficients()
     assert torch.isfinite(coefficients).all() and (coefficients > 0).all()
-    eps = train.importance_log_weight_coefficients(scheduler)
+    eps = importance_log_weight_coefficients(scheduler)
     assert not torch.isfinite(eps[-1])
     assert torch.equal(coefficients[:-1], (eps.double() * abar).float()[:-1])
     assert coefficients[-1].item() == pytest.approx(abar[-2].item() / (2 * (1 - abar[-2].item())), rel=1e-6)

@@ -3,11 +3,11 @@
 Rows are Pick-a-Pic-style with videos instead of images: `mp4_0`, `mp4_1`, `label_0` (1: video 0 preferred, 0: video
 1, 0.5: tie) and the caption column. They come from
 
-- parquet / arrow files or a folder of them (`mp4_0`/`mp4_1` hold encoded video bytes), through train.load_rows;
+- parquet / arrow files or a folder of them (`mp4_0`/`mp4_1` hold encoded video bytes), through data.rows.load_rows;
 - WebDataset shards with `<key>.mp4_0.mp4`, `<key>.mp4_1.mp4`, `<key>.label_0.txt` and `<key>.caption.txt` or
-  `<key>.original_prompt.txt`, through train.load_rows (shards stream);
+  `<key>.original_prompt.txt`, through data.rows.load_rows (shards stream);
 - a JSONL manifest of local files (`--dataset_name pairs.jsonl`): one object a line with `caption`, `video_0`,
-  `video_1` (paths, relative to the manifest's folder unless absolute) and `label_0`, read here (`load_manifest`);
+  `video_1` (paths, relative to the manifest's folder unless absolute) and `label_0`, read by `data.rows.load_manifest`;
   `video_0`/`video_1` become `mp4_0`/`mp4_1` holding the absolute paths.
 
 Each video is decoded with PyAV and turned upright by its display-matrix rotation (eval.video.upright_rgb, shared
@@ -30,7 +30,6 @@ image pairs are (6, H, W); SFT keeps the winner alone.
 from __future__ import annotations
 
 import io
-import json
 import logging
 import math
 import random
@@ -38,9 +37,9 @@ from pathlib import Path
 
 import torch
 
-logger = logging.getLogger("train")
+from data.rows import UnusableCaption, bad_row, valid_caption  # the image rule: a caption is a caption
 
-VIDEO_COLUMNS = ("mp4_0", "mp4_1", "label_0")
+logger = logging.getLogger("train")
 
 
 class VideoTooShort(ValueError):
@@ -134,65 +133,6 @@ def check_video_args(parser, args, family):
 
 
 # --- sources ---------------------------------------------------------------------------------------------------
-
-
-def is_manifest(source: str) -> bool:
-    return source.endswith(".jsonl")
-
-
-def load_manifest(source: str, args):
-    """A JSONL manifest of local video pairs as a datasets.Dataset with mp4_0/mp4_1 (absolute paths), label_0 and
-    the caption column. Relative paths are resolved against the manifest's folder (not the working directory);
-    absolute paths, `..` and symbolic links are followed as written: the manifest is the user's own list of local
-    files, trusted as the command line is. label_0 may be a number or a numeric string on any line (cast per line to
-    float). A line that is not JSON, lacks a field or holds one of the wrong type (a path that is not a string
-    included) stops the run naming the line; a missing file is found when decoded (its row is skipped and counted)."""
-    from datasets import Dataset
-
-    path = Path(source)
-    if not path.is_file():
-        raise FileNotFoundError(f"--dataset_name {source}: no such manifest file")
-    needed = ("video_0", "video_1", "label_0", args.caption_column)
-    rows = []
-    with open(path) as lines:
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{source}, line {number}: not JSON ({error})") from None
-            missing = [key for key in needed if key not in entry]
-            if missing:
-                raise ValueError(f"{source}, line {number}: no {', '.join(missing)}; a video manifest line needs "
-                                 f"{', '.join(needed)}")
-            rows.append(manifest_row(entry, path, number, args.caption_column))
-    if not rows:
-        raise ValueError(f"{source}: the manifest holds no pairs")
-    args.resolved_dataset = f"{source} (JSONL manifest, {len(rows)} pairs)"
-    dataset = Dataset.from_list(rows)
-    return dataset.to_iterable_dataset() if args.streaming else dataset
-
-
-def manifest_row(entry: dict, path: Path, number: int, caption_column: str) -> dict:
-    """One manifest line as a row, label_0 a float; a field of the wrong type stops the run naming the line (Arrow
-    would otherwise refuse the whole column without saying where)."""
-    for key in ("video_0", "video_1"):
-        if not isinstance(entry[key], str) or not entry[key]:
-            raise ValueError(f"{path}, line {number}: {key} is {entry[key]!r}, not a file path; give the video's path "
-                             f"as a string")
-    from train import as_label
-
-    caption = entry[caption_column]
-    if not (isinstance(caption, str) or (isinstance(caption, list) and all(isinstance(c, str) for c in caption))):
-        raise ValueError(f"{path}, line {number}: {caption_column} is {caption!r}; give a string (or a list of strings)")
-    try:  # as train.numeric_labels casts parquet labels: 1, "0", "0.5" and 1.0 may mix in one manifest
-        label = as_label(entry["label_0"])
-    except ValueError as error:
-        raise ValueError(f"{path}, line {number}: {error}") from None
-    folder = path.absolute().parent  # relative paths resolve here, whatever the working directory
-    return {"mp4_0": str(folder / entry["video_0"]), "mp4_1": str(folder / entry["video_1"]),
-            "label_0": label, caption_column: caption}
 
 
 # --- decoding and frame sampling -------------------------------------------------------------------------------
@@ -294,12 +234,6 @@ def transform_clip(frames: torch.Tensor, size: tuple[int, int], random_crop: boo
 # --- the dataset -----------------------------------------------------------------------------------------------
 
 
-def valid_caption(value) -> bool:
-    from train import valid_caption as image_rule
-
-    return image_rule(value)
-
-
 class VideoPairDataset(torch.utils.data.Dataset):
     """train.PairDataset for videos: the same keys, candidates, skipping, caption rules and random streams; pixels
     (6, F, H, W) winner first (SFT: (3, F, H, W)). Built by train.pair_dataset for a video family."""
@@ -323,8 +257,6 @@ class VideoPairDataset(torch.utils.data.Dataset):
         rng = random.Random(f"{seed}-{epoch}-{index}")
         # Where each clip starts in its video: drawn first, so that a skipped row does not shift the later draws.
         positions = [rng.random(), rng.random()] if self.random_crop else [None, None]
-        from train import UnusableCaption, bad_row
-
         bad_rows = []
         for attempt, row in enumerate(candidates):
             try:
