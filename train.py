@@ -21,6 +21,7 @@ video_data.py (video pairs), latent_cache.py (encode once, train without the VAE
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import math
@@ -29,6 +30,7 @@ import random
 import shutil
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -37,6 +39,8 @@ import torch.nn.functional as F
 
 import checkpoints
 from arguments import METHODS, PREFERENCE_METHODS, parse_args, resolve_mixed_precision  # noqa: F401 - tests use them
+from data.latent_cache import CachedPairDataset, LatentCache, latents_from_moments
+from data.latent_cache import collate as collate_cached
 from data.pairs import Collate, EpochSampler, PairStream, pair_dataset, worker_cause
 from data.relabel import load_choice_model, relabel_pairs
 from data.rows import SKIP_REASONS, filter_rows, load_rows
@@ -261,8 +265,6 @@ def compute_loss(args, batch, unet, reference, vae, text_encoders, family, noise
     preference = args.train_method in PREFERENCE_METHODS
     relabelled = None
     if "moments" in batch:  # --latents_cache: encoded once; the posterior sample is drawn here, as on the fly
-        from latent_cache import latents_from_moments
-
         moments = batch["moments"].to(dtype=weight_dtype)  # (B, 2 or 1, 2C, h, w), winner first
         moments = torch.cat(moments.unbind(1)) if preference else moments[:, 0]
         with torch.inference_mode():
@@ -328,26 +330,85 @@ def compute_loss(args, batch, unet, reference, vae, text_encoders, family, noise
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# main: the phases of a run, in order. Each phase reads and fills the Run; nothing else is shared between them.
+
+
+@dataclass
+class Run:
+    """The state one phase hands the next: what was resolved, loaded and prepared so far."""
+
+    args: argparse.Namespace
+    requested: dict  # the arguments as given (main rescales the lr and recomputes the epochs)
+    started: float
+    accelerator: object = None
+    logger: object = None  # accelerate's logger: once, from the main process, unless told otherwise
+    output_dir: Path = None
+    fsdp: bool = False
+    preference: bool = True
+    weight_dtype: torch.dtype = torch.float32
+    weight_files: list = None
+    checkpoint: Path | None = None  # the checkpoint to resume from
+    resumed_state: dict | None = None
+    regrouped: bool = False
+    # models
+    family: object = None
+    cache: object = None
+    latent_config: object = None
+    tokenizers: list = field(default_factory=list)
+    text_encoders: list = field(default_factory=list)
+    noise_process: object = None
+    vae: object = None
+    unet: object = None  # the policy denoiser (a UNet or a transformer), later accelerate-prepared
+    ref_unet: object = None
+    reference: object = None  # what compute_loss calls: ref_unet, or the LoRA model with its adapters disabled
+    ema: object = None
+    checkpoint_state: dict = field(default_factory=dict)  # filled by save_checkpoint, written by the save hook
+    optimizer: object = None
+    params: list = None
+    # data
+    dataset: object = None
+    sampler: object = None
+    stream: object = None
+    dataloader: object = None
+    data_state: object = None  # the sampler or the stream: its state travels in training_state.json
+    choice_scorer: object = None
+    updates_per_epoch: int | None = None
+    lr_scheduler: object = None
+    # progress
+    metrics_file: Path = None
+    global_step: int = 0
+    first_epoch: int = 0
+    skip_batches: int = 0
+    bad_rows: "BadRows" = None
+    skipped_updates: int = 0
+    final_logs: dict = field(default_factory=dict)
 
 
 def main(argv=None):
+    run = parse_and_resolve(argv)  # arguments, accelerator, logging, and the checkpoint to resume from
+    load_models(run)
+    load_data(run)
+    prepare(run)  # accelerate, the lr schedule, EMA, the reference; the run described
+    resume(run)
+    train_loop(run)
+    save_and_report(run)
+    return run.global_step
+
+
+def parse_and_resolve(argv) -> Run:
     args = parse_args(argv)
     args.mixed_precision, precision_source = resolve_mixed_precision(args.mixed_precision, os.environ)
-    requested = checkpoints.run_arguments(args)  # as given (main rescales the lr and recomputes the epochs)
-    started = time.time()
+    run = Run(args, checkpoints.run_arguments(args), time.time())
 
-    import datasets
     from accelerate import Accelerator
     from accelerate.logging import get_logger
-    from accelerate.utils import ProjectConfiguration, send_to_device, set_seed
-    from diffusers.optimization import get_scheduler
-    from tqdm.auto import tqdm
+    from accelerate.utils import ProjectConfiguration, set_seed
 
-    output_dir = Path(args.output_dir)
+    output_dir = run.output_dir = Path(args.output_dir)
     cpu_ranks = uses_cpu_ranks(int(os.environ.get("WORLD_SIZE", 1)))
     if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":  # before Accelerator() builds the launcher's plugin
         check_fsdp_version(int(os.environ.get("FSDP_VERSION", "1")))  # (accelerate's default version is 1)
-    accelerator = Accelerator(
+    accelerator = run.accelerator = Accelerator(
         cpu=cpu_ranks,
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
@@ -356,14 +417,14 @@ def main(argv=None):
     )
     if cpu_ranks and os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
         enable_fsdp_on_cpu_ranks(accelerator)
-    fsdp = is_fsdp(accelerator)
-    if fsdp:  # every rank loads the weights itself (from_pretrained); accelerate's rank-0-only loading path is not used
+    run.fsdp = is_fsdp(accelerator)
+    if run.fsdp:  # every rank loads the weights itself (from_pretrained); accelerate's rank-0-only loading path is not used
         check_fsdp_setup(args, accelerator.state.fsdp_plugin)
         accelerator.state.fsdp_plugin.cpu_ram_efficient_loading = False
 
     logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%m/%d/%Y %H:%M:%S",
                         level=logging.INFO)
-    logger = get_logger("train")  # logs once, from the main process, unless told otherwise
+    logger = run.logger = get_logger("train")  # logs once, from the main process, unless told otherwise
     logger.info(accelerator.state, main_process_only=False)
     logger.info(f"Mixed precision {args.mixed_precision}, from {precision_source}")
     if cpu_ranks:
@@ -374,53 +435,51 @@ def main(argv=None):
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    preference = args.train_method in PREFERENCE_METHODS
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    run.preference = args.train_method in PREFERENCE_METHODS
+    run.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
 
     # The checkpoint to resume from, chosen (and its files and arguments checked) before any model loads.
-    weight_files = weight_file_names(args)
+    run.weight_files = weight_file_names(args)
 
     def problems_of(folder):
-        return checkpoints.checkpoint_problems(folder, weight_files, accelerator.scaler is not None, fsdp=fsdp)
+        return checkpoints.checkpoint_problems(folder, run.weight_files, accelerator.scaler is not None, fsdp=run.fsdp)
 
-    checkpoint = checkpoints.choose_checkpoint(output_dir, args.resume_from_checkpoint, problems_of)
-    resumed_state, regrouped = None, False
-    if checkpoint is not None:
-        resumed_state = checkpoints.read_training_state(checkpoint)
-        for line in checkpoints.resumed_arguments(resumed_state["args"], requested):
-            logger.info(f"Changed since {checkpoint.name}: {line}")
-        regrouped = keep_global_batch(args, accelerator, checkpoint, resumed_state, logger)
-    args.seed = run_seed(args.seed, resumed_state)
+    run.checkpoint = checkpoints.choose_checkpoint(output_dir, args.resume_from_checkpoint, problems_of)
+    if run.checkpoint is not None:
+        run.resumed_state = checkpoints.read_training_state(run.checkpoint)
+        for line in checkpoints.resumed_arguments(run.resumed_state["args"], run.requested):
+            logger.info(f"Changed since {run.checkpoint.name}: {line}")
+        run.regrouped = keep_global_batch(args, accelerator, run.checkpoint, run.resumed_state, logger)
+    args.seed = run_seed(args.seed, run.resumed_state)
     set_seed(args.seed + accelerator.process_index)  # official: every rank its own noise stream (Q27)
+    return run
 
-    # Models, through the family (families/): the frozen parts in weight_dtype, the policy denoiser (`unet`, a UNet or
-    # a transformer) in fp32 under autocast, the reference a frozen copy.
+
+def load_models(run: Run):
+    """Models, through the family (families/): the frozen parts in weight_dtype, the policy denoiser (`unet`, a UNet
+    or a transformer) in fp32 under autocast, the reference a frozen copy; then the optimizer."""
+    args, accelerator, weight_dtype = run.args, run.accelerator, run.weight_dtype
     base, revision = args.pretrained_model_name_or_path, args.revision
-    family = make_family(args)
+    family = run.family = make_family(args)
     family.check_components(base, revision)
-    cache, latent_config = None, None
     if args.latents_cache:  # the VAE and text encoders did their work once (latent_cache.py): not loaded
-        import latent_cache
-
-        cache = latent_cache.LatentCache(args.latents_cache, args)
-        latent_config = SimpleNamespace(**cache.index["latent"])
-        tokenizers, text_encoders = [], []
-    else:
-        tokenizers, text_encoders = family.load_text(weight_dtype)  # the tokenizer first: it names a missing model's fix
-    noise_process = family.load_noise()
+        run.cache = LatentCache(args.latents_cache, args)
+        run.latent_config = SimpleNamespace(**run.cache.index["latent"])
+    else:  # the tokenizer first: it names a missing model's fix
+        run.tokenizers, run.text_encoders = family.load_text(weight_dtype)
+    noise_process = run.noise_process = family.load_noise()
     if args.timestep_range[1] >= noise_process.num_timesteps:
         raise ValueError(f"--timestep_range {args.timestep_range[0]} {args.timestep_range[1]}: the scheduler of {base} "
                          f"has {noise_process.num_timesteps} timesteps; HI must be at most {noise_process.num_timesteps - 1}")
-    vae = family.load_vae(weight_dtype) if cache is None else None
+    run.vae = family.load_vae(weight_dtype) if run.cache is None else None
     unet_source, unet_revision = args.unet_init or base, None if args.unet_init else revision
-    unet = family.load_denoiser(unet_source, unet_revision)  # fp32 master weights
-    ref_unet = None
+    unet = run.unet = family.load_denoiser(unet_source, unet_revision)  # fp32 master weights
     if args.use_lora:  # base frozen in weight_dtype, fp32 adapters; the reference is the base (adapters_disabled)
-        add_lora(unet, args, torch.float32 if fsdp else weight_dtype)  # FSDP2 shards one dtype: the base sharded in fp32
-    elif preference:
-        ref_unet = family.load_denoiser(unet_source, unet_revision, weight_dtype)
+        add_lora(unet, args, torch.float32 if run.fsdp else weight_dtype)  # FSDP2 shards one dtype: the base sharded in fp32
+    elif run.preference:
+        run.ref_unet = family.load_denoiser(unet_source, unet_revision, weight_dtype)
 
-    frozen = [m for m in (vae, *text_encoders, ref_unet) if m is not None]
+    frozen = [m for m in (run.vae, *run.text_encoders, run.ref_unet) if m is not None]
     for module in frozen:
         module.requires_grad_(False)
         module.eval()
@@ -430,247 +489,308 @@ def main(argv=None):
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train()
-    apply_speed_options(args, unet, ref_unet, vae)
+    apply_speed_options(args, unet, run.ref_unet, run.vae)
+    register_weight_hooks(run)
 
-    # Checkpoints hold the UNet as unet.safetensors (a plain state dict the eval scripts read), not accelerate's default;
-    # with LoRA the adapter file, and with EMA the average beside it (save_weights).
-    ema = None
-    checkpoint_state = {}  # filled by save_checkpoint: what training_state.json records besides the weights
+    if args.scale_lr:
+        args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
+    run.params = [p for _, p in trainable_parameters(unet)]
+    run.optimizer = make_optimizer(args, run.params)
+
+
+def register_weight_hooks(run: Run):
+    """Checkpoints hold the UNet as unet.safetensors (a plain state dict the eval scripts read), not accelerate's
+    default; with LoRA the adapter file, and with EMA the average beside it (save_weights)."""
+    accelerator, args, family = run.accelerator, run.args, run.family
 
     def save_model_hook(models, weights, folder):
         # unet.safetensors in every checkpoint (the eval scripts read it); under FSDP accelerate has also saved the
         # sharded model and optimizer, and every rank takes part in gathering the full weights.
-        if accelerator.is_main_process or fsdp:
-            save_weights(accelerator.unwrap_model(models[0]), Path(folder), args, ema, formats=("safetensors",),
+        if accelerator.is_main_process or run.fsdp:
+            save_weights(accelerator.unwrap_model(models[0]), Path(folder), args, run.ema, formats=("safetensors",),
                          family=family, write=accelerator.is_main_process)
         if accelerator.is_main_process:
-            checkpoints.write_json_atomic(Path(folder) / checkpoints.TRAINING_STATE, checkpoint_state)
+            checkpoints.write_json_atomic(Path(folder) / checkpoints.TRAINING_STATE, run.checkpoint_state)
         weights.clear()
 
     def load_model_hook(models, folder):
-        if fsdp:  # accelerate has loaded the sharded model; the EMA comes from its full file, sharded like the params
-            if ema is not None:
-                load_sharded_ema(accelerator.unwrap_model(unet), ema, Path(folder) / weight_files[1], family)
+        if run.fsdp:  # accelerate has loaded the sharded model; the EMA comes from its full file, sharded like the params
+            if run.ema is not None:
+                load_sharded_ema(accelerator.unwrap_model(run.unet), run.ema, Path(folder) / run.weight_files[1], family)
             return
-        load_weights(accelerator.unwrap_model(models[0]), Path(folder), args, ema, family=family)
+        load_weights(accelerator.unwrap_model(models[0]), Path(folder), args, run.ema, family=family)
         models.clear()
 
     accelerator.register_save_state_pre_hook(save_model_hook)
     accelerator.register_load_state_pre_hook(load_model_hook)
 
-    # Optimizer
-    if args.scale_lr:
-        args.learning_rate *= args.gradient_accumulation_steps * args.train_batch_size * accelerator.num_processes
-    params = [p for _, p in trainable_parameters(unet)]
-    optimizer = make_optimizer(args, params)
 
-    # Data
-    if cache is not None:
+def load_data(run: Run):
+    """The pairs and their loader: a map-style dataset with EpochSampler, a PairStream (--streaming, WebDataset
+    shards), or the latent cache; and the --choice_model scorer."""
+    import datasets
+
+    args, accelerator, family = run.args, run.accelerator, run.family
+    if run.cache is not None:
         rows = None
     else:
         with accelerator.main_process_first():
             rows = filter_rows(load_rows(args), args, accelerator.is_main_process)
     data_seed = args.seed
-    stream = None
     if isinstance(rows, datasets.IterableDataset):  # --streaming or WebDataset shards: PairStream shards by rank itself
-        stream = PairStream(rows, args, data_seed, shuffle=args.split == "train",
-                            rank=accelerator.process_index, world_size=accelerator.num_processes)
-        dataloader = torch.utils.data.DataLoader(
-            stream, batch_size=args.train_batch_size, collate_fn=Collate(tokenizers, family.max_lengths()),
+        run.stream = PairStream(rows, args, data_seed, shuffle=args.split == "train",
+                                rank=accelerator.process_index, world_size=accelerator.num_processes)
+        run.dataloader = torch.utils.data.DataLoader(
+            run.stream, batch_size=args.train_batch_size, collate_fn=Collate(run.tokenizers, family.max_lengths()),
             num_workers=args.dataloader_num_workers, pin_memory=torch.cuda.is_available(),
             generator=torch.Generator().manual_seed(data_seed),  # worker seeds must not draw from the global RNG (resume)
         )  # no persistent workers: every epoch they must see the stream's new epoch and start
     else:
-        if cache is not None:  # the same keys, choices and order as PairDataset, moments instead of pixels
-            dataset, collate = latent_cache.CachedPairDataset(cache, args), latent_cache.collate
+        if run.cache is not None:  # the same keys, choices and order as PairDataset, moments instead of pixels
+            run.dataset, collate = CachedPairDataset(run.cache, args), collate_cached
         else:
-            dataset, collate = pair_dataset(rows, args), Collate(tokenizers, family.max_lengths())
-        sampler = EpochSampler(len(dataset), data_seed, shuffle=args.split == "train")
-        dataloader = torch.utils.data.DataLoader(
-            dataset, sampler=sampler, batch_size=args.train_batch_size, drop_last=True, collate_fn=collate,
+            run.dataset, collate = pair_dataset(rows, args), Collate(run.tokenizers, family.max_lengths())
+        run.sampler = EpochSampler(len(run.dataset), data_seed, shuffle=args.split == "train")
+        run.dataloader = torch.utils.data.DataLoader(
+            run.dataset, sampler=run.sampler, batch_size=args.train_batch_size, drop_last=True, collate_fn=collate,
             num_workers=args.dataloader_num_workers, pin_memory=torch.cuda.is_available(),
             persistent_workers=args.dataloader_num_workers > 0,
             generator=torch.Generator().manual_seed(data_seed),  # worker seeds must not draw from the global RNG (resume)
         )
-    choice_scorer = load_choice_model(args, accelerator.device) if args.choice_model else None
+    run.choice_scorer = load_choice_model(args, accelerator.device) if args.choice_model else None
 
-    if stream is None:
-        unet, optimizer, dataloader = accelerator.prepare(unet, optimizer, dataloader)
-        updates_per_epoch = math.ceil(len(dataloader) / args.gradient_accumulation_steps)  # per process, after sharding
-        if updates_per_epoch == 0:
-            raise ValueError(f"{len(dataset)} pairs make no full batch of {args.train_batch_size} per process; lower --train_batch_size")
-        args.num_train_epochs = math.ceil(args.max_train_steps / updates_per_epoch)
+
+def prepare(run: Run):
+    """accelerate's prepare, the lr schedule, EMA and the reference; then the run described (log, trackers,
+    training_config.json)."""
+    from diffusers.optimization import get_scheduler
+
+    args, accelerator, logger = run.args, run.accelerator, run.logger
+    if run.stream is None:
+        run.unet, run.optimizer, run.dataloader = accelerator.prepare(run.unet, run.optimizer, run.dataloader)
+        run.updates_per_epoch = math.ceil(len(run.dataloader) / args.gradient_accumulation_steps)  # per process, after sharding
+        if run.updates_per_epoch == 0:
+            raise ValueError(f"{len(run.dataset)} pairs make no full batch of {args.train_batch_size} per process; lower --train_batch_size")
+        args.num_train_epochs = math.ceil(args.max_train_steps / run.updates_per_epoch)
     else:  # a stream's length is unknown until it ends: epochs run until --max_train_steps
-        unet, optimizer = accelerator.prepare(unet, optimizer)
+        run.unet, run.optimizer = accelerator.prepare(run.unet, run.optimizer)
         args.num_train_epochs = sys.maxsize
-    lr_scheduler = accelerator.prepare(get_scheduler(
-        args.lr_scheduler, optimizer=optimizer,
+    run.lr_scheduler = accelerator.prepare(get_scheduler(
+        args.lr_scheduler, optimizer=run.optimizer,
         num_warmup_steps=args.lr_warmup_steps * accelerator.num_processes,  # accelerate steps it once per process
         num_training_steps=args.max_train_steps * accelerator.num_processes,
     ))
-    data_state = sampler if stream is None else stream  # its state travels in training_state.json, not as a pickle
-    params = [p for _, p in trainable_parameters(accelerator.unwrap_model(unet))]  # FSDP2 replaced them by shards
-    if ref_unet is not None:  # what benchmarks/memory_table.py assumes: under FSDP the policy sharded, the reference whole
-        logger.info(f"Denoiser weights held by this process: policy {held_bytes(accelerator.unwrap_model(unet))} bytes"
-                    f"{' (its FSDP shard)' if fsdp else ''}, frozen reference {held_bytes(ref_unet)} bytes (whole)")
+    run.data_state = run.sampler if run.stream is None else run.stream  # its state travels in training_state.json, not as a pickle
+    run.params = [p for _, p in trainable_parameters(accelerator.unwrap_model(run.unet))]  # FSDP2 replaced them by shards
+    if run.ref_unet is not None:  # what benchmarks/memory_table.py assumes: under FSDP the policy sharded, the reference whole
+        logger.info(f"Denoiser weights held by this process: policy {held_bytes(accelerator.unwrap_model(run.unet))} bytes"
+                    f"{' (its FSDP shard)' if run.fsdp else ''}, frozen reference {held_bytes(run.ref_unet)} bytes (whole)")
     if args.use_ema:  # diffusers' EMA of the trained parameters, on the training device
         from diffusers.training_utils import EMAModel
 
-        ema = EMAModel(params, decay=args.ema_decay, update_after_step=args.ema_update_after_step,
-                       use_ema_warmup=args.ema_power is not None, power=args.ema_power or 2 / 3)
-        ema.to(accelerator.device)
+        run.ema = EMAModel(run.params, decay=args.ema_decay, update_after_step=args.ema_update_after_step,
+                           use_ema_warmup=args.ema_power is not None, power=args.ema_power or 2 / 3)
+        run.ema.to(accelerator.device)
     if args.use_lora:
-        lora_unet = accelerator.unwrap_model(unet)
+        lora_unet = accelerator.unwrap_model(run.unet)
 
         def reference(*inputs, **kwargs):
             with adapters_disabled(lora_unet):
                 return lora_unet(*inputs, **kwargs)
+        run.reference = reference
     else:
-        reference = ref_unet
+        run.reference = run.ref_unet
+    describe(run)
 
+
+def describe(run: Run):
+    args, accelerator, logger = run.args, run.accelerator, run.logger
     if accelerator.is_main_process:
         config = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in vars(args).items()}
         accelerator.init_trackers(args.tracker_project_name, config)
 
-    resolved = describe_run(args, requested, accelerator, weight_dtype, requested["learning_rate"])
+    resolved = describe_run(args, run.requested, accelerator, run.weight_dtype, run.requested["learning_rate"])
     for name, value in resolved.items():
         logger.info(f"{name.replace('_', ' ').capitalize()}: {value}")
     if accelerator.is_main_process:
-        checkpoints.write_json_atomic(output_dir / "training_config.json", {"arguments": requested, "resolved": resolved})
+        checkpoints.write_json_atomic(run.output_dir / "training_config.json",
+                                      {"arguments": run.requested, "resolved": resolved})
 
     total_batch = args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps
     logger.info("***** Running training *****")
-    logger.info(f"  Num examples = {'streamed' if stream else len(dataset)}")
-    logger.info(f"  Num Epochs = {'until the last step' if stream else args.num_train_epochs}")
+    logger.info(f"  Num examples = {'streamed' if run.stream else len(run.dataset)}")
+    logger.info(f"  Num Epochs = {'until the last step' if run.stream else args.num_train_epochs}")
     logger.info(f"  Instantaneous batch size per device = {args.train_batch_size}")
     logger.info(f"  Total train batch size (w. parallel, distributed & accumulation) = {total_batch}")
     logger.info(f"  Gradient Accumulation steps = {args.gradient_accumulation_steps}")
     logger.info(f"  Total optimization steps = {args.max_train_steps}")
-    logger.info(f"  Training method = {args.train_method}; frozen modules in {weight_dtype}")
+    logger.info(f"  Training method = {args.train_method}; frozen modules in {run.weight_dtype}")
     logger.info(f"  Timesteps {args.timestep_range[0]}..{args.timestep_range[1]}; importance weighting = {args.importance_weighting}")
 
-    # Resume
-    metrics_file = output_dir / "metrics.jsonl"
-    global_step, first_epoch, skip_batches, skipped_rows_before = 0, 0, 0, 0
-    skipped_by_reason_before = {}
-    if checkpoint is not None:
-        accelerator.print(f"Resuming from checkpoint {checkpoint}")
-        accelerator.load_state(str(checkpoint))
-        data_state.load_state_dict(resumed_state["data"])
-        if ema is not None:
-            ema.load_state_dict(resumed_state["ema"])
-        global_step, skipped_rows_before = resumed_state["step"], resumed_state["skipped_rows"]
-        skipped_by_reason_before = resumed_state.get("skipped_by_reason", {})  # absent in older checkpoints
+
+def resume(run: Run):
+    """The checkpoint's state restored (weights, optimizer, data position, EMA, counters), and where the loop starts."""
+    args, accelerator = run.args, run.accelerator
+    run.metrics_file = run.output_dir / "metrics.jsonl"
+    skipped_rows_before, skipped_by_reason_before = 0, {}
+    if run.checkpoint is not None:
+        state, stream = run.resumed_state, run.stream
+        accelerator.print(f"Resuming from checkpoint {run.checkpoint}")
+        accelerator.load_state(str(run.checkpoint))
+        run.data_state.load_state_dict(state["data"])
+        if run.ema is not None:
+            run.ema.load_state_dict(state["ema"])
+        run.global_step, skipped_rows_before = state["step"], state["skipped_rows"]
+        skipped_by_reason_before = state.get("skipped_by_reason", {})  # absent in older checkpoints
         if accelerator.is_main_process:  # the steps logged after the checkpoint are logged again
-            checkpoints.truncate_metrics(metrics_file, global_step)
+            checkpoints.truncate_metrics(run.metrics_file, run.global_step)
         if stream is not None:  # the checkpoint restored its epoch and position: the used rows are skipped undecoded
-            first_epoch = stream.epoch
+            run.first_epoch = stream.epoch
             if args.hard_skip_resume:
                 stream.start = 0
         else:
-            first_epoch = global_step // updates_per_epoch
+            run.first_epoch = run.global_step // run.updates_per_epoch
             if not args.hard_skip_resume:
-                skip_batches = (global_step - first_epoch * updates_per_epoch) * args.gradient_accumulation_steps
-        if regrouped:  # another process count or accumulation than the checkpoint's (keep_global_batch)
-            position = regroup_resumed_state(args, accelerator, resumed_state, lr_scheduler,
-                                             None if stream else sampler, None if stream else updates_per_epoch)
+                run.skip_batches = (run.global_step - run.first_epoch * run.updates_per_epoch) * args.gradient_accumulation_steps
+        if run.regrouped:  # another process count or accumulation than the checkpoint's (keep_global_batch)
+            position = regroup_resumed_state(args, accelerator, state, run.lr_scheduler,
+                                             None if stream else run.sampler, None if stream else run.updates_per_epoch)
             if stream is None:
-                first_epoch, skip_batches = position
+                run.first_epoch, run.skip_batches = position
+    run.bad_rows = BadRows(run.accelerator, skipped_rows_before, skipped_by_reason_before)
 
-    def save_checkpoint(step: int):
-        """Every rank writes its state into a temporary folder, which is then renamed: a checkpoint is whole or absent.
-        Free space is checked first; a write that fails for lack of space removes the partial folder and says so."""
-        final = output_dir / f"checkpoint-{step}"
-        tmp = output_dir / f".checkpoint-{step}.tmp"
-        previous = next(iter(reversed(checkpoints.checkpoint_folders(output_dir))), None)
-        previous = previous.name if previous is not None else None
-        checkpoint_state.clear()
-        checkpoint_state.update(
-            format=checkpoints.STATE_FORMAT, step=step, num_processes=accelerator.num_processes,
-            global_batch=args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps,
-            data=data_state.state_dict(), skipped_rows=skipped_rows_before + count_skipped(),
-            skipped_by_reason=skipped_by_reason(),
-            ema={k: v for k, v in ema.state_dict().items() if k != "shadow_params"} if ema is not None else None,
-            args=requested,
-        )
-        if accelerator.is_main_process and tmp.exists():
-            shutil.rmtree(tmp)
-        checkpoints.check_free_space(output_dir, checkpoint_bytes(unet, optimizer, ema), f"checkpoint-{step}", previous)
-        accelerator.wait_for_everyone()
-        try:
-            accelerator.save_state(str(tmp))
-        except (OSError, RuntimeError) as error:
-            if not checkpoints.is_disk_full(error):
-                raise
-            written = checkpoints.newest_file(tmp)
-            shutil.rmtree(tmp, ignore_errors=True)
-            intact = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
-            raise OSError(error.errno if isinstance(error, OSError) else 28,
-                          f"no space left on {checkpoints.mount_point(output_dir)} while writing "
-                          f"{written or tmp}; {intact} (the partial checkpoint-{step} was removed). Free space and "
-                          f"run the same command again to resume") from None
-        accelerator.wait_for_everyone()  # every rank reaches the barrier (fixes SPEC B2)
-        if accelerator.is_main_process:
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            if args.checkpoints_total_limit:
-                prune_checkpoints(output_dir, args.checkpoints_total_limit)
-            logger.info(f"Saved state to {final}")
-        accelerator.wait_for_everyone()
 
+class BadRows:
+    """Bad rows, host side (no device read per micro-batch): met here and not yet shared, and counted (every rank)."""
+
+    def __init__(self, accelerator, skipped_before: int, by_reason_before: dict):
+        self.accelerator, self.skipped_before, self.by_reason_before = accelerator, skipped_before, by_reason_before
+        self.met, self.new, self.counted, self.logged_reasons = set(), [], set(), set()
+        self.counts = dict.fromkeys(SKIP_REASONS, 0)
+
+    def note(self, batch, logger):
+        for row_id, reason, message in batch.get("bad_rows", ()):
+            if row_id not in self.met:
+                if reason not in self.logged_reasons:  # the first of each reason in full; the end summary counts them
+                    self.logged_reasons.add(reason)
+                    logger.warning(f"row {row_id} skipped: {message} (further rows skipped for {reason} are "
+                                   f"counted, not logged)", main_process_only=False)
+                self.met.add(row_id)
+                self.new.append((row_id, reason))
+
+    def count(self) -> int:
+        """Bad rows (undecodable image or video, unusable caption, no preference signal) met by any rank since this
+        process started, each counted once however often and wherever it was met (as a stand-in, in later epochs,
+        on two ranks). One reduce per call; the row ids travel between ranks only when some rank met a new one."""
+        accelerator = self.accelerator
+        pending = accelerator.reduce(torch.tensor(len(self.new), device=accelerator.device), reduction="sum").item()
+        if pending:
+            from accelerate.utils import gather_object
+
+            for row_id, reason in gather_object(self.new) if accelerator.num_processes > 1 else self.new:
+                if row_id not in self.counted:
+                    self.counted.add(row_id)
+                    self.counts[reason] += 1
+            self.new.clear()
+        return sum(self.counts.values())
+
+    def total(self) -> int:
+        """The resumed run's bad rows and this process's, counted now."""
+        return self.skipped_before + self.count()
+
+    def by_reason(self) -> dict:
+        """Bad rows per reason, the resumed run's included, as of the last count (for training_state.json)."""
+        counts = {r: self.by_reason_before.get(r, 0) + self.counts[r] for r in SKIP_REASONS}
+        return {reason: count for reason, count in counts.items() if count}
+
+
+def save_checkpoint(run: Run, step: int):
+    """Every rank writes its state into a temporary folder, which is then renamed: a checkpoint is whole or absent.
+    Free space is checked first; a write that fails for lack of space removes the partial folder and says so."""
+    args, accelerator, output_dir, ema = run.args, run.accelerator, run.output_dir, run.ema
+    final = output_dir / f"checkpoint-{step}"
+    tmp = output_dir / f".checkpoint-{step}.tmp"
+    previous = next(iter(reversed(checkpoints.checkpoint_folders(output_dir))), None)
+    previous = previous.name if previous is not None else None
+    run.checkpoint_state.clear()
+    run.checkpoint_state.update(
+        format=checkpoints.STATE_FORMAT, step=step, num_processes=accelerator.num_processes,
+        global_batch=args.train_batch_size * accelerator.num_processes * args.gradient_accumulation_steps,
+        data=run.data_state.state_dict(), skipped_rows=run.bad_rows.total(),
+        skipped_by_reason=run.bad_rows.by_reason(),
+        ema={k: v for k, v in ema.state_dict().items() if k != "shadow_params"} if ema is not None else None,
+        args=run.requested,
+    )
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    checkpoints.check_free_space(output_dir, checkpoint_bytes(run.unet, run.optimizer, ema), f"checkpoint-{step}", previous)
+    accelerator.wait_for_everyone()
+    try:
+        accelerator.save_state(str(tmp))
+    except (OSError, RuntimeError) as error:
+        if not checkpoints.is_disk_full(error):
+            raise
+        written = checkpoints.newest_file(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
+        intact = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
+        raise OSError(error.errno if isinstance(error, OSError) else 28,
+                      f"no space left on {checkpoints.mount_point(output_dir)} while writing "
+                      f"{written or tmp}; {intact} (the partial checkpoint-{step} was removed). Free space and "
+                      f"run the same command again to resume") from None
+    accelerator.wait_for_everyone()  # every rank reaches the barrier (fixes SPEC B2)
+    if accelerator.is_main_process:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        if args.checkpoints_total_limit:
+            prune_checkpoints(output_dir, args.checkpoints_total_limit)
+        run.logger.info(f"Saved state to {final}")
+    accelerator.wait_for_everyone()
+
+
+def epoch_batches(run: Run, epoch: int):
+    """The batches of one epoch: the stream from its position, or the sampler's order past the resumed batches."""
+    from accelerate.utils import send_to_device
+
+    args, accelerator, stream, sampler = run.args, run.accelerator, run.stream, run.sampler
+    if stream is not None:
+        if epoch != run.first_epoch:
+            stream.start = stream.position = 0
+        stream.epoch = epoch
+        return (send_to_device(batch, accelerator.device) for batch in run.dataloader)
+    sampler.epoch = epoch
+    sampler.used = run.skip_batches * args.train_batch_size * accelerator.num_processes if epoch == run.first_epoch else 0
+    if epoch == run.first_epoch and run.skip_batches:
+        return accelerator.skip_first_batches(run.dataloader, run.skip_batches)
+    return run.dataloader
+
+
+def train_loop(run: Run):
+    """The updates: compute_loss per micro-batch, a non-finite update skipped, device-side sums logged per update
+    (log_update), checkpoints every --checkpointing_steps."""
+    from tqdm.auto import tqdm
+
+    args, accelerator, unet, optimizer = run.args, run.accelerator, run.unet, run.optimizer
+    noise_process = run.noise_process
     noise_process.to(accelerator.device)
     log_weight_coefficients = noise_process.log_weight_coefficients().to(accelerator.device)
-    progress = tqdm(range(args.max_train_steps), initial=global_step, desc="Steps", disable=not accelerator.is_local_main_process)
+    progress = tqdm(range(args.max_train_steps), initial=run.global_step, desc="Steps",
+                    disable=not accelerator.is_local_main_process)
 
     # Device-side accumulators between logging points: no host sync inside the step.
     zero = lambda: torch.zeros((), device=accelerator.device)  # noqa: E731
     sums, weight_history = {}, {}
-    bad_update, nonfinite_in_a_row, skipped_updates = zero(), 0, 0
-    last, final_logs = {}, {}
-    # Bad rows, host side (no device read per micro-batch): met here and not yet shared, and counted (every rank).
-    met_bad_rows, new_bad_rows, counted_bad_rows, logged_reasons = set(), [], set(), set()
-    bad_row_counts = dict.fromkeys(SKIP_REASONS, 0)
+    bad_update, nonfinite_in_a_row = zero(), 0
+    last = {}
 
-    def count_skipped() -> int:
-        """Bad rows (undecodable image or video, unusable caption, no preference signal) met by any rank since this
-        process started, each counted once however often and wherever it was met (as a stand-in, in later epochs,
-        on two ranks). One reduce per call; the row ids travel between ranks only when some rank met a new one."""
-        pending = accelerator.reduce(torch.tensor(len(new_bad_rows), device=accelerator.device), reduction="sum").item()
-        if pending:
-            from accelerate.utils import gather_object
-
-            for row_id, reason in gather_object(new_bad_rows) if accelerator.num_processes > 1 else new_bad_rows:
-                if row_id not in counted_bad_rows:
-                    counted_bad_rows.add(row_id)
-                    bad_row_counts[reason] += 1
-            new_bad_rows.clear()
-        return sum(bad_row_counts.values())
-
-    def skipped_by_reason() -> dict:
-        """Bad rows per reason, the resumed run's included, as of the last count_skipped (for training_state.json)."""
-        counts = {r: skipped_by_reason_before.get(r, 0) + bad_row_counts[r] for r in SKIP_REASONS}
-        return {reason: count for reason, count in counts.items() if count}
-
-    for epoch in range(first_epoch, args.num_train_epochs):
-        if global_step >= args.max_train_steps:  # resuming a finished run: nothing left to train
+    for epoch in range(run.first_epoch, args.num_train_epochs):
+        if run.global_step >= args.max_train_steps:  # resuming a finished run: nothing left to train
             break
-        if stream is not None:
-            if epoch != first_epoch:
-                stream.start = stream.position = 0
-            stream.epoch = epoch
-            epoch_loader = (send_to_device(batch, accelerator.device) for batch in dataloader)
-        else:
-            sampler.epoch = epoch
-            sampler.used = skip_batches * args.train_batch_size * accelerator.num_processes if epoch == first_epoch else 0
-            epoch_loader = dataloader
-            if epoch == first_epoch and skip_batches:
-                epoch_loader = accelerator.skip_first_batches(dataloader, skip_batches)
-        for batch in epoch_loader:
+        for batch in epoch_batches(run, epoch):
             with accelerator.accumulate(unet):
                 loss, step_metrics, weight_metrics, relabelled = compute_loss(
-                    args, batch, unet, reference, vae, text_encoders, family, noise_process, weight_dtype,
-                    log_weight_coefficients, choice_scorer, latent_config)
+                    args, batch, unet, run.reference, run.vae, run.text_encoders, run.family, noise_process,
+                    run.weight_dtype, log_weight_coefficients, run.choice_scorer, run.latent_config)
                 finite = torch.isfinite(loss)
                 bad_update = torch.maximum(bad_update, (~finite).float())
                 loss = torch.where(finite, loss, torch.zeros_like(loss))  # a bad micro-batch contributes nothing
@@ -683,96 +803,99 @@ def main(argv=None):
                         accelerator.clip_grad_norm_(unet.parameters(), args.max_grad_norm)
                 if not (accelerator.sync_gradients and bad):
                     optimizer.step()
-                lr_scheduler.step()
+                run.lr_scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
 
             # Per micro-batch: accumulate on device (official: averaged over ranks, train_loss over accumulation).
             sums["train_loss"] = sums.get("train_loss", 0) + loss.detach() / args.gradient_accumulation_steps
-            if preference:
+            if run.preference:
                 sums["implicit_acc_accumulated"] = sums.get("implicit_acc_accumulated", 0) + \
                     step_metrics["implicit_acc"] / args.gradient_accumulation_steps
                 last = step_metrics  # official: the *_unaccumulated, diff and lambda metrics of the last micro-batch
             for name, value in weight_metrics.items():
                 weight_history.setdefault(name, []).append(value)
-            if choice_scorer is not None:
+            if run.choice_scorer is not None:
                 sums["relabelled_fraction"] = sums.get("relabelled_fraction", 0) + \
                     relabelled.float().mean() / args.gradient_accumulation_steps
-            for row_id, reason, message in batch.get("bad_rows", ()):
-                if row_id not in met_bad_rows:
-                    if reason not in logged_reasons:  # the first of each reason in full; the end summary counts them
-                        logged_reasons.add(reason)
-                        logger.warning(f"row {row_id} skipped: {message} (further rows skipped for {reason} are "
-                                       f"counted, not logged)", main_process_only=False)
-                    met_bad_rows.add(row_id)
-                    new_bad_rows.append((row_id, reason))
-            if stream is not None:
-                stream.position = batch["stream_position"]  # saved with the next checkpoint
+            run.bad_rows.note(batch, run.logger)
+            if run.stream is not None:
+                run.stream.position = batch["stream_position"]  # saved with the next checkpoint
             else:  # the global data position, saved with the next checkpoint; a finished epoch: the next one's start
-                sampler.used += args.train_batch_size * accelerator.num_processes
+                run.sampler.used += args.train_batch_size * accelerator.num_processes
                 if accelerator.gradient_state.end_of_dataloader:
-                    sampler.epoch, sampler.used = epoch + 1, 0
+                    run.sampler.epoch, run.sampler.used = epoch + 1, 0
 
             if accelerator.sync_gradients:
-                global_step += 1
+                run.global_step += 1
                 progress.update(1)
-                if ema is not None and not bad:
-                    ema.step(params)
+                if run.ema is not None and not bad:
+                    run.ema.step(run.params)
                 if bad:
-                    skipped_updates += 1
+                    run.skipped_updates += 1
                     nonfinite_in_a_row += 1
-                    logger.warning(f"step {global_step}: non-finite loss, update skipped "
-                                   f"({nonfinite_in_a_row} in a row, {skipped_updates} in all)")
+                    run.logger.warning(f"step {run.global_step}: non-finite loss, update skipped "
+                                       f"({nonfinite_in_a_row} in a row, {run.skipped_updates} in all)")
                 else:
                     nonfinite_in_a_row = 0
                 bad_update = zero()
-
-                # A skipped update has no loss: NaN here, null in metrics.jsonl (not the 0 its zeroed loss would give).
-                logs = {"train_loss": torch.full_like(sums["train_loss"], math.nan) if bad else sums["train_loss"]}
-                if preference:
-                    logs.update({
-                        "model_mse_unaccumulated": last["model_mse"], "ref_mse_unaccumulated": last["ref_mse"],
-                        "implicit_acc_accumulated": sums["implicit_acc_accumulated"],
-                        "avg_win_diff_loss": last["win_diff"], "avg_lose_diff_loss": last["lose_diff"],
-                        "avg_lose_l_scale": last["lose_l_scale"],
-                    })
-                for name, values in weight_history.items():  # over the update's micro-batches, then over ranks
-                    values = torch.stack(values)
-                    logs[name] = values.amin() if name.endswith("_min") else values.amax() if name.endswith("_max") else values.mean()
-                if choice_scorer is not None:
-                    logs["relabelled_fraction"] = sums["relabelled_fraction"]
-                names = list(logs)
-                values = accelerator.gather(torch.stack([logs[k].float() for k in names]).unsqueeze(0))
-                is_min = torch.tensor([k.endswith("_min") for k in names], device=values.device)
-                is_max = torch.tensor([k.endswith("_max") for k in names], device=values.device)
-                values = torch.where(is_min, values.amin(0), torch.where(is_max, values.amax(0), values.mean(0)))
-                logs = dict(zip(names, values.tolist()))
-                logs.update(lr=lr_scheduler.get_last_lr()[0], skipped_updates=skipped_updates,
-                            skipped_rows=skipped_rows_before + count_skipped())
-                accelerator.log(logs, step=global_step)
-                if accelerator.is_main_process:
-                    with open(metrics_file, "a") as f:
-                        f.write(json.dumps({"step": global_step, **checkpoints.finite_or_none(logs)}) + "\n")
-                final_logs = logs
-                postfix = {"loss": f"{logs['train_loss']:.4g}", "lr": f"{logs['lr']:.2e}"}
-                if preference:
-                    postfix.update(acc=f"{logs['implicit_acc_accumulated']:.2f}", lam=f"{logs['avg_lose_l_scale']:.3f}")
-                progress.set_postfix(**postfix)
+                log_update(run, bad, sums, last, weight_history, progress)
                 sums, weight_history = {}, {}
                 if nonfinite_in_a_row >= args.max_nonfinite_steps:
                     raise FloatingPointError(
-                        f"the loss was non-finite for {nonfinite_in_a_row} consecutive updates (step {global_step}); "
-                        f"the last good checkpoint in {output_dir} is kept. Lower --learning_rate or --beta_dpo, "
+                        f"the loss was non-finite for {nonfinite_in_a_row} consecutive updates (step {run.global_step}); "
+                        f"the last good checkpoint in {run.output_dir} is kept. Lower --learning_rate or --beta_dpo, "
                         f"use bf16 instead of fp16, or check the data."
                     )
 
-                if global_step % args.checkpointing_steps == 0:
-                    save_checkpoint(global_step)
-                if global_step >= args.max_train_steps:
+                if run.global_step % args.checkpointing_steps == 0:
+                    save_checkpoint(run, run.global_step)
+                if run.global_step >= args.max_train_steps:
                     break
-        if stream is not None and stream.position == 0:
+        if run.stream is not None and run.stream.position == 0:
             raise ValueError(f"the stream gave no full batch of {args.train_batch_size} pairs per process "
                              f"({accelerator.num_processes} processes); check the dataset, its filters and --train_batch_size")
 
+
+def log_update(run: Run, bad: bool, sums: dict, last: dict, weight_history: dict, progress):
+    """One update's metrics, reduced over ranks: to the trackers, metrics.jsonl and the progress bar."""
+    accelerator = run.accelerator
+    # A skipped update has no loss: NaN here, null in metrics.jsonl (not the 0 its zeroed loss would give).
+    logs = {"train_loss": torch.full_like(sums["train_loss"], math.nan) if bad else sums["train_loss"]}
+    if run.preference:
+        logs.update({
+            "model_mse_unaccumulated": last["model_mse"], "ref_mse_unaccumulated": last["ref_mse"],
+            "implicit_acc_accumulated": sums["implicit_acc_accumulated"],
+            "avg_win_diff_loss": last["win_diff"], "avg_lose_diff_loss": last["lose_diff"],
+            "avg_lose_l_scale": last["lose_l_scale"],
+        })
+    for name, values in weight_history.items():  # over the update's micro-batches, then over ranks
+        values = torch.stack(values)
+        logs[name] = values.amin() if name.endswith("_min") else values.amax() if name.endswith("_max") else values.mean()
+    if run.choice_scorer is not None:
+        logs["relabelled_fraction"] = sums["relabelled_fraction"]
+    names = list(logs)
+    values = accelerator.gather(torch.stack([logs[k].float() for k in names]).unsqueeze(0))
+    is_min = torch.tensor([k.endswith("_min") for k in names], device=values.device)
+    is_max = torch.tensor([k.endswith("_max") for k in names], device=values.device)
+    values = torch.where(is_min, values.amin(0), torch.where(is_max, values.amax(0), values.mean(0)))
+    logs = dict(zip(names, values.tolist()))
+    logs.update(lr=run.lr_scheduler.get_last_lr()[0], skipped_updates=run.skipped_updates,
+                skipped_rows=run.bad_rows.total())
+    accelerator.log(logs, step=run.global_step)
+    if accelerator.is_main_process:
+        with open(run.metrics_file, "a") as f:
+            f.write(json.dumps({"step": run.global_step, **checkpoints.finite_or_none(logs)}) + "\n")
+    run.final_logs = logs
+    postfix = {"loss": f"{logs['train_loss']:.4g}", "lr": f"{logs['lr']:.2e}"}
+    if run.preference:
+        postfix.update(acc=f"{logs['implicit_acc_accumulated']:.2f}", lam=f"{logs['avg_lose_l_scale']:.3f}")
+    progress.set_postfix(**postfix)
+
+
+def save_and_report(run: Run):
+    """The final weights (and pipeline), the model card, the summary, the hub upload; the ranks checked equal first."""
+    args, accelerator, logger, output_dir, fsdp = run.args, run.accelerator, run.logger, run.output_dir, run.fsdp
+    unet, ema, family = run.unet, run.ema, run.family
     accelerator.wait_for_everyone()
     if accelerator.num_processes > 1 and not fsdp:  # DDP keeps replicas equal; check it rather than assume it
         params = [p.detach().double() for p in unet.parameters()]
@@ -781,13 +904,13 @@ def main(argv=None):
         if not torch.equal(checksums, checksums[:1].expand_as(checksums)):
             raise RuntimeError(f"the ranks ended with different UNet weights (checksums {checksums.tolist()})")
         logger.info(f"all {accelerator.num_processes} ranks hold identical UNet weights (checksum {checksum[0, 0].item():.6f})")
-    skipped_total = skipped_rows_before + count_skipped()
+    skipped_total = run.bad_rows.total()
     final_unet = accelerator.unwrap_model(unet)
     if fsdp:  # every rank takes part in gathering the shards; rank 0 writes
         save_weights(final_unet, output_dir, args, ema, family=family, write=accelerator.is_main_process)
     if accelerator.is_main_process:
         if skipped_total:
-            reasons = ", ".join(f"{reason} {count}" for reason, count in skipped_by_reason().items())
+            reasons = ", ".join(f"{reason} {count}" for reason, count in run.bad_rows.by_reason().items())
             logger.warning(f"{skipped_total} rows were skipped ({reasons}; each replaced by the next row)")
         if not fsdp:
             final_bytes = sum(p.numel() * 4 for _, p in trainable_parameters(final_unet)) * (1 if args.use_lora else 2)
@@ -798,12 +921,13 @@ def main(argv=None):
             if fsdp:  # the pipeline needs a whole model: the base architecture with the gathered weights
                 from safetensors.torch import load_file
 
+                base, revision = args.pretrained_model_name_or_path, args.revision
                 final_unet = family.load_denoiser(args.unet_init or base, None if args.unet_init else revision)
                 final_unet.load_state_dict(load_file(str(output_dir / f"{family.denoiser}.safetensors")))
             save_pipeline(args, final_unet, output_dir)
-        write_model_card(args, output_dir, global_step, final_logs)
-        log_summary(args, output_dir, global_step, time.time() - started, final_logs, written, skipped_by_reason(),
-                    first_step=resumed_state["step"] if checkpoint is not None else 0)
+        write_model_card(args, output_dir, run.global_step, run.final_logs)
+        log_summary(args, output_dir, run.global_step, time.time() - run.started, run.final_logs, written,
+                    run.bad_rows.by_reason(), first_step=run.resumed_state["step"] if run.checkpoint is not None else 0)
         if args.push_to_hub:
             from huggingface_hub import create_repo, upload_folder
 
@@ -813,7 +937,6 @@ def main(argv=None):
     accelerator.end_training()
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()  # otherwise ranks can abort at exit
-    return global_step
 
 
 def run_seed(seed: int | None, resumed_state: dict | None) -> int:
