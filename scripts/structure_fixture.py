@@ -109,12 +109,13 @@ def training_runs(root: Path) -> dict:
     import latent_cache
     import train
     from tiny import build_cogvideox, build_flux, build_pickapic, build_sd2v, build_sd3, build_sd15, build_sdxl
-    from tiny import build_video_pairs, build_wan
+    from tiny import build_pickapic_webdataset, build_video_pairs, build_wan
 
     models = {"sd15": build_sd15(root / "sd15"), "sdxl": build_sdxl(root / "sdxl"), "sd2v": build_sd2v(root / "sd2v"),
               "sd3": build_sd3(root / "sd3"), "flux": build_flux(root / "flux"), "wan": build_wan(root / "wan"),
               "cogvideox": build_cogvideox(root / "cogvideox", num_frames=9)}
     images = build_pickapic(root / "pickapic", n_pairs=64)
+    shards = build_pickapic_webdataset(root / "pickapic-wds", n_pairs=64)
     videos = build_video_pairs(root / "video-pairs")["parquet"]
     safeguard = ["--use_winner_preserving", "--winner_preserving_mu", "0.5"]
     runs = {
@@ -126,6 +127,9 @@ def training_runs(root: Path) -> dict:
         "sd15-sft": ("sd15", images, ["--train_method", "sft"]),
         "sd15-lora-importance": ("sd15", images, ["--use_lora", "--importance_weighting", "full",
                                                   "--gradient_accumulation_steps", "2"]),
+        "sd15-ema-dspo": ("sd15", images, ["--use_ema", "--train_method", "dspo", "--beta_dpo", "0.001"]),
+        "sd15-webdataset-stream": ("sd15", shards, ["--dataloader_num_workers", "1"]),
+        "sd15-streaming": ("sd15", images, ["--streaming", "--use_lora", "--use_ema"]),
         "sdxl-dpo": ("sdxl", images, ["--sdxl"]),
         "sdxl-dpo-safeguard": ("sdxl", images, ["--sdxl", *safeguard]),
         "sd2v-dpo": ("sd2v", images, safeguard),
@@ -145,6 +149,14 @@ def training_runs(root: Path) -> dict:
     run(train.main, base_args(models["sd15"], images, out), root)
     recorded["sd15-resume"] = record_run(
         train.main, base_args(models["sd15"], images, out, steps=4) + ["--resume_from_checkpoint", "latest"], out, root)
+
+    # Resume a stream with EMA and LoRA: 2 steps, then on to 4.
+    out = root / "runs" / "sd15-stream-resume"
+    stream_args = ["--streaming", "--use_lora", "--use_ema"]
+    run(train.main, base_args(models["sd15"], images, out) + stream_args, root)
+    recorded["sd15-stream-resume"] = record_run(
+        train.main, base_args(models["sd15"], images, out, steps=4) + stream_args + ["--resume_from_checkpoint", "latest"],
+        out, root)
 
     # The latent cache: encode, then train from it.
     out, cache = root / "runs" / "sd15-cache", root / "cache"
