@@ -260,7 +260,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-# Every numeric flag's range, checked at parse time (flag_ranges.py; the video flags come from video_data.py). Orderings
+# Every numeric flag's range, checked at parse time (flag_ranges.py; the video flags come from data/video.py). Orderings
 # (--timestep_range, --is_clip_min <= --is_clip_max) and multiples (--resolution) are checked in parse_args.
 FLAG_RANGES = {
     "max_train_samples": ">= 1", "resolution": ">= 8", "dataloader_num_workers": ">= 0",

@@ -14,9 +14,11 @@ timestep masking (`--timestep_range`) and importance weights (`--importance_weig
         --use_winner_preserving --winner_preserving_mu 0.9 --output_dir output/sd15-diffusion-dpo
 
 Arguments keep the official implementation's names and defaults (AIDC-AI/Diffusion-SDPO), so its launch scripts run
-unchanged. The file reads top to bottom: the losses (pure functions), the arguments, the data, then `main`.
-Beside it: families/ (models and parametrisations), checkpoints.py (checkpoint integrity, safe writes),
-video_data.py (video pairs), latent_cache.py (encode once, train without the VAE). `import train` has no side effects.
+unchanged. This file is the top of the code: the losses and the safeguard (pure functions), compute_loss (one step's
+loss), then `main`, a sequence of phases over a Run. Everything it uses lives beneath it and never imports it back:
+arguments.py (the flags), data/ (rows, image pairs, video pairs, the latent cache, relabelling), families/ (models,
+parametrisations, tokenizers), model_setup.py (LoRA, optimizer), weights.py and checkpoints.py (what is saved and
+resumed), distributed.py, report.py (what the user is told). `import train` has no side effects.
 """
 
 from __future__ import annotations

@@ -317,7 +317,7 @@ def valid_caption(value) -> bool:
 
 
 def pair_columns(args) -> tuple:
-    """The pair columns rows need: jpg_0, jpg_1, label_0; for a video family mp4_0, mp4_1, label_0 (video_data.py)."""
+    """The pair columns rows need: jpg_0, jpg_1, label_0; for a video family mp4_0, mp4_1, label_0 (data/video.py)."""
     if FAMILIES[args.model_family].video:
         return VIDEO_COLUMNS
     return PAIR_COLUMNS

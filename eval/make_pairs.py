@@ -306,7 +306,7 @@ def load_pair_scorer(name: str, kwargs: dict) -> Scorer:
 
 class ImageMedia:
     """How an image candidate is stored and encoded into a pair. A video family would add its own class with the
-    same methods: train.py's video schema (video_data.py) has columns mp4_0/mp4_1 (encoded video bytes), WebDataset
+    same methods: train.py's video schema (data/video.py) has columns mp4_0/mp4_1 (encoded video bytes), WebDataset
     fields <key>.mp4_0.mp4 / .mp4_1.mp4, candidates saved as <k>.mp4."""
 
     kind = "image"

@@ -16,7 +16,9 @@ which pipeline saves and samples it:
 
 The family is read from the model's `model_index.json` (`_class_name`); `--model_family` overrides it; `--sdxl` means
 `--model_family sdxl`. Each family mirrors what its diffusers pipeline does at inference (read for facts, our code).
-The video families are in families/video.py.
+The video families are in families/video.py, the interface in families/base.py. A new family: a `Family` subclass in
+its own module under families/ (importing families.base and families.noise, not this package), imported below and
+added to FAMILIES, and its pipeline class to PIPELINE_FAMILIES.
 """
 
 from __future__ import annotations

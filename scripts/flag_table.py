@@ -1,7 +1,7 @@
 #!/usr/bin/env python
-"""Prints train.py's flags as Markdown tables, one per argument group; `--write` updates README.md's flag section.
+"""Prints train.py's flags as Markdown tables, one per argument group; `--write` updates docs/flags.md.
 
-The README's block between the `<!-- train.py flags -->` markers is generated here, and a test checks that it is
+docs/flags.md's block between the `<!-- train.py flags -->` markers is generated here, and a test checks that it is
 current, so the documentation cannot fall behind the parser.
 """
 
@@ -51,9 +51,9 @@ def readme_with_tables(readme: str) -> str:
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--write", action="store_true", help="rewrite the block in README.md")
+    parser.add_argument("--write", action="store_true", help="rewrite the block in docs/flags.md")
     if parser.parse_args().write:
-        path = REPO / "README.md"
+        path = REPO / "docs" / "flags.md"
         path.write_text(readme_with_tables(path.read_text()))
         print(f"updated {path}")
     else:

@@ -256,7 +256,7 @@ def two_pair_case():
 def test_diffusion_dpo_batch_lambda_holds_for_the_sum_of_residuals_not_for_every_weighting():
     """One lambda per micro-batch (the default, official) bounds the unweighted sum of <-g_w + lambda g_l, g_w>; the
     loss weighs pairs by their margins, so with two pairs of very different margins the winners' loss can rise:
-    the guarantee is per pair, or for a micro-batch of one pair (README, "The safeguard")."""
+    the guarantee is per pair, or for a micro-batch of one pair (docs/training.md, "The safeguard")."""
     off_w, off_l, ref, target = two_pair_case()
     batch, margins = winner_change_along_the_update("diffusion-dpo", off_w, off_l, ref, target, 0.5, "batch", 1.0)
     per_pair, _ = winner_change_along_the_update("diffusion-dpo", off_w, off_l, ref, target, 0.5, "sample", 1.0)

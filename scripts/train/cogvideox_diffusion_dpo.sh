@@ -17,7 +17,7 @@
 #   beta 1200: SD1.5's 5000 carried over to v-prediction so that margins match on average in epsilon units:
 #     eps_hat - eps = sqrt(abar_t)(v_hat - v), so beta_v = 5000 E_t[abar_t] = 1173 for uniform t on CogVideoX-2b's
 #     schedule (snr_shift_scale 3.0, zero terminal SNR), rounded; 1761 (1800) on the 5b's (snr_shift_scale 1.0, as far
-#     as we know) (README "Model families"; derived, not tuned).
+#     as we know) (docs/families.md; derived, not tuned).
 #   mu 0.9: the paper's SD1.5 value. Batch 1 pair per GPU x 16 accumulation steps (128 pairs per update on 8 GPUs:
 #     our choice, not a published setting), gradient checkpointing, bf16.
 # Writes output/cogvideox-diffusion-dpo/: checkpoint-500 ... checkpoint-2000/, pytorch_lora_weights.safetensors,

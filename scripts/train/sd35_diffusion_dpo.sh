@@ -11,7 +11,7 @@
 #     SD1.5/SDXL UNets; no published recipe for this model). A full fine-tune (2.5 B parameters): drop --use_lora and set --learning_rate.
 #   beta 500: SD1.5's 5000 carried over to this parametrisation so that margins match on average in epsilon units:
 #     for rectified flow eps_hat - eps = (1 - s)(v_hat - v), so beta_flow = 5000 E[(1 - s)^2] = 565 under
-#     SD3's logit-normal(0, 1) density and the model's shift 3.0 (README "Model families"; derived, not tuned).
+#     SD3's logit-normal(0, 1) density and the model's shift 3.0 (docs/families.md; derived, not tuned).
 #   mu 0.9: the paper's SD1.5 value. Batch 4 x 64 accumulation x processes (2048 on 8 GPUs, the paper's effective
 #     batch), gradient checkpointing, bf16, 1024 px. Memory on an 80 GB GPU was not measured here.
 # Writes output/sd35-diffusion-dpo/: checkpoint-500 ... checkpoint-2000/, pytorch_lora_weights.safetensors, metrics.jsonl,

@@ -16,7 +16,7 @@
 #   beta 500: SD1.5's 5000 carried over to this parametrisation so that margins match on average in epsilon units:
 #     for rectified flow eps_hat - eps = (1 - s)(v_hat - v), so beta_flow = 5000 E[(1 - s)^2] = 565 under the
 #     logit-normal(0, 1) density and Wan2.1's flow_shift 3.0, the same as SD3.5-medium's, rounded down as its
-#     launcher does (README "Model families"; derived, not tuned).
+#     launcher does (docs/families.md; derived, not tuned).
 #   mu 0.9: the paper's SD1.5 value. Batch 1 pair per GPU (two 81-frame videos per forward) x 16 accumulation steps
 #     (128 pairs per update on 8 GPUs: our choice, not a published setting), gradient checkpointing, bf16.
 # Writes output/wan-diffusion-dpo/: checkpoint-500 ... checkpoint-2000/, pytorch_lora_weights.safetensors,
