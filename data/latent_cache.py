@@ -208,7 +208,7 @@ def shard_name(number: int) -> str:
 
 
 class CachedPairDataset(torch.utils.data.Dataset):
-    """train.PairDataset's examples from a cache: the same key -> (row, caption dropout, flips) choices, moments and text
+    """data.pairs.PairDataset's examples from a cache: the same key -> (row, caption dropout, flips) choices, moments and text
     embeddings instead of pixels and captions. Winner first, as PairDataset puts it."""
 
     def __init__(self, cache: LatentCache, args):

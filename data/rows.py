@@ -374,7 +374,7 @@ def manifest_row(entry: dict, path: Path, number: int, caption_column: str) -> d
     caption = entry[caption_column]
     if not (isinstance(caption, str) or (isinstance(caption, list) and all(isinstance(c, str) for c in caption))):
         raise ValueError(f"{path}, line {number}: {caption_column} is {caption!r}; give a string (or a list of strings)")
-    try:  # as train.numeric_labels casts parquet labels: 1, "0", "0.5" and 1.0 may mix in one manifest
+    try:  # as numeric_labels casts parquet labels: 1, "0", "0.5" and 1.0 may mix in one manifest
         label = as_label(entry["label_0"])
     except ValueError as error:
         raise ValueError(f"{path}, line {number}: {error}") from None

@@ -235,8 +235,8 @@ def transform_clip(frames: torch.Tensor, size: tuple[int, int], random_crop: boo
 
 
 class VideoPairDataset(torch.utils.data.Dataset):
-    """train.PairDataset for videos: the same keys, candidates, skipping, caption rules and random streams; pixels
-    (6, F, H, W) winner first (SFT: (3, F, H, W)). Built by train.pair_dataset for a video family."""
+    """data.pairs.PairDataset for videos: the same keys, candidates, skipping, caption rules and random streams; pixels
+    (6, F, H, W) winner first (SFT: (3, F, H, W)). Built by data.pairs.pair_dataset for a video family."""
 
     def __init__(self, rows, args):
         self.rows, self.size = rows, tuple(args.video_size)

@@ -59,7 +59,7 @@ class Family:
 
     # --- one micro-batch ---------------------------------------------------------------------------------------
     def max_lengths(self) -> list[int]:
-        """Token sequence length per tokenizer (train.Collate pads to it in the DataLoader workers)."""
+        """Token sequence length per tokenizer (data.pairs.Collate pads to it in the DataLoader workers)."""
         return [tokenizer.model_max_length for tokenizer in self.tokenizers]
 
     def encode_images(self, vae, pixels: torch.Tensor) -> torch.Tensor:
