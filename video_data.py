@@ -241,6 +241,8 @@ class VideoPairDataset(torch.utils.data.Dataset):
         self.num_frames, self.stride, self.target_fps = args.num_frames, args.frame_stride, args.target_fps
         self.proportion_empty_prompts, self.caption_column = args.proportion_empty_prompts, args.caption_column
         self.winner_only = args.train_method == "sft"
+        # image-to-video (families/wan22.py): both clips from their video's first frame, cropped and flipped alike
+        self.from_first_frame = getattr(args, "conditioning_image", None) == "first_frame"
 
     def __len__(self):
         return len(self.rows)
@@ -254,6 +256,8 @@ class VideoPairDataset(torch.utils.data.Dataset):
         rng = random.Random(f"{seed}-{epoch}-{index}")
         # Where each clip starts in its video: drawn first, so that a skipped row does not shift the later draws.
         positions = [rng.random(), rng.random()] if self.random_crop else [None, None]
+        if self.from_first_frame:
+            positions = [0.0, 0.0]
         for attempt, row in enumerate(candidates):
             try:
                 if not valid_caption(row[self.caption_column]):
@@ -277,5 +281,11 @@ class VideoPairDataset(torch.utils.data.Dataset):
         if self.winner_only:
             pixels = transform_clip(clips[0], self.size, self.random_crop, self.hflip, rng)
         else:
-            pixels = torch.cat([transform_clip(clip, self.size, self.random_crop, self.hflip, rng) for clip in clips])
+            state = rng.getstate()
+            pixels = []
+            for clip in clips:
+                if self.from_first_frame:
+                    rng.setstate(state)  # the same crop and flip for both: the shared first frame stays one image
+                pixels.append(transform_clip(clip, self.size, self.random_crop, self.hflip, rng))
+            pixels = torch.cat(pixels)
         return {"pixel_values": pixels, "caption": caption, "skipped": skipped}
