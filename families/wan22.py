@@ -91,12 +91,13 @@ class WanImageConditioned(Wan):
         return first
 
     def encode_image_latents(self, video_condition: torch.Tensor) -> torch.Tensor:
-        """(N, 3, F, H, W) pixels -> the VAE posterior's mode, normalised as the pipelines do, fp32."""
+        """(N, 3, F, H, W) pixels -> the VAE posterior's mode, normalised as WanImageToVideoPipeline.prepare_latents
+        does it, (z - mean) x (1 / std) (not / std: the same rounding), fp32."""
         latents = self.vae.encode(video_condition.to(self.vae.device, self.vae.dtype)).latent_dist.mode().float()
         shape = (1, -1) + (1,) * (latents.dim() - 2)
         mean = torch.tensor(self.vae.config.latents_mean, device=latents.device).view(shape)
-        std = torch.tensor(self.vae.config.latents_std, device=latents.device).view(shape)
-        return (latents - mean) / std
+        inverse_std = 1.0 / torch.tensor(self.vae.config.latents_std, device=latents.device).view(shape)
+        return (latents - mean) * inverse_std
 
     def encode_prompts(self, batch, text_encoders):
         conditioning = super().encode_prompts(batch, text_encoders[:1])
@@ -141,8 +142,9 @@ class ChannelConditioned(WanImageConditioned):
         return inputs
 
     def predict(self, model, noisy, timesteps, inputs):
+        # The integer timestep floor(s x 1000) the pipelines' UniPC scheduler feeds (as `wan` since issue 19).
         if not self.image_conditioned:
-            return super().predict(model, noisy, timesteps, inputs)
+            return model(hidden_states=noisy, timestep=timesteps.long(), return_dict=False, **inputs)[0]
         hidden = torch.cat([noisy, inputs["image_condition"].to(noisy.dtype)], dim=1)
         return model(hidden_states=hidden, timestep=timesteps.long(), return_dict=False,
                      encoder_hidden_states=inputs["encoder_hidden_states"],

@@ -1,0 +1,175 @@
+"""Wan2.2 and image-to-video (issue 22): the tiny TI2V-5B-like, two-expert A14B-like (T2V and I2V) and Wan2.1-I2V-like
+pipelines. One training step on each side of the experts' boundary builds what diffusers' pipelines build for the
+same latents and noise (noisy input, timesteps, model input, expert, target); each model trains with Diffusion-DPO,
+the safeguard and importance weights, resumes bit for bit, and its output loads in its pipeline and generates."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import families
+import train
+from test_train import metrics, reset_accelerate, run_train
+
+FRAMES = 5
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    from tiny.video import build_wan22_a14b, build_wan22_ti2v, build_wan_i2v
+
+    root = tmp_path_factory.mktemp("wan22-models")
+    return {"ti2v": build_wan22_ti2v(root / "ti2v"), "a14b": build_wan22_a14b(root / "a14b"),
+            "a14b_i2v": build_wan22_a14b(root / "a14b_i2v", i2v=True), "wan_i2v": build_wan_i2v(root / "wan_i2v")}
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory):
+    from tiny import build_video_pairs
+
+    root = tmp_path_factory.mktemp("wan22-data")
+    return {"shared": build_video_pairs(root / "shared", shared_first_frame=True, webdataset=False),
+            "different": build_video_pairs(root / "different", webdataset=False)}
+
+
+def parse(model, *extra):
+    return train.parse_args(["--pretrained_model_name_or_path", str(model), "--dataset_name", "d", "--resolution",
+                             "32", "--num_frames", str(FRAMES), *extra])
+
+
+def test_families_are_read_from_model_index(models, capsys):
+    assert [parse(models[name]).model_family for name in ("ti2v", "a14b", "a14b_i2v", "wan_i2v")] == \
+        ["wan22", "wan22_a14b", "wan22_a14b", "wan_i2v"]
+    assert parse(models["a14b_i2v"]).conditioning_image == "first_frame"
+    assert parse(models["ti2v"]).conditioning_image == "none" and parse(models["a14b"]).train_expert == "both"
+    refused = [(models["ti2v"], "--resolution", "48"),  # 16x VAE, 2x2 patches: multiples of 32
+               (models["a14b"], "--conditioning_image", "first_frame"),  # a text-to-video A14B
+               (models["wan_i2v"], "--conditioning_image", "none"), (models["ti2v"], "--train_expert", "high")]
+    for model, *extra in refused:
+        with pytest.raises(SystemExit):
+            train.parse_args(["--pretrained_model_name_or_path", str(model), "--dataset_name", "d",
+                              "--num_frames", str(FRAMES), *(["--resolution", "32"] if "--resolution" not in extra else []),
+                              *extra])
+    assert "multiples of 32" in capsys.readouterr().err
+
+
+# --- one step, as the pipelines build it -----------------------------------------------------------------------
+
+# Noise levels (0 = least noise) of the two sides: level 990 is timestep 998 (shift 5) or 999 (shift 12), above
+# both boundaries (875, 900); level 300 is timestep 682 (shift 5) or 837 (shift 12), below both.
+LEVELS = {"high": 990, "low": 300}
+CASES = [("ti2v", []), ("ti2v", ["--conditioning_image", "first_frame"]), ("a14b", []), ("a14b_i2v", []),
+         ("wan_i2v", [])]
+
+
+def calls_of(*modules):
+    """Records each call's keyword arguments (and which module) of the given transformers."""
+    seen = []
+    hooks = [module.register_forward_pre_hook(
+        lambda m, args, kwargs, name=name: seen.append((name, {k: v for k, v in kwargs.items()})), with_kwargs=True)
+        for name, module in modules]
+    return seen, hooks
+
+
+@pytest.mark.parametrize("side", ["high", "low"])
+@pytest.mark.parametrize("name, extra", CASES, ids=["ti2v-t2v", "ti2v-i2v", "a14b", "a14b-i2v", "wan21-i2v"])
+def test_one_step_matches_the_pipelines(models, name, extra, side):
+    import diffusers
+
+    level = LEVELS[side]
+    args = parse(models[name], *extra, "--timestep_range", str(level), str(level), "--seed", "0")
+    family = families.make_family(args)
+    tokenizers, encoders = family.load_text(torch.float32)
+    noise_process, vae = family.load_noise(), family.load_vae(torch.float32)
+    ours = family.load_denoiser(str(models[name]))
+    pipeline_class = getattr(diffusers, family.pipeline_class)
+    image_conditioned = getattr(family, "image_conditioned", False)
+    if name == "ti2v" and image_conditioned:  # TI2V-5B's image-to-video is WanImageToVideoPipeline on its folder
+        pipeline_class = diffusers.WanImageToVideoPipeline
+    pipeline = pipeline_class.from_pretrained(models[name])
+
+    # a pair whose clips share the first frame (an 8-bit image, as the pipeline gets it)
+    generator = torch.Generator().manual_seed(1)
+    image = Image.fromarray((torch.rand(32, 32, 3, generator=generator) * 255).to(torch.uint8).numpy())
+    first = pipeline.video_processor.preprocess(image, height=32, width=32)[0]
+    pixels = torch.rand(1, 6, FRAMES, 32, 32, generator=generator) * 2 - 1
+    pixels[:, :3, 0], pixels[:, 3:, 0] = first, first
+    ids = tokenizers[0](["a red circle"], max_length=512, padding="max_length", truncation=True,
+                        return_tensors="pt").input_ids
+    batch = {"input_ids": ids, "pixel_values": pixels}
+
+    # the training step's pieces, as compute_loss makes them
+    torch.manual_seed(0)
+    with torch.no_grad():
+        latents = family.encode_images(vae, torch.cat(pixels.chunk(2, dim=1)))
+        conditioning = family.encode_prompts(batch, encoders)
+    noised = noise_process.sample(latents, 1, True, args)
+    conditioning = {k: v.repeat(2, *[1] * (v.dim() - 1)) for k, v in conditioning.items()}
+    inputs = family.model_inputs(conditioning, noised.noisy, torch.float32)
+    experts = [("transformer", ours.transformer), ("transformer_2", ours.transformer_2)] if name.startswith("a14b") \
+        else [("transformer", ours)]
+    our_calls, hooks = calls_of(*experts)
+    with torch.no_grad():
+        family.predict(ours, noised.noisy, noised.timesteps, inputs)
+    for hook in hooks:
+        hook.remove()
+
+    # the pipeline, one step from the same noise level (its own scheduler turns the training grid's unshifted
+    # sigma u = (N - index) / N into its sigma and its integer timestep) with our noisy latents; the transformer's
+    # output replaced by our target, so the step's x0 prediction shows whether the target is the pipeline's velocity
+    index = noise_process.num_timesteps - 1 - level
+    scheduler = pipeline.scheduler
+    set_timesteps = scheduler.set_timesteps
+    scheduler.set_timesteps = lambda n, device=None: set_timesteps(
+        device=device, sigmas=np.array([(noise_process.num_timesteps - index) / noise_process.num_timesteps]))
+    modules = [(n, getattr(pipeline, n)) for n in ("transformer", "transformer_2") if getattr(pipeline, n, None) is not None]
+    target = noised.target[:1]
+    if name == "ti2v" and image_conditioned:  # frame 0 is the clean image: its output is overwritten after the step
+        target = torch.cat([torch.zeros_like(target[:, :, :1]), target], dim=2)
+    replace = [module.register_forward_hook(lambda m, a, k, out: (target.clone(),), with_kwargs=True)
+               for _, module in modules]
+    their_calls, hooks = calls_of(*modules)
+    call = dict(prompt_embeds=conditioning["prompt_embeds"][:1], guidance_scale=1.0, latents=noised.noisy[:1].clone(),
+                num_frames=FRAMES, height=32, width=32, num_inference_steps=1, output_type="latent")
+    if image_conditioned:
+        call["image"] = image
+    with torch.no_grad():
+        x0_prediction = pipeline(**call).frames
+    for hook in hooks + replace:
+        hook.remove()
+
+    (our_expert, mine), = our_calls
+    (their_expert, theirs), = their_calls
+    sigma = float(scheduler.sigmas[0])
+    timestep = theirs["timestep"]
+    assert our_expert == their_expert == ("transformer" if side == "high" or not name.startswith("a14b") else "transformer_2")
+    # timesteps: the same values and dtype (int64 per sample; TI2V: float per token, 0 on a clean first frame)
+    assert mine["timestep"].dtype == timestep.dtype and torch.equal(mine["timestep"][:1], timestep)
+    if name == "ti2v":
+        per_frame = (noised.noisy.shape[3] // 2) * (noised.noisy.shape[4] // 2)  # 2x2 patches
+        assert timestep.shape == (1, noised.noisy.shape[2] * per_frame) and (timestep[0, per_frame:] > 0).all()
+        assert bool((timestep[0, :per_frame] == 0).all()) == image_conditioned
+    # the model input, bitwise: our noisy latents with the same condition (channels or first frame), text, image
+    assert torch.equal(mine["hidden_states"][:1], theirs["hidden_states"])
+    assert torch.equal(mine["encoder_hidden_states"][:1], theirs["encoder_hidden_states"])
+    if "encoder_hidden_states_image" in theirs and theirs["encoder_hidden_states_image"] is not None:
+        assert torch.equal(mine["encoder_hidden_states_image"][:1], theirs["encoder_hidden_states_image"])
+    else:
+        assert mine.get("encoder_hidden_states_image") is None
+    # noisy input = (1 - s) x0 + s eps at the pipeline's sigma s: ours uses the float32 training grid's s, the
+    # pipeline's is the same formula in float64 cast to float32, at most an ulp apart, so the two differ by about
+    # ulp(s) |eps - x0| plus float32 rounding of the sum: tolerance 8 float32 eps x the largest |x0| + |eps|.
+    kept = slice(1, None) if name == "ti2v" and image_conditioned else slice(None)  # frames the loss covers
+    noise = noised.target[:1] + latents[:1, :, kept]  # target = eps - x0
+    tolerance = 8 * torch.finfo(torch.float32).eps * float(latents[:1].abs().max() + noise.abs().max())
+    torch.testing.assert_close(noised.noisy[:1, :, kept], (1 - sigma) * latents[:1, :, kept] + sigma * noise,
+                               rtol=0, atol=tolerance)
+    # target: fed as the model output, the pipeline's step to sigma 0 returns x0 = x_s - s v, the clean latents
+    torch.testing.assert_close(x0_prediction[:, :, kept], latents[:1, :, kept], rtol=0, atol=tolerance)
+    if name == "ti2v" and image_conditioned:  # the first frame is the image latent the model was given
+        assert torch.equal(x0_prediction[:, :, :1], mine["hidden_states"][:1, :, :1])
+    reset_accelerate()
