@@ -173,3 +173,95 @@ def test_one_step_matches_the_pipelines(models, name, extra, side):
     if name == "ti2v" and image_conditioned:  # the first frame is the image latent the model was given
         assert torch.equal(x0_prediction[:, :, :1], mine["hidden_states"][:1, :, :1])
     reset_accelerate()
+
+
+# --- training -------------------------------------------------------------------------------------------------
+
+OBJECTIVE = ["--use_winner_preserving", "--winner_preserving_mu", "0.5", "--importance_weighting", "full"]
+RUNS = [("ti2v", []), ("ti2v", ["--conditioning_image", "first_frame"]), ("a14b", []),
+        ("a14b", ["--train_expert", "low"]), ("a14b", ["--use_lora", "--use_ema", "--learning_rate", "1e-2"]),
+        ("a14b_i2v", []), ("wan_i2v", [])]
+
+
+def train_wan(model, data, out, *extra, steps):
+    return run_train(model, data, out, "--num_frames", str(FRAMES), "--checkpointing_steps", "1", *OBJECTIVE, *extra,
+                     steps=steps)
+
+
+def generate(pipeline, i2v: bool):
+    image = Image.fromarray(np.full((32, 32, 3), 128, dtype=np.uint8))
+    video = pipeline(prompt="a circle", num_frames=FRAMES, height=32, width=32, num_inference_steps=2,
+                     output_type="np", **({"image": image} if i2v else {})).frames
+    assert video.shape == (1, FRAMES, 32, 32, 3) and np.isfinite(video).all()
+
+
+@pytest.mark.parametrize("name, extra", RUNS, ids=["ti2v-t2v", "ti2v-i2v", "a14b-both", "a14b-low", "a14b-lora",
+                                                    "a14b-i2v", "wan21-i2v"])
+def test_trains_resumes_exactly_and_loads_in_its_pipeline(models, pairs, tmp_path, name, extra):
+    """Diffusion-DPO with the safeguard and importance weights, 2 steps straight and 1 + 1 resumed: the same weights
+    bit for bit (the same computation replayed from the saved state), the same losses; the output loads in the
+    model's own pipeline (both experts' files, or one) and generates."""
+    import diffusers
+
+    data = pairs["shared"]["parquet"]
+    lora = "--use_lora" in extra
+    assert train_wan(models[name], data, tmp_path / "straight", *extra, *([] if lora else ["--save_pipeline"]), steps=2) == 2
+    train_wan(models[name], data, tmp_path / "resumed", *extra, steps=1)
+    train_wan(models[name], data, tmp_path / "resumed", *extra, steps=2)
+    family = families.make_family(parse(models[name], *extra))
+    stem = train.LORA_WEIGHTS if lora else "transformer"
+    files = [f"{stem}{part}.safetensors" for part in family.experts]
+    assert sorted(p.name for p in (tmp_path / "straight").glob("*.safetensors")) == \
+        sorted(files + ([f"{stem}{part}_ema.safetensors" for part in family.experts] if lora else []))
+    for file in files:
+        straight, resumed = load_file(str(tmp_path / "straight" / file)), load_file(str(tmp_path / "resumed" / file))
+        assert straight.keys() == resumed.keys() and all(torch.equal(straight[k], resumed[k]) for k in straight)
+    logged = metrics(tmp_path / "straight")
+    assert [m["train_loss"] for m in logged] == [m["train_loss"] for m in metrics(tmp_path / "resumed")]
+    assert all(math.isfinite(m["train_loss"]) and 0 < m["is_weight_min"] <= 1 and 0 <= m["avg_lose_l_scale"] <= 1
+               for m in logged)
+
+    pipeline_class = getattr(diffusers, family.pipeline_class)
+    i2v = family.pipeline_class == "WanImageToVideoPipeline"
+    if lora:  # an adapter file per expert; the low-noise one goes into transformer_2
+        pipeline = pipeline_class.from_pretrained(models[name])
+        pipeline.load_lora_weights(tmp_path / "straight")
+        pipeline.load_lora_weights(tmp_path / "straight", weight_name=f"{stem}_2.safetensors", load_into_transformer_2=True)
+        for expert in (pipeline.transformer, pipeline.transformer_2):
+            trained_b = [p for n, p in expert.named_parameters() if "lora_B" in n]
+            assert trained_b and any(p.abs().sum() > 0 for p in trained_b)  # B starts at zero
+    else:  # --save_pipeline: the trained expert(s) in the pipeline folder; an untrained one is the base's
+        pipeline = pipeline_class.from_pretrained(tmp_path / "straight")
+        for part, folder in (("", "transformer"), ("_2", "transformer_2")):
+            if getattr(pipeline, folder, None) is None:
+                continue
+            saved = pipeline.components[folder].state_dict()
+            source = tmp_path / "straight" / f"transformer{part}.safetensors"
+            expected = load_file(str(source)) if part in family.experts else \
+                load_file(str(models[name] / folder / "diffusion_pytorch_model.safetensors"))
+            assert all(torch.equal(saved[k], expected[k]) for k in expected)
+            base = load_file(str(models[name] / folder / "diffusion_pytorch_model.safetensors"))
+            assert (part in family.experts) == any(not torch.equal(base[k], expected[k]) for k in base)
+    generate(pipeline, i2v)
+
+
+@pytest.mark.parametrize("expert", ["high", "low"])
+def test_one_expert_draws_only_its_side_of_the_boundary(models, expert):
+    """--train_expert high: every drawn timestep floor(s x 1000) >= boundary_ratio x 1000 (the pipeline's
+    transformer); low: every one below (transformer_2). Both sides' mass is still drawn from the density's shape."""
+    args = parse(models["a14b"], "--train_expert", expert)
+    family = families.make_family(args)
+    noise = family.load_noise()
+    torch.manual_seed(0)
+    timesteps = noise.sample(torch.zeros(4000, 1, 1, 1, 1), 4000, False, args).timesteps.long()
+    boundary = 0.875 * 1000
+    assert (timesteps >= boundary).all() if expert == "high" else (timesteps < boundary).all()
+    assert len(timesteps.unique()) > 20  # a spread, not one level
+    with pytest.raises(ValueError, match="leaves none"):
+        families.make_family(parse(models["a14b"], "--train_expert", expert, "--timestep_range",
+                                   *(["0", "10"] if expert == "high" else ["990", "999"]))).load_noise()
+
+
+def test_i2v_refuses_pairs_made_from_different_images(models, pairs, tmp_path):
+    with pytest.raises(ValueError, match="begin with different frames"):
+        train_wan(models["a14b_i2v"], pairs["different"]["parquet"], tmp_path, steps=1)
