@@ -4,6 +4,7 @@ same latents and noise (noisy input, timesteps, model input, expert, target); ea
 the safeguard and importance weights, resumes bit for bit, and its output loads in its pipeline and generates."""
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -265,3 +266,67 @@ def test_one_expert_draws_only_its_side_of_the_boundary(models, expert):
 def test_i2v_refuses_pairs_made_from_different_images(models, pairs, tmp_path):
     with pytest.raises(ValueError, match="begin with different frames"):
         train_wan(models["a14b_i2v"], pairs["different"]["parquet"], tmp_path, steps=1)
+
+
+# --- eval.generate --------------------------------------------------------------------------------------------
+
+
+def eval_generate(model, out, prompts, *extra):
+    from eval.generate import generate, parse_args
+
+    test_json = out.parent / f"{out.name}-prompts.json"
+    test_json.write_text(__import__("json").dumps(prompts))
+    argv = ["--pretrain_path", str(model), "--test_json", str(test_json), "--output_path", str(out), "--height", "32",
+            "--width", "32", "--num_frames", str(FRAMES), "--steps", "4", "--no_zip", *extra]
+    return generate(parse_args(argv)), argv
+
+
+def test_eval_generate_each_model(models, pairs, tmp_path):
+    """A14B: a --train_expert low output evaluates with its transformer_2 and the base's transformer, the second
+    guidance scale and a moved boundary reach the pipeline (the experts' calls split where it says); I2V: the
+    conditioning image (flag or per prompt) is used and fingerprinted; TI2V-5B: text-to-video, or image-to-video
+    with an image."""
+    from eval.generate import load_sampler, parse_args, resolve_args, sample
+    from eval.video import video_info
+
+    trained = tmp_path / "low"
+    train_wan(models["a14b"], pairs["shared"]["parquet"], trained, "--train_expert", "low", steps=1)
+    result, argv = eval_generate(models["a14b"], tmp_path / "a14b", [{"prompt": "a red circle"}], "--unet_path",
+                                 str(trained), "--guidance_scale_2", "2.0", "--boundary_ratio", "0.95")
+    assert result["run_name"].endswith("_4s_4.0cfg_2.0cfg2_boundary0.95") and result["generated"] == 1
+    record = __import__("json").loads((tmp_path / "a14b" / result["run_name"] / "run.json").read_text())
+    assert sorted(record["fingerprint"]["sampling"]["experts"]) == ["transformer_2.pth", "transformer_2.safetensors"]
+    args = resolve_args(parse_args(argv))
+    sampler, uncond = load_sampler(args, torch.device("cpu"), torch.float32)
+    pipeline = sampler.pipeline
+    low = load_file(str(trained / "transformer_2.safetensors"))
+    high = load_file(str(models["a14b"] / "transformer" / "diffusion_pytorch_model.safetensors"))
+    assert all(torch.equal(pipeline.transformer_2.state_dict()[k], low[k]) for k in low)
+    assert all(torch.equal(pipeline.transformer.state_dict()[k], high[k]) for k in high)
+    calls = {"transformer": 0, "transformer_2": 0}
+    hooks = [getattr(pipeline, n).register_forward_pre_hook(lambda m, a, n=n: calls.__setitem__(n, calls[n] + 1))
+             for n in calls]
+    sample(sampler, ["a red circle"], uncond, args, [0])
+    for hook in hooks:
+        hook.remove()
+    low_steps = int((pipeline.scheduler.timesteps < 950).sum())
+    assert 0 < low_steps < 4 and calls == {"transformer": 2 * (4 - low_steps), "transformer_2": 2 * low_steps}  # + CFG
+    assert pipeline._guidance_scale_2 == 2.0
+
+    image = tmp_path / "image.png"
+    Image.fromarray(np.full((40, 48, 3), (200, 30, 30), dtype=np.uint8)).save(image)
+    prompts = [{"prompt": "a red circle", "image": "image.png"}, {"prompt": "a blue square"}]
+    for name in ("wan_i2v", "a14b_i2v", "ti2v"):
+        result, _ = eval_generate(models[name], tmp_path / name, prompts, "--conditioning_image", str(image))
+        manifest = __import__("json").loads(Path(result["manifest"]).read_text())
+        assert result["generated"] == 2 and all(video_info(e["gen_image_path"])["frames"] == FRAMES for e in manifest)
+        record = __import__("json").loads((tmp_path / name / result["run_name"] / "run.json").read_text())
+        assert record["fingerprint"]["sampling"]["pipeline"] == "WanImageToVideoPipeline"
+        assert record["fingerprint"]["sampling"]["conditioning_images"] is not None
+    assert result["run_name"].endswith("_i2v")  # TI2V-5B with an image
+    result, _ = eval_generate(models["ti2v"], tmp_path / "ti2v-t2v", [{"prompt": "a red circle"}])
+    assert result["generated"] == 1 and not result["run_name"].endswith("_i2v")
+    from eval.generate import GenerateError
+
+    with pytest.raises(GenerateError, match="no \"image\""):
+        eval_generate(models["wan_i2v"], tmp_path / "no-image", [{"prompt": "a red circle"}])
