@@ -20,8 +20,6 @@ image, so no single condition fits both).
 
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from families.noise import FlowNoise, Noised
@@ -33,15 +31,21 @@ from families.video import Wan
 FIRST_FRAME_TOLERANCE = 0.05
 
 
-@functools.lru_cache(maxsize=None)
+_MODEL_INDEX: dict = {}
+
+
 def model_index(path: str, revision=None) -> dict:
-    """model_index.json of a folder or a cached hub model ({} when there is none)."""
+    """model_index.json of a folder or a hub model ({} when it cannot be read, e.g. offline and not cached: then the
+    flags decide, and it is read again next time)."""
     from diffusers import DiffusionPipeline
 
-    try:
-        return dict(DiffusionPipeline.load_config(path, revision=revision))
-    except Exception:  # noqa: BLE001 - no model_index.json: the family is then decided by the flags
-        return {}
+    key = (str(path), revision)
+    if key not in _MODEL_INDEX:
+        try:
+            _MODEL_INDEX[key] = dict(DiffusionPipeline.load_config(path, revision=revision))
+        except Exception:  # noqa: BLE001 - no model_index.json: the family is then decided by the flags
+            return {}
+    return _MODEL_INDEX[key]
 
 
 def detect_wan(index: dict) -> str | None:
@@ -301,9 +305,16 @@ class Wan22Experts(ChannelConditioned):
     def __init__(self, args):
         super().__init__(args)
         index = model_index(args.pretrained_model_name_or_path, args.revision)
-        self.pipeline_class = index.get("_class_name", "WanPipeline")
         self.boundary_ratio = index.get("boundary_ratio")
+        if not index:  # not readable (yet): the flags say which kind of A14B model it is
+            index = {"_class_name": "WanImageToVideoPipeline" if getattr(args, "conditioning_image", None) == "first_frame"
+                     else "WanPipeline"}
+        self.pipeline_class = index["_class_name"]
         self.image_conditioned = self.pipeline_class == "WanImageToVideoPipeline"
+        if index and self.image_conditioned != (getattr(args, "conditioning_image", None) == "first_frame"):
+            raise ValueError(f"{args.pretrained_model_name_or_path} is a {self.pipeline_class}: "
+                             f"{'--conditioning_image first_frame' if self.image_conditioned else 'no conditioning image'}"
+                             f" is what it takes")
         self.expert = getattr(args, "train_expert", None) or "both"
         self.experts = {"high": ("",), "low": ("_2",), "both": ("", "_2")}[self.expert]
         needed = {"high": ("transformer",), "low": ("transformer_2",), "both": ("transformer", "transformer_2")}
@@ -311,8 +322,12 @@ class Wan22Experts(ChannelConditioned):
 
     @classmethod
     def check_args(cls, parser, args):
+        args.train_expert = args.train_expert or "both"
         index = model_index(args.pretrained_model_name_or_path, args.revision)
-        if index and index.get("boundary_ratio") is None:
+        if not index:  # not readable yet (a hub id offline): --conditioning_image says whether it is an I2V model
+            args.conditioning_image = args.conditioning_image or "none"
+            return
+        if index.get("boundary_ratio") is None:
             parser.error(f"{args.pretrained_model_name_or_path}: its model_index.json has no boundary_ratio, so it is "
                          f"not a two-expert Wan2.2 model; wan22_a14b needs one")
         i2v = index.get("_class_name") == "WanImageToVideoPipeline"
@@ -322,7 +337,6 @@ class Wan22Experts(ChannelConditioned):
             parser.error("--conditioning_image first_frame: this is a text-to-video A14B model (WanPipeline); use an "
                          "I2V-A14B model to condition on an image")
         args.conditioning_image = "first_frame" if i2v else "none"
-        args.train_expert = args.train_expert or "both"
 
     # --- the experts ---------------------------------------------------------------------------------------------
     def boundary_timestep(self) -> float:
@@ -331,6 +345,9 @@ class Wan22Experts(ChannelConditioned):
 
         config = FlowMatchEulerDiscreteScheduler.load_config(self.args.pretrained_model_name_or_path,
                                                              subfolder="scheduler", revision=self.args.revision)
+        if self.boundary_ratio is None:
+            raise ValueError(f"{self.args.pretrained_model_name_or_path}: no boundary_ratio in its model_index.json; "
+                             f"wan22_a14b needs the two-expert pipeline's")
         return self.boundary_ratio * config.get("num_train_timesteps", 1000)
 
     def load_denoiser(self, source, revision=None, dtype=None):

@@ -330,3 +330,17 @@ def test_eval_generate_each_model(models, pairs, tmp_path):
 
     with pytest.raises(GenerateError, match="no \"image\""):
         eval_generate(models["wan_i2v"], tmp_path / "no-image", [{"prompt": "a red circle"}])
+
+
+def test_memory_rows_say_how_many_gpus_the_a14b_pair_needs():
+    """benchmarks/memory_table.py: both experts are twice one expert's parameters, and FSDP's GPU count is the
+    fewest power of two with (18 B/param / N + frozen) within 80 % of 80 GB (4 B/param for LoRA's fp32 base)."""
+    from benchmarks.memory_table import fsdp_gpus, table
+
+    rows = {(r["model"], r["strategy"]): r for r in table(gpus=8) if not r["latents_cache"]}
+    both, one = rows[("Wan2.2-A14B, both experts", "DDP")], rows[("Wan2.2-A14B, one expert", "DDP")]
+    assert both["denoiser_params"] == 2 * one["denoiser_params"] and both["frozen_params"] == one["frozen_params"]
+    frozen = 2 * both["frozen_params"]
+    gpus = both["fsdp_gpus_for_80gb"]
+    assert (18 * both["denoiser_params"] / gpus + frozen) / 1e9 <= 64 < (18 * both["denoiser_params"] / (gpus // 2) + frozen) / 1e9
+    assert gpus == fsdp_gpus(both["denoiser_params"], frozen, lora=False) and rows[("Wan2.2-A14B, both experts", "FSDP x8")]["fits"] == []
