@@ -148,6 +148,11 @@ class Family:
     def predict(self, model, noisy: torch.Tensor, timesteps: torch.Tensor, inputs: dict) -> torch.Tensor:
         raise NotImplementedError
 
+    @classmethod
+    def accelerator_kwargs(cls, args) -> list:
+        """accelerate kwargs handlers the family needs (train.main passes them to Accelerator)."""
+        return []
+
     # --- saving ------------------------------------------------------------------------------------------------
     def expert_states(self, state: dict) -> dict:
         """{file suffix: state} of what is saved: the denoiser alone; two experts split (families/wan22.py)."""

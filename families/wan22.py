@@ -20,6 +20,8 @@ image, so no single condition fits both).
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from families.noise import FlowNoise, Noised
@@ -254,6 +256,51 @@ class Wan22(WanImageConditioned):
         return out[:, :, 1:] if self.image_conditioned else out
 
 
+class SharedSideFlowNoise(FlowNoise):
+    """--train_expert both on several processes: each micro-batch, every rank meets the same expert, so that DDP's
+    and FSDP's collectives see the same modules on all ranks. Rank 0 draws the side (high with the density's mass
+    above the boundary, from its own random stream, broadcast), then every rank draws its u from the density cut to
+    that side: a mixture with the sides' masses as weights, so each pair's timestep still has the whole density."""
+
+    def __init__(self, scheduler, args, high_levels: int):
+        from types import SimpleNamespace
+
+        super().__init__(scheduler, args)
+        n, (low, high) = self.num_timesteps, args.timestep_range
+        if self.scheme == "mode":
+            raise ValueError("--train_expert both on several processes draws each side's timesteps from the density "
+                             "cut at the boundary, which --weighting_scheme mode cannot do exactly; use logit_normal "
+                             "or uniform")
+        ranges = {"high": (max(low, n - high_levels), high), "low": (low, min(high, n - high_levels - 1))}
+        self.sides = {side: FlowNoise(scheduler, SimpleNamespace(**{**vars(args), "timestep_range": [a, b]}))
+                      for side, (a, b) in ranges.items() if a <= b}
+        mass = {side: self.mass(*noise.u_range) for side, noise in self.sides.items()}
+        self.p_high = mass.get("high", 0.0) / sum(mass.values())
+
+    def mass(self, a: float, b: float) -> float:
+        """The density's probability of u in [a, b)."""
+        if self.scheme == "uniform":
+            return b - a
+
+        def cdf(u):
+            if u <= 0 or u >= 1:
+                return float(u >= 1)
+            z = (math.log(u / (1 - u)) - self.args.logit_mean) / (self.args.logit_std * math.sqrt(2))
+            return 0.5 * (1 + math.erf(z))
+
+        return cdf(b) - cdf(a)
+
+    def to(self, device):
+        for noise in self.sides.values():
+            noise.to(device)
+        return super().to(device)
+
+    def draw_u(self, pairs, device):
+        high = (torch.rand(1, device=device) < self.p_high).float()
+        torch.distributed.broadcast(high, src=0)
+        return self.sides["high" if bool(high.item()) else "low"].draw_u(pairs, device)
+
+
 def _diffusers_model_base():
     from diffusers import ModelMixin
     from diffusers.loaders import PeftAdapterMixin
@@ -368,10 +415,13 @@ class Wan22Experts(ChannelConditioned):
         from types import SimpleNamespace
 
         noise = super().load_noise()
-        if self.expert == "both":
-            return noise
         boundary = self.boundary_timestep()
         high_levels = int((noise.timesteps.floor() >= boundary).sum())  # indices 0 .. k-1: levels N - k .. N - 1
+        if self.expert == "both":
+            distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+            if distributed and torch.distributed.get_world_size() > 1:
+                return SharedSideFlowNoise(noise.scheduler, self.args, high_levels)
+            return noise
         n = noise.num_timesteps
         side = (n - high_levels, n - 1) if self.expert == "high" else (0, n - high_levels - 1)
         low, high = max(side[0], self.args.timestep_range[0]), min(side[1], self.args.timestep_range[1])
@@ -381,6 +431,13 @@ class Wan22Experts(ChannelConditioned):
                              f"{self.args.timestep_range[1]} leaves none of them")
         restricted = SimpleNamespace(**{**vars(self.args), "timestep_range": [low, high]})
         return FlowNoise(noise.scheduler, restricted)
+
+    @classmethod
+    def accelerator_kwargs(cls, args) -> list:
+        """DDP with both experts: an update may meet one expert on every rank, the other's parameters unused."""
+        from accelerate.utils import DistributedDataParallelKwargs
+
+        return [DistributedDataParallelKwargs(find_unused_parameters=True)] if args.train_expert == "both" else []
 
     def expert_states(self, state: dict) -> dict:
         """{file suffix: that expert's state}: "" the high-noise expert (transformer), "_2" the low-noise one."""

@@ -344,3 +344,33 @@ def test_memory_rows_say_how_many_gpus_the_a14b_pair_needs():
     gpus = both["fsdp_gpus_for_80gb"]
     assert (18 * both["denoiser_params"] / gpus + frozen) / 1e9 <= 64 < (18 * both["denoiser_params"] / (gpus // 2) + frozen) / 1e9
     assert gpus == fsdp_gpus(both["denoiser_params"], frozen, lora=False) and rows[("Wan2.2-A14B, both experts", "FSDP x8")]["fits"] == []
+
+
+def test_both_experts_train_on_two_ranks_with_ddp_and_fsdp(models, pairs, tmp_path):
+    """--train_expert both on two CPU ranks: every micro-batch meets one expert on all ranks (rank 0 draws the side),
+    so DDP (find_unused_parameters) and FSDP2 (blocks of both experts sharded) run without waiting on each other;
+    both experts are updated within 6 steps (the side of each step drawn with the density's masses: 0.7 high at
+    shift 12 and boundary 0.875), and FSDP agrees with DDP to rounding (a step linear in the gradients, compared as
+    tests/test_fsdp.py compares: relative update difference < 1e-4, where a rank's gradient lost or doubled is O(1))."""
+    import os
+    import subprocess
+
+    from test_latent_cache import LINEAR_ADAMW, relative_update_difference
+    from test_train import ACCELERATE, REPO, train_args
+
+    fsdp = ["--use_fsdp", "--fsdp_version", "2", "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP",
+            "--fsdp_transformer_layer_cls_to_wrap", "WanTransformerBlock", "--fsdp_state_dict_type", "SHARDED_STATE_DICT",
+            "--fsdp_reshard_after_forward", "true"]
+    for strategy in ("ddp", "fsdp"):
+        launcher = ["--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                    *(fsdp if strategy == "fsdp" else ["--multi_gpu"])]
+        argv = train_args(models["a14b"], pairs["shared"]["parquet"], tmp_path / strategy, "--num_frames", str(FRAMES),
+                          "--train_batch_size", "1", "--use_winner_preserving", *LINEAR_ADAMW, steps=6)
+        done = subprocess.run([*ACCELERATE, *launcher, str(REPO / "train.py"), *argv], cwd=REPO, capture_output=True,
+                              text=True, timeout=300, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+        assert done.returncode == 0, done.stderr[-3000:]
+    for folder in ("transformer", "transformer_2"):
+        base = load_file(str(models["a14b"] / folder / "diffusion_pytorch_model.safetensors"))
+        ddp, fsdp_weights = (load_file(str(tmp_path / s / f"{folder}.safetensors")) for s in ("ddp", "fsdp"))
+        assert any(not torch.equal(ddp[k], base[k]) for k in base), folder  # met at least once
+        assert relative_update_difference(base, ddp, fsdp_weights) < 1e-4, folder
