@@ -265,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="Another VAE (e.g. madebyollin/sdxl-vae-fp16-fix for SDXL), loaded without subfolder.")
     model.add_argument("--sdxl", action="store_true", help="The base model is SDXL (same as --model_family sdxl).")
     model.add_argument("--model_family", type=str, default=None, choices=list(FAMILIES),
-                       help="sd (SD1.x/2.x), sdxl, sd3 (SD3/SD3.5), flux (FLUX.1), wan (Wan2.1), cogvideox (CogVideoX); default: from the model's model_index.json.")
+                       help="sd (SD1.x/2.x), sdxl, sd3 (SD3/SD3.5), flux (FLUX.1), wan (Wan2.1), cogvideox (CogVideoX), wan22 (Wan2.2-TI2V-5B), wan22_a14b (Wan2.2-A14B, two experts), wan_i2v (Wan2.1-I2V); default: from the model's model_index.json.")
 
     data = parser.add_argument_group("data")
     data.add_argument("--dataset_name", type=str, default=None,
