@@ -166,6 +166,10 @@ class Family:
         """The pipeline components the trained denoiser stands for."""
         return {self.denoiser: model}
 
+    def card_usage(self, usage: str, base: str) -> str:
+        """The model card's loading lines (train.write_model_card writes the one-denoiser ones)."""
+        return usage
+
     def lora_state(self, peft_state: dict) -> dict:
         """The adapter state in the format the family's pipeline.load_lora_weights reads."""
         return peft_state

@@ -452,6 +452,20 @@ class Wan22Experts(ChannelConditioned):
         return {f"{folder}.{k}": v for part, folder in (("", "transformer"), ("_2", "transformer_2"))
                 for k, v in states[part].items()}
 
+    def card_usage(self, usage, base):
+        lines = [f"pipe = {self.pipeline_class}.from_pretrained(\"{base}\")"]
+        if self.pipeline_class != type(self).pipeline_class:  # the card imports the family's WanPipeline
+            lines.insert(0, f"from diffusers import {self.pipeline_class}")
+        if getattr(self.args, "use_lora", False):
+            lines += ["pipe.load_lora_weights(\"<this folder or repo>\")" if part == "" else
+                      "pipe.load_lora_weights(\"<this folder or repo>\", weight_name=\"pytorch_lora_weights_2.safetensors\", "
+                      "load_into_transformer_2=True)" for part in self.experts]
+        else:
+            lines.insert(0, "from safetensors.torch import load_file")
+            lines += [f"pipe.transformer{part}.load_state_dict(load_file(\"transformer{part}.safetensors\"))"
+                      for part in self.experts]
+        return "\n".join(lines)
+
     def pipeline_denoisers(self, model) -> dict:
         if self.expert == "both":
             return {"transformer": model.transformer, "transformer_2": model.transformer_2}

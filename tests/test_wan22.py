@@ -217,6 +217,8 @@ def test_trains_resumes_exactly_and_loads_in_its_pipeline(models, pairs, tmp_pat
     for file in files:
         straight, resumed = load_file(str(tmp_path / "straight" / file)), load_file(str(tmp_path / "resumed" / file))
         assert straight.keys() == resumed.keys() and all(torch.equal(straight[k], resumed[k]) for k in straight)
+    card = (tmp_path / "straight" / "README.md").read_text()  # the model card loads each trained expert's file
+    assert all((f"{stem}{part}.safetensors" in card) == (part == "_2" or not lora) for part in family.experts)
     logged = metrics(tmp_path / "straight")
     assert [m["train_loss"] for m in logged] == [m["train_loss"] for m in metrics(tmp_path / "resumed")]
     assert all(math.isfinite(m["train_loss"]) and 0 < m["is_weight_min"] <= 1 and 0 <= m["avg_lose_l_scale"] <= 1
