@@ -369,7 +369,14 @@ class Wan22Experts(ChannelConditioned):
 
     @classmethod
     def check_args(cls, parser, args):
+        import os
+
         args.train_expert = args.train_expert or "both"
+        fsdp = os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"  # set by `accelerate launch --use_fsdp`
+        if fsdp and args.train_expert == "both" and (args.use_ema or args.save_pipeline):
+            parser.error("--use_ema / --save_pipeline with both wan22_a14b experts under FSDP are not supported yet (the "
+                         "sharded EMA and the gathered pipeline read one denoiser file); drop them, or train one "
+                         "expert (--train_expert high / low)")
         index = model_index(args.pretrained_model_name_or_path, args.revision)
         if not index:  # not readable yet (a hub id offline): --conditioning_image says whether it is an I2V model
             args.conditioning_image = args.conditioning_image or "none"

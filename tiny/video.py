@@ -8,6 +8,7 @@ The models keep what training depends on from the real configs (component classe
     build_wan("work/tiny-wan")              # transformer/ vae/ text_encoder/ tokenizer/ scheduler/ (WanPipeline)
     build_cogvideox("work/tiny-cogvideox")  # the same folders (CogVideoXPipeline); rotary=True: CogVideoX-5b-like
     build_video_pairs("work/video-pairs")   # {"parquet": ..., "manifest": ..., "webdataset": ...}
+    build_wan22_ti2v / build_wan22_a14b / build_wan_i2v   # Wan2.2-TI2V-5B-, A14B- (two experts) and Wan2.1-I2V-like
 
 Which facts about the real models are known and which are assumed is said next to each setting.
 """
