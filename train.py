@@ -926,9 +926,9 @@ def pair_weight_of(row, column: str) -> float:
 def pair_columns(args) -> tuple:
     """The pair columns rows need: jpg_0, jpg_1, label_0; for a video family mp4_0, mp4_1, label_0 (video_data.py)."""
     if FAMILIES[args.model_family].video:
-        from video_data import VIDEO_COLUMNS
+        from video_data import video_columns
 
-        return VIDEO_COLUMNS
+        return video_columns(args)  # + an image-to-video conditioning column
     return PAIR_COLUMNS
 
 

@@ -39,6 +39,12 @@ logger = logging.getLogger("train")
 VIDEO_COLUMNS = ("mp4_0", "mp4_1", "label_0")
 
 
+def video_columns(args) -> tuple:
+    """The pair columns: mp4_0, mp4_1, label_0, and --conditioning_image_column when image-to-video names one."""
+    column = getattr(args, "conditioning_image_column", None)
+    return VIDEO_COLUMNS + ((column,) if column else ())
+
+
 class VideoTooShort(ValueError):
     pass
 
@@ -112,7 +118,8 @@ def load_manifest(source: str, args):
     path = Path(source)
     if not path.is_file():
         raise FileNotFoundError(f"--dataset_name {source}: no such manifest file")
-    needed = ("video_0", "video_1", "label_0", args.caption_column)
+    image_column = getattr(args, "conditioning_image_column", None)  # image-to-video: a path beside the videos'
+    needed = ("video_0", "video_1", "label_0", args.caption_column) + ((image_column,) if image_column else ())
     rows = []
     with open(path) as lines:
         for number, line in enumerate(lines, 1):
@@ -128,6 +135,8 @@ def load_manifest(source: str, args):
                                  f"{', '.join(needed)}")
             row = {"mp4_0": str(path.parent / entry["video_0"]), "mp4_1": str(path.parent / entry["video_1"]),
                    "label_0": entry["label_0"], args.caption_column: entry[args.caption_column]}
+            if image_column:
+                row[image_column] = str(path.parent / entry[image_column])
             rows.append(row)
     if not rows:
         raise ValueError(f"{source}: the manifest holds no pairs")
@@ -194,6 +203,15 @@ def decode_clip(value, num_frames: int, stride: int = 1, target_fps: float | Non
     return torch.stack(frames)
 
 
+def decode_image_frame(value) -> torch.Tensor:
+    """A conditioning image (bytes, a {"bytes", "path"} dict, a path or a PIL image) as one RGB frame (1, H, W, 3) uint8."""
+    import numpy as np
+
+    from train import decode_image
+
+    return torch.from_numpy(np.asarray(decode_image(value)).copy())[None]
+
+
 def collections_counter(items) -> dict:
     counts = {}
     for item in items:
@@ -241,8 +259,10 @@ class VideoPairDataset(torch.utils.data.Dataset):
         self.num_frames, self.stride, self.target_fps = args.num_frames, args.frame_stride, args.target_fps
         self.proportion_empty_prompts, self.caption_column = args.proportion_empty_prompts, args.caption_column
         self.winner_only = args.train_method == "sft"
-        # image-to-video (families/wan22.py): both clips from their video's first frame, cropped and flipped alike
+        # image-to-video (families/wan22.py): both clips from their video's first frame, cropped and flipped alike;
+        # with --conditioning_image_column the row's image stands in for both first frames
         self.from_first_frame = getattr(args, "conditioning_image", None) == "first_frame"
+        self.image_column = getattr(args, "conditioning_image_column", None)
 
     def __len__(self):
         return len(self.rows)
@@ -264,6 +284,7 @@ class VideoPairDataset(torch.utils.data.Dataset):
                     raise ValueError(f"unusable caption {row[self.caption_column]!r}")
                 clips = [decode_clip(row[f"mp4_{side}"], self.num_frames, self.stride, self.target_fps, positions[side])
                          for side in (0, 1)]
+                image = decode_image_frame(row[self.image_column]) if self.image_column else None
                 break
             except Exception as error:  # noqa: BLE001 - an undecodable or too short video skips the row
                 logger.debug(f"{key}: row skipped ({type(error).__name__}: {error})")
@@ -278,14 +299,20 @@ class VideoPairDataset(torch.utils.data.Dataset):
             caption = rng.choice(list(caption))
         if rng.random() < self.proportion_empty_prompts:
             caption = ""
+        state = rng.getstate()  # before the transforms: image-to-video repeats their crop and flip
         if self.winner_only:
             pixels = transform_clip(clips[0], self.size, self.random_crop, self.hflip, rng)
         else:
-            state = rng.getstate()
             pixels = []
             for clip in clips:
                 if self.from_first_frame:
                     rng.setstate(state)  # the same crop and flip for both: the shared first frame stays one image
                 pixels.append(transform_clip(clip, self.size, self.random_crop, self.hflip, rng))
             pixels = torch.cat(pixels)
+        if image is not None:  # the conditioning image as both clips' first frame, with the clips' crop and flip
+            rng.setstate(state)
+            first = transform_clip(image, self.size, self.random_crop, self.hflip, rng)[:, 0]
+            pixels[:3, 0] = first
+            if pixels.shape[0] == 6:
+                pixels[3:, 0] = first
         return {"pixel_values": pixels, "caption": caption, "skipped": skipped}

@@ -81,7 +81,7 @@ class Family:
     @classmethod
     def check_args(cls, parser, args):
         """Family-specific refusals and defaults, in train.parse_args (after the video checks)."""
-        for flag in ("train_expert", "conditioning_image"):
+        for flag in ("train_expert", "conditioning_image", "conditioning_image_column"):
             if getattr(args, flag, None) not in (None, "none"):
                 parser.error(f"--{flag} is for the Wan2.2 / image-to-video families, not {args.model_family}")
 

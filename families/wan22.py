@@ -15,7 +15,8 @@ timestep floor(s x 1000) that the pipelines' UniPC scheduler feeds (as the `wan`
 Image-to-video: the conditioning image is the first frame of the pair's videos (`--conditioning_image first_frame`,
 the default for the I2V models): both clips then start at their video's first frame with the same crop and flip
 (video_data), and a pair whose winner and loser begin with different frames is refused (they were not made from one
-image, so no single condition fits both).
+image, so no single condition fits both). `--conditioning_image_column` names a data column holding the image
+instead, which then becomes both clips' first frame.
 """
 
 from __future__ import annotations
@@ -70,6 +71,17 @@ def add_wan22_arguments(parser):
     group.add_argument("--conditioning_image", type=str, default=None, choices=["none", "first_frame"],
                        help="Image-to-video: condition on the first frame the pair's videos share (default for the I2V "
                             "models; wan22 (TI2V-5B): none, text-to-video).")
+    group.add_argument("--conditioning_image_column", type=str, default=None,
+                       help="Image-to-video: a column of the pair data (manifest: a path relative to it; parquet: image "
+                            "bytes or a path) holding the image both videos were made from; it becomes both clips' "
+                            "first frame (same crop and flip). Default: the videos' shared first frame.")
+
+
+def check_image_column(parser, args):
+    """--conditioning_image_column needs image-to-video (and a source with columns: parquet or a manifest)."""
+    if args.conditioning_image_column and args.conditioning_image != "first_frame":
+        parser.error(f"--conditioning_image_column {args.conditioning_image_column}: {args.model_family} is not trained "
+                     f"image-to-video here; add --conditioning_image first_frame (TI2V-5B) or use an I2V model")
 
 
 class WanImageConditioned(Wan):
@@ -114,10 +126,10 @@ class WanImageConditioned(Wan):
 
 class ChannelConditioned(WanImageConditioned):
     """Wan2.1-I2V and Wan2.2-I2V-A14B: [noisy latents, 4 mask channels, image latents] along the channels, as
-    WanImageToVideoPipeline.prepare_latents builds the condition: the image followed by F - 1 black frames through the
-    VAE (the posterior's mode), normalised; the mask 1 on the first latent frame's 4 channels (the first pixel frame
-    repeated 4x, then 4 pixel frames per latent frame), 0 elsewhere. Wan2.1-I2V's transformer also takes the
-    image encoder's penultimate hidden states (`encoder_hidden_states_image`)."""
+    WanImageToVideoPipeline.prepare_latents builds the condition: the image followed by F - 1 zero frames (mid-grey on
+    [-1, 1], as the pipeline pads) through the VAE (the posterior's mode), normalised; the mask 1 on the first latent
+    frame's 4 channels (the first pixel frame repeated 4x, then 4 pixel frames per latent frame), 0 elsewhere.
+    Wan2.1-I2V's transformer also takes the image encoder's penultimate hidden states (`encoder_hidden_states_image`)."""
 
     def encode_condition(self, image, image_encoders):
         frames = self.args.num_frames
@@ -169,6 +181,7 @@ class WanI2V(ChannelConditioned):
         if args.conditioning_image == "none":
             parser.error(f"{args.model_family} is an image-to-video model: it needs --conditioning_image first_frame")
         args.conditioning_image = "first_frame"
+        check_image_column(parser, args)
         if args.train_expert is not None:
             parser.error(f"--train_expert is for the two-expert wan22_a14b models, not {args.model_family}")
 
@@ -216,7 +229,8 @@ class Wan22(WanImageConditioned):
             parser.error(f"the video size must be multiples of {cls.size_multiple} for {args.model_family} (16x VAE, "
                          f"then 2x2 patches), got {height} x {width}")
         if args.conditioning_image is None:
-            args.conditioning_image = "none"
+            args.conditioning_image = "first_frame" if args.conditioning_image_column else "none"
+        check_image_column(parser, args)
         if args.train_expert is not None:
             parser.error(f"--train_expert is for the two-expert wan22_a14b models, not {args.model_family}")
 
@@ -379,7 +393,8 @@ class Wan22Experts(ChannelConditioned):
                          "expert (--train_expert high / low)")
         index = model_index(args.pretrained_model_name_or_path, args.revision)
         if not index:  # not readable yet (a hub id offline): --conditioning_image says whether it is an I2V model
-            args.conditioning_image = args.conditioning_image or "none"
+            args.conditioning_image = args.conditioning_image or ("first_frame" if args.conditioning_image_column else "none")
+            check_image_column(parser, args)
             return
         if index.get("boundary_ratio") is None:
             parser.error(f"{args.pretrained_model_name_or_path}: its model_index.json has no boundary_ratio, so it is "
@@ -391,6 +406,7 @@ class Wan22Experts(ChannelConditioned):
             parser.error("--conditioning_image first_frame: this is a text-to-video A14B model (WanPipeline); use an "
                          "I2V-A14B model to condition on an image")
         args.conditioning_image = "first_frame" if i2v else "none"
+        check_image_column(parser, args)
 
     # --- the experts ---------------------------------------------------------------------------------------------
     def boundary_timestep(self) -> float:

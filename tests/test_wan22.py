@@ -376,3 +376,35 @@ def test_both_experts_train_on_two_ranks_with_ddp_and_fsdp(models, pairs, tmp_pa
         ddp, fsdp_weights = (load_file(str(tmp_path / s / f"{folder}.safetensors")) for s in ("ddp", "fsdp"))
         assert any(not torch.equal(ddp[k], base[k]) for k in base), folder  # met at least once
         assert relative_update_difference(base, ddp, fsdp_weights) < 1e-4, folder
+
+
+def test_a_conditioning_image_column_stands_in_for_both_first_frames(models, pairs, tmp_path):
+    """--conditioning_image_column: pairs whose videos begin differently (refused without it) train, each clip's
+    first frame is the row's image with the clips' crop and flip, and a model without image conditioning refuses
+    the column."""
+    import json
+
+    import video_data
+
+    source = pairs["different"]["manifest"]
+    lines = [json.loads(line) for line in source.read_text().splitlines()]
+    for i, line in enumerate(lines):
+        Image.fromarray(np.full((40, 48, 3), (10 * i, 200, 30), dtype=np.uint8)).save(source.parent / f"image_{i}.png")
+        line["image"] = f"image_{i}.png"
+    manifest = source.parent / "with_images.jsonl"
+    manifest.write_text("".join(json.dumps(line) + "\n" for line in lines))
+
+    args = train.parse_args(["--pretrained_model_name_or_path", str(models["wan_i2v"]), "--dataset_name", str(manifest),
+                             "--resolution", "32", "--num_frames", str(FRAMES), "--conditioning_image_column", "image",
+                             "--random_crop"])
+    rows = train.filter_rows(train.load_rows(args), args, True)
+    dataset = video_data.VideoPairDataset(rows, args)
+    example = dataset[(0, 0, 0)]
+    pixels = example["pixel_values"]
+    assert torch.equal(pixels[:3, 0], pixels[3:, 0]) and not torch.equal(pixels[:3, 1], pixels[3:, 1])
+    green, blue = pixels[1, 0], pixels[2, 0]  # every image is flat (r, 200, 30); the videos' background is grey 200
+    assert torch.allclose(green, torch.full_like(green, 200 / 127.5 - 1), atol=0.01)
+    assert torch.allclose(blue, torch.full_like(blue, 30 / 127.5 - 1), atol=0.01)
+    assert train_wan(models["a14b_i2v"], manifest, tmp_path / "out", "--conditioning_image_column", "image", steps=1) == 1
+    with pytest.raises(SystemExit):
+        parse(models["a14b"], "--conditioning_image_column", "image")
