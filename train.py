@@ -266,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="Another VAE (e.g. madebyollin/sdxl-vae-fp16-fix for SDXL), loaded without subfolder.")
     model.add_argument("--sdxl", action="store_true", help="The base model is SDXL (same as --model_family sdxl).")
     model.add_argument("--model_family", type=str, default=None, choices=list(FAMILIES),
-                       help="sd (SD1.x/2.x), sdxl, sd3 (SD3/SD3.5), flux (FLUX.1), wan (Wan2.1), cogvideox (CogVideoX); default: from the model's model_index.json.")
+                       help="sd (SD1.x/2.x), sdxl, sd3 (SD3/SD3.5), flux (FLUX.1), wan (Wan2.1), cogvideox (CogVideoX), wan22 (Wan2.2-TI2V-5B), wan22_a14b (Wan2.2-A14B, two experts), wan_i2v (Wan2.1-I2V); default: from the model's model_index.json.")
 
     data = parser.add_argument_group("data")
     data.add_argument("--dataset_name", type=str, default=None,
@@ -381,6 +381,9 @@ def build_parser() -> argparse.ArgumentParser:
     from video_data import add_video_arguments
 
     add_video_arguments(parser)  # --num_frames, --frame_stride, --target_fps, --video_size, --vae_tiling
+    from families.wan22 import add_wan22_arguments
+
+    add_wan22_arguments(parser)  # --train_expert, --conditioning_image
 
     lora = parser.add_argument_group("LoRA (peft)")
     lora.add_argument("--use_lora", action="store_true",
@@ -433,6 +436,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     from video_data import check_video_args
 
     check_video_args(parser, args, family)  # video families: size, frames; image families: no video flags
+    family.check_args(parser, args)  # the family's own (Wan2.2 experts, image-to-video)
     if args.resolution is None:
         args.resolution = family.default_resolution
     if args.lora_target_modules is None:
@@ -976,9 +980,9 @@ def pair_weight_of(row, column: str) -> float:
 def pair_columns(args) -> tuple:
     """The pair columns rows need: jpg_0, jpg_1, label_0; for a video family mp4_0, mp4_1, label_0 (video_data.py)."""
     if FAMILIES[args.model_family].video:
-        from video_data import VIDEO_COLUMNS
+        from video_data import video_columns
 
-        return VIDEO_COLUMNS
+        return video_columns(args)  # + an image-to-video conditioning column
     return PAIR_COLUMNS
 
 
@@ -1335,13 +1339,14 @@ def save_weights(unet, folder: Path, args, ema=None, formats=("safetensors", "pt
         state = trained_state(unet, average, family)
         if not write:
             continue
-        if not args.use_lora:
-            save_unet(None, folder, formats, name=f"{family.denoiser}{suffix}", state=state)
-            continue
-        tmp = f".{LORA_WEIGHTS}{suffix}.safetensors.tmp"
-        family.save_lora(folder, state, tmp, unet.peft_config["default"].to_dict())
-        checkpoints.umask_mode(folder / tmp)
-        os.replace(folder / tmp, folder / f"{LORA_WEIGHTS}{suffix}.safetensors")
+        for part, state in family.expert_states(state).items():  # one file; wan22_a14b: one per expert ("", "_2")
+            if not args.use_lora:
+                save_unet(None, folder, formats, name=f"{family.denoiser}{part}{suffix}", state=state)
+                continue
+            tmp = f".{LORA_WEIGHTS}{part}{suffix}.safetensors.tmp"
+            family.save_lora(folder, state, tmp, unet.peft_config["default"].to_dict())
+            checkpoints.umask_mode(folder / tmp)
+            os.replace(folder / tmp, folder / f"{LORA_WEIGHTS}{part}{suffix}.safetensors")
 
 
 def load_weights(unet, folder: Path, args, ema=None, family=None):
@@ -1352,13 +1357,15 @@ def load_weights(unet, folder: Path, args, ema=None, family=None):
 
     def load(suffix):
         if not args.use_lora:
-            unet.load_state_dict(load_file(str(folder / f"{family.denoiser}{suffix}.safetensors")))
+            unet.load_state_dict(family.joined_state({part: load_file(str(folder / f"{family.denoiser}{part}{suffix}.safetensors"))
+                                                      for part in family.experts}))
             return
         from diffusers.utils import convert_unet_state_dict_to_peft
         from peft.utils import set_peft_model_state_dict
 
-        state = load_file(str(folder / f"{LORA_WEIGHTS}{suffix}.safetensors"))
-        state = convert_unet_state_dict_to_peft({k.removeprefix(f"{family.denoiser}."): v for k, v in state.items()})
+        states = {part: load_file(str(folder / f"{LORA_WEIGHTS}{part}{suffix}.safetensors")) for part in family.experts}
+        state = family.joined_state({part: convert_unet_state_dict_to_peft(
+            {k.removeprefix(f"{family.denoiser}."): v for k, v in state.items()}) for part, state in states.items()})
         result = set_peft_model_state_dict(unet, state, adapter_name="default")
         missing = [k for k in result.missing_keys if "lora_" in k]
         if result.unexpected_keys or missing:
@@ -1446,7 +1453,8 @@ def load_sharded_ema(unet, ema, path: Path, family):
 def weight_file_names(args) -> list[str]:
     """The weight files a checkpoint holds (save_weights with formats=("safetensors",))."""
     name = LORA_WEIGHTS if args.use_lora else FAMILIES[args.model_family].denoiser
-    return [f"{name}{suffix}.safetensors" for suffix in ([""] + (["_ema"] if args.use_ema else []))]
+    experts = make_family(args).experts  # wan22_a14b: a file per trained expert
+    return [f"{name}{part}{suffix}.safetensors" for suffix in ([""] + (["_ema"] if args.use_ema else [])) for part in experts]
 
 
 def checkpoint_bytes(unet, optimizer, ema=None) -> int:
@@ -1659,6 +1667,7 @@ def main(argv=None):
         mixed_precision=args.mixed_precision,
         log_with=None if args.report_to == "none" else args.report_to,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)),
+        kwargs_handlers=FAMILIES[args.model_family].accelerator_kwargs(args),  # wan22_a14b: DDP with unused parameters
     )
     if cpu_ranks and os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
         enable_fsdp_on_cpu_ranks(accelerator)
@@ -2189,7 +2198,9 @@ def video_clip(args) -> str:
 def final_weight_names(args) -> list[str]:
     stem = LORA_WEIGHTS if args.use_lora else FAMILIES[args.model_family].denoiser
     formats = ["safetensors"] if args.use_lora else ["safetensors", "pth"]
-    return [f"{stem}{suffix}.{fmt}" for suffix in ([""] + (["_ema"] if args.use_ema else [])) for fmt in formats]
+    experts = make_family(args).experts  # wan22_a14b: a file per trained expert
+    return [f"{stem}{part}{suffix}.{fmt}" for suffix in ([""] + (["_ema"] if args.use_ema else [])) for part in experts
+            for fmt in formats]
 
 
 EVAL_SCRIPTS = {"sd": ("scripts/eval/test_sd15.sh", "stable-diffusion-v1-5/stable-diffusion-v1-5"),
@@ -2241,6 +2252,7 @@ def write_model_card(args, output_dir: Path, steps: int, logs: dict):
         usage = ("from safetensors.torch import load_file\n"
                  f"pipe = {family.pipeline_class}.from_pretrained(\"{base}\")\n"
                  f"pipe.{family.denoiser}.load_state_dict(load_file(\"{family.denoiser}.safetensors\"))")
+    usage = make_family(args).card_usage(usage, base)  # wan22_a14b: each trained expert's file
     sampling = ""
     if args.model_family in EVAL_EULER_FAMILIES:  # what eval.generate does, so that users sample as evaluated
         usage += ("\n# sample as evaluated (eval.generate): Euler from the base's scheduler config (the pipeline "
@@ -2335,7 +2347,7 @@ def save_pipeline(args, unet, output_dir: Path):
     if args.use_lora:  # the base denoiser in fp32; the adapter file is already in output_dir (pipeline.load_lora_weights)
         unet = family.load_denoiser(args.unet_init or args.pretrained_model_name_or_path,
                                     None if args.unet_init else args.revision)
-    extra[family.denoiser] = unet
+    extra.update(family.pipeline_denoisers(unet))  # {"unet": unet}; wan22_a14b: its expert(s)
     if family.name in EVAL_EULER_FAMILIES:  # the scheduler eval.generate samples with, not the base's own (SD1.5: PNDM)
         from eval.generate import load_scheduler
 
@@ -2348,14 +2360,15 @@ def save_pipeline(args, unet, output_dir: Path):
                    if isinstance(module, torch.nn.Module) for p in module.parameters())
         checkpoints.check_free_space(output_dir, size, "the pipeline (--save_pipeline)")  # the UNet is written, then linked
         pipeline.save_pretrained(tmp)
-        trained = output_dir / f"{family.denoiser}.safetensors"
-        if not args.use_lora and trained.is_file():
-            linked = tmp / family.denoiser / "diffusion_pytorch_model.safetensors"
-            linked.unlink()
-            try:
-                os.link(trained, linked)
-            except OSError:
-                shutil.copy2(trained, linked)
+        for part in family.experts:
+            trained = output_dir / f"{family.denoiser}{part}.safetensors"
+            if not args.use_lora and trained.is_file():
+                linked = tmp / f"{family.denoiser}{part}" / "diffusion_pytorch_model.safetensors"
+                linked.unlink()
+                try:
+                    os.link(trained, linked)
+                except OSError:
+                    shutil.copy2(trained, linked)
         for path in tmp.rglob("*"):
             if path.is_file():
                 checkpoints.umask_mode(path)

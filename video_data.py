@@ -43,6 +43,12 @@ logger = logging.getLogger("train")
 VIDEO_COLUMNS = ("mp4_0", "mp4_1", "label_0")
 
 
+def video_columns(args) -> tuple:
+    """The pair columns: mp4_0, mp4_1, label_0, and --conditioning_image_column when image-to-video names one."""
+    column = getattr(args, "conditioning_image_column", None)
+    return VIDEO_COLUMNS + ((column,) if column else ())
+
+
 class VideoTooShort(ValueError):
     pass
 
@@ -152,7 +158,8 @@ def load_manifest(source: str, args):
     path = Path(source)
     if not path.is_file():
         raise FileNotFoundError(f"--dataset_name {source}: no such manifest file")
-    needed = ("video_0", "video_1", "label_0", args.caption_column)
+    image_column = getattr(args, "conditioning_image_column", None)  # image-to-video: a path beside the videos'
+    needed = ("video_0", "video_1", "label_0", args.caption_column) + ((image_column,) if image_column else ())
     rows = []
     with open(path) as lines:
         for number, line in enumerate(lines, 1):
@@ -166,7 +173,7 @@ def load_manifest(source: str, args):
             if missing:
                 raise ValueError(f"{source}, line {number}: no {', '.join(missing)}; a video manifest line needs "
                                  f"{', '.join(needed)}")
-            rows.append(manifest_row(entry, path, number, args.caption_column))
+            rows.append(manifest_row(entry, path, number, args.caption_column, image_column))
     if not rows:
         raise ValueError(f"{source}: the manifest holds no pairs")
     args.resolved_dataset = f"{source} (JSONL manifest, {len(rows)} pairs)"
@@ -174,10 +181,10 @@ def load_manifest(source: str, args):
     return dataset.to_iterable_dataset() if args.streaming else dataset
 
 
-def manifest_row(entry: dict, path: Path, number: int, caption_column: str) -> dict:
+def manifest_row(entry: dict, path: Path, number: int, caption_column: str, image_column: str | None = None) -> dict:
     """One manifest line as a row, label_0 a float; a field of the wrong type stops the run naming the line (Arrow
     would otherwise refuse the whole column without saying where)."""
-    for key in ("video_0", "video_1"):
+    for key in ("video_0", "video_1") + ((image_column,) if image_column else ()):
         if not isinstance(entry[key], str) or not entry[key]:
             raise ValueError(f"{path}, line {number}: {key} is {entry[key]!r}, not a file path; give the video's path "
                              f"as a string")
@@ -191,8 +198,11 @@ def manifest_row(entry: dict, path: Path, number: int, caption_column: str) -> d
     except ValueError as error:
         raise ValueError(f"{path}, line {number}: {error}") from None
     folder = path.absolute().parent  # relative paths resolve here, whatever the working directory
-    return {"mp4_0": str(folder / entry["video_0"]), "mp4_1": str(folder / entry["video_1"]),
-            "label_0": label, caption_column: caption}
+    row = {"mp4_0": str(folder / entry["video_0"]), "mp4_1": str(folder / entry["video_1"]),
+           "label_0": label, caption_column: caption}
+    if image_column:  # image-to-video: the conditioning image's path, resolved as the videos' are
+        row[image_column] = str(folder / entry[image_column])
+    return row
 
 
 # --- decoding and frame sampling -------------------------------------------------------------------------------
@@ -263,6 +273,15 @@ def check_frame_size(width: int, height: int):
         raise VideoTooLarge(f"{width} x {height} frames, more than the {MAX_FRAME_PIXELS} pixels (8K UHD) decoded")
 
 
+def decode_image_frame(value) -> torch.Tensor:
+    """A conditioning image (bytes, a {"bytes", "path"} dict, a path or a PIL image) as one RGB frame (1, H, W, 3) uint8."""
+    import numpy as np
+
+    from train import decode_image
+
+    return torch.from_numpy(np.asarray(decode_image(value)).copy())[None]
+
+
 def collections_counter(items) -> dict:
     counts = {}
     for item in items:
@@ -310,6 +329,10 @@ class VideoPairDataset(torch.utils.data.Dataset):
         self.num_frames, self.stride, self.target_fps = args.num_frames, args.frame_stride, args.target_fps
         self.proportion_empty_prompts, self.caption_column = args.proportion_empty_prompts, args.caption_column
         self.winner_only = args.train_method == "sft"
+        # image-to-video (families/wan22.py): both clips from their video's first frame, cropped and flipped alike;
+        # with --conditioning_image_column the row's image stands in for both first frames
+        self.from_first_frame = getattr(args, "conditioning_image", None) == "first_frame"
+        self.image_column = getattr(args, "conditioning_image_column", None)
 
     def __len__(self):
         return len(self.rows)
@@ -323,6 +346,8 @@ class VideoPairDataset(torch.utils.data.Dataset):
         rng = random.Random(f"{seed}-{epoch}-{index}")
         # Where each clip starts in its video: drawn first, so that a skipped row does not shift the later draws.
         positions = [rng.random(), rng.random()] if self.random_crop else [None, None]
+        if self.from_first_frame:
+            positions = [0.0, 0.0]
         from train import UnusableCaption, bad_row
 
         bad_rows = []
@@ -335,6 +360,7 @@ class VideoPairDataset(torch.utils.data.Dataset):
                     raise BadVideo(f"mp4_0 and mp4_1 are the same {'file' if same_source(row['mp4_0'], row['mp4_1']) else 'frames'} "
                                    f"({video_name(row['mp4_0'])}): the pair has no preference signal",
                                    "no preference signal")
+                image = self.decode_image(row) if self.image_column else None
                 break
             except Exception as error:  # noqa: BLE001 - an undecodable or too short video skips the row
                 bad_rows.append(bad_row(self.rows, epoch, index + attempt, getattr(error, "reason", "undecodable video"), error))
@@ -351,10 +377,22 @@ class VideoPairDataset(torch.utils.data.Dataset):
             caption = rng.choice(list(caption))
         if rng.random() < self.proportion_empty_prompts:
             caption = ""
+        state = rng.getstate()  # before the transforms: image-to-video repeats their crop and flip
         if self.winner_only:
             pixels = transform_clip(clips[0], self.size, self.random_crop, self.hflip, rng)
         else:
-            pixels = torch.cat([transform_clip(clip, self.size, self.random_crop, self.hflip, rng) for clip in clips])
+            pixels = []
+            for clip in clips:
+                if self.from_first_frame:
+                    rng.setstate(state)  # the same crop and flip for both: the shared first frame stays one image
+                pixels.append(transform_clip(clip, self.size, self.random_crop, self.hflip, rng))
+            pixels = torch.cat(pixels)
+        if image is not None:  # the conditioning image as both clips' first frame, with the clips' crop and flip
+            rng.setstate(state)
+            first = transform_clip(image, self.size, self.random_crop, self.hflip, rng)[:, 0]
+            pixels[:3, 0] = first
+            if pixels.shape[0] == 6:
+                pixels[3:, 0] = first
         return {"pixel_values": pixels, "caption": caption, "skipped": skipped, "bad_rows": bad_rows}
 
     def decode(self, row, side: int, position) -> torch.Tensor:
@@ -366,3 +404,12 @@ class VideoPairDataset(torch.utils.data.Dataset):
             reason = ("video too short" if isinstance(error, VideoTooShort) else
                       "video too large" if isinstance(error, VideoTooLarge) else "undecodable video")
             raise BadVideo(f"mp4_{side} {video_name(value)}: {reason} ({error})", reason) from error
+
+    def decode_image(self, row) -> torch.Tensor:
+        """The row's conditioning image (--conditioning_image_column); a failure is a BadVideo naming it."""
+        value = row[self.image_column]
+        try:
+            return decode_image_frame(value)
+        except Exception as error:  # noqa: BLE001 - any decoding failure skips the row
+            raise BadVideo(f"{self.image_column} {video_name(value)}: undecodable image ({error})",
+                           "undecodable image") from error

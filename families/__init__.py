@@ -13,6 +13,7 @@ which pipeline saves and samples it:
 | `flux` | FLUX.1-dev, -schnell | FluxTransformer2DModel | CLIP pooled + T5, guidance embedding | rectified flow |
 | `wan` | Wan2.1-T2V 1.3B, 14B | WanTransformer3DModel | UMT5, padded states zeroed | rectified flow, the scheduler's flow_shift |
 | `cogvideox` | CogVideoX-2b, -5b | CogVideoXTransformer3DModel (+ rotary) | T5, 226 tokens | DDPM v-prediction, zero terminal SNR |
+| `wan22`, `wan22_a14b`, `wan_i2v` | Wan2.2-TI2V-5B; Wan2.2-T2V/I2V-A14B (two experts); Wan2.1-I2V | families/wan22.py | UMT5 (+ image) | rectified flow |
 
 The family is read from the model's `model_index.json` (`_class_name`); `--model_family` overrides it; `--sdxl` means
 `--model_family sdxl`. Each family mirrors what its diffusers pipeline does at inference (read for facts, our code).
@@ -48,6 +49,9 @@ def model_index_class(path: str, revision=None) -> str | None:
 def resolve_family(args) -> str:
     """--model_family, or --sdxl, or what the model's model_index.json says (default `sd`); contradictions refused."""
     detected = PIPELINE_FAMILIES.get(model_index_class(args.pretrained_model_name_or_path, args.revision))
+    from families.wan22 import detect_wan, model_index
+
+    detected = detect_wan(model_index(args.pretrained_model_name_or_path, args.revision)) or detected  # Wan2.2, I2V
     chosen = args.model_family or ("sdxl" if args.sdxl else None)
     if args.sdxl and args.model_family not in (None, "sdxl"):
         raise ValueError(f"--sdxl contradicts --model_family {args.model_family}; drop one of them")
@@ -69,9 +73,17 @@ class Family:
     dspo_variant = "sd"  # the official DSPO loss has a separate SDXL form (train.dspo_loss)
     video = False  # video families (families/video.py): mp4 pairs, (N, C, F, H, W) latents
     components = ("tokenizer", "text_encoder", "vae", "scheduler")
+    experts = ("",)  # file-name suffix of each trained denoiser (wan22_a14b: "" transformer, "_2" transformer_2)
 
     def __init__(self, args):
         self.args = args
+
+    @classmethod
+    def check_args(cls, parser, args):
+        """Family-specific refusals and defaults, in train.parse_args (after the video checks)."""
+        for flag in ("train_expert", "conditioning_image", "conditioning_image_column"):
+            if getattr(args, flag, None) not in (None, "none"):
+                parser.error(f"--{flag} is for the Wan2.2 / image-to-video families, not {args.model_family}")
 
     # --- loading -----------------------------------------------------------------------------------------------
     def check_components(self, base: str, revision=None):
@@ -136,7 +148,28 @@ class Family:
     def predict(self, model, noisy: torch.Tensor, timesteps: torch.Tensor, inputs: dict) -> torch.Tensor:
         raise NotImplementedError
 
+    @classmethod
+    def accelerator_kwargs(cls, args) -> list:
+        """accelerate kwargs handlers the family needs (train.main passes them to Accelerator)."""
+        return []
+
     # --- saving ------------------------------------------------------------------------------------------------
+    def expert_states(self, state: dict) -> dict:
+        """{file suffix: state} of what is saved: the denoiser alone; two experts split (families/wan22.py)."""
+        return {"": state}
+
+    def joined_state(self, states: dict) -> dict:
+        """The inverse of expert_states."""
+        return states[""]
+
+    def pipeline_denoisers(self, model) -> dict:
+        """The pipeline components the trained denoiser stands for."""
+        return {self.denoiser: model}
+
+    def card_usage(self, usage: str, base: str) -> str:
+        """The model card's loading lines (train.write_model_card writes the one-denoiser ones)."""
+        return usage
+
     def lora_state(self, peft_state: dict) -> dict:
         """The adapter state in the format the family's pipeline.load_lora_weights reads."""
         return peft_state
@@ -349,8 +382,10 @@ class Flux(Family):
 
 
 from families.video import CogVideoX, Wan  # noqa: E402 - they subclass Family
+from families.wan22 import Wan22, Wan22Experts, WanI2V  # noqa: E402
 
-FAMILIES = {family.name: family for family in (StableDiffusion, StableDiffusionXL, StableDiffusion3, Flux, Wan, CogVideoX)}
+FAMILIES = {family.name: family for family in (StableDiffusion, StableDiffusionXL, StableDiffusion3, Flux, Wan, CogVideoX,
+                                               Wan22, Wan22Experts, WanI2V)}
 
 
 def make_family(args) -> Family:
