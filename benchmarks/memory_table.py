@@ -128,13 +128,14 @@ def table(gpus: int) -> list[dict]:
 
 def fsdp_gpus(denoiser: int, frozen_bytes: float, lora: bool, gpu_gb: float = 80, max_gpus: int = 64) -> int | None:
     """The fewest GPUs (a power of two) over which FSDP's full shard brings the fixed state within 80 % of `gpu_gb`:
-    a full fine-tune shards its 18 bytes per parameter; LoRA under FSDP shards the base in fp32 (4 bytes per
-    parameter: train.add_lora keeps one dtype for FSDP2) and the adapters are negligible. The frozen text encoders
-    and VAE stay whole on every GPU. None: not even `max_gpus`."""
-    per_parameter = 4 if lora else 18
+    a full fine-tune shards the policy's 16 bytes per parameter and keeps the 2-byte reference whole on every GPU (as
+    train.py does: full_state_bytes); LoRA under FSDP shards the base in fp32 (4 bytes per parameter: train.add_lora
+    keeps one dtype for FSDP2; the reference is the base with the adapters off) and the adapters are negligible. The
+    frozen text encoders and VAE stay whole on every GPU. None: not even `max_gpus`."""
     gpus = 1
     while gpus <= max_gpus:
-        if (per_parameter * denoiser / gpus + frozen_bytes) / 1e9 <= 0.8 * gpu_gb:
+        state = 4 * denoiser / gpus if lora else full_state_bytes(denoiser, gpus)
+        if (state + frozen_bytes) / 1e9 <= 0.8 * gpu_gb:
             return gpus
         gpus *= 2
     return None

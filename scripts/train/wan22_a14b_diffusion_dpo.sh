@@ -13,8 +13,8 @@
 #   Memory (benchmarks/memory_table.py, fixed state before activations, 80 GB GPUs): LoRA on both experts holds
 #     2 x 14.3 B parameters, 68.8 GB with the base in bf16 on one GPU, so it is sharded: FSDP over at least 4 GPUs
 #     (the base in fp32, 4 bytes per parameter / N) with `ACCELERATE_ARGS="--config_file
-#     configs/accelerate/fsdp_wan.yaml"`; a full fine-tune of both experts needs FSDP over at least 16 GPUs, of one
-#     expert over 8. Activations: not measured (no GPU lent).
+#     configs/accelerate/fsdp_wan.yaml"`; a full fine-tune of both experts does not fit 80 GB GPUs at any FSDP size (the
+#     reference stays whole on every GPU: 57.2 GB), of one expert (--train_expert) over 16. Activations: not measured.
 #   beta 100: beta_flow = 5000 E[(1 - s)^2] = 102 under the logit-normal(0, 1) density with shift 12 (Wan2.2's
 #     sample_shift for t2v-A14B; the scheduler config decides), as the Wan2.1 launcher derives it (derived, not
 #     tuned). One expert alone sees only its side: E[(1 - s)^2] x 5000 is 22 above the boundary and 295 below it

@@ -10,7 +10,7 @@
 #   81 frames at 480 x 832: the Wan-AI/Wan2.1-I2V-14B-480P-Diffusers model card's example (its 480p model).
 #   Memory (benchmarks/memory_table.py): LoRA holds 16.4 B parameters in bf16, 45.7 GB with the frozen UMT5, VAE and
 #     CLIP ViT-H on one 80 GB GPU before activations (not measured: no GPU lent); a full fine-tune needs FSDP over
-#     at least 8 GPUs (configs/accelerate/fsdp_wan.yaml).
+#     at least 16 GPUs (configs/accelerate/fsdp_wan.yaml; the reference stays whole on every GPU).
 #   beta 500: as the Wan2.1 launcher (shift 3.0, beta_flow = 5000 E[(1 - s)^2] = 566, rounded down); the I2V-480P
 #     model's scheduler config decides the shift (derived, not tuned).
 #   LoRA rank 8, learning rate 1e-5, mu 0.9, batch 1 pair per GPU x 16 accumulation steps, gradient checkpointing,
