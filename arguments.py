@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="Another VAE (e.g. madebyollin/sdxl-vae-fp16-fix for SDXL), loaded without subfolder.")
     model.add_argument("--sdxl", action="store_true", help="The base model is SDXL (same as --model_family sdxl).")
     model.add_argument("--model_family", type=str, default=None, choices=list(FAMILIES),
-                       help="sd (SD1.x/2.x), sdxl, sd3 (SD3/SD3.5), flux (FLUX.1), wan (Wan2.1), cogvideox (CogVideoX); default: from the model's model_index.json.")
+                       help="sd (SD1.x/2.x), sdxl, sd3 (SD3/SD3.5), flux (FLUX.1), wan (Wan2.1), cogvideox (CogVideoX), wan22 (Wan2.2-TI2V-5B), wan22_a14b (Wan2.2-A14B, two experts), wan_i2v (Wan2.1-I2V); default: from the model's model_index.json.")
 
     data = parser.add_argument_group("data")
     data.add_argument("--dataset_name", type=str, default=None,
@@ -150,6 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     from data.video import add_video_arguments
 
     add_video_arguments(parser)  # --num_frames, --frame_stride, --target_fps, --video_size, --vae_tiling
+    from families.wan22 import add_wan22_arguments
+
+    add_wan22_arguments(parser)  # --train_expert, --conditioning_image
 
     lora = parser.add_argument_group("LoRA (peft)")
     lora.add_argument("--use_lora", action="store_true",
@@ -202,6 +205,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     from data.video import check_video_args
 
     check_video_args(parser, args, family)  # video families: size, frames; image families: no video flags
+    family.check_args(parser, args)  # the family's own (Wan2.2 experts, image-to-video)
     if args.resolution is None:
         args.resolution = family.default_resolution
     if args.lora_target_modules is None:

@@ -8,7 +8,7 @@ import math
 from pathlib import Path
 
 import checkpoints
-from families import FAMILIES
+from families import FAMILIES, make_family
 from weights import EVAL_EULER_FAMILIES, LORA_WEIGHTS
 
 logger = logging.getLogger("train")
@@ -69,7 +69,9 @@ def video_clip(args) -> str:
 def final_weight_names(args) -> list[str]:
     stem = LORA_WEIGHTS if args.use_lora else FAMILIES[args.model_family].denoiser
     formats = ["safetensors"] if args.use_lora else ["safetensors", "pth"]
-    return [f"{stem}{suffix}.{fmt}" for suffix in ([""] + (["_ema"] if args.use_ema else [])) for fmt in formats]
+    experts = make_family(args).experts  # wan22_a14b: a file per trained expert
+    return [f"{stem}{part}{suffix}.{fmt}" for suffix in ([""] + (["_ema"] if args.use_ema else [])) for part in experts
+            for fmt in formats]
 
 
 EVAL_SCRIPTS = {"sd": ("scripts/eval/test_sd15.sh", "stable-diffusion-v1-5/stable-diffusion-v1-5"),
@@ -121,6 +123,7 @@ def write_model_card(args, output_dir: Path, steps: int, logs: dict):
         usage = ("from safetensors.torch import load_file\n"
                  f"pipe = {family.pipeline_class}.from_pretrained(\"{base}\")\n"
                  f"pipe.{family.denoiser}.load_state_dict(load_file(\"{family.denoiser}.safetensors\"))")
+    usage = make_family(args).card_usage(usage, base)  # wan22_a14b: each trained expert's file
     sampling = ""
     if args.model_family in EVAL_EULER_FAMILIES:  # what eval.generate does, so that users sample as evaluated
         usage += ("\n# sample as evaluated (eval.generate): Euler from the base's scheduler config (the pipeline "

@@ -416,6 +416,7 @@ def parse_and_resolve(argv) -> Run:
         mixed_precision=args.mixed_precision,
         log_with=None if args.report_to == "none" else args.report_to,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)),
+        kwargs_handlers=make_family(args).accelerator_kwargs(args),  # wan22_a14b: DDP with unused parameters
     )
     if cpu_ranks and os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
         enable_fsdp_on_cpu_ranks(accelerator)

@@ -71,13 +71,14 @@ def save_weights(unet, folder: Path, args, ema=None, formats=("safetensors", "pt
         state = trained_state(unet, average, family)
         if not write:
             continue
-        if not args.use_lora:
-            save_unet(None, folder, formats, name=f"{family.denoiser}{suffix}", state=state)
-            continue
-        tmp = f".{LORA_WEIGHTS}{suffix}.safetensors.tmp"
-        family.save_lora(folder, state, tmp, unet.peft_config["default"].to_dict())
-        checkpoints.umask_mode(folder / tmp)
-        os.replace(folder / tmp, folder / f"{LORA_WEIGHTS}{suffix}.safetensors")
+        for part, state in family.expert_states(state).items():  # one file; wan22_a14b: one per expert ("", "_2")
+            if not args.use_lora:
+                save_unet(None, folder, formats, name=f"{family.denoiser}{part}{suffix}", state=state)
+                continue
+            tmp = f".{LORA_WEIGHTS}{part}{suffix}.safetensors.tmp"
+            family.save_lora(folder, state, tmp, unet.peft_config["default"].to_dict())
+            checkpoints.umask_mode(folder / tmp)
+            os.replace(folder / tmp, folder / f"{LORA_WEIGHTS}{part}{suffix}.safetensors")
 
 
 def load_weights(unet, folder: Path, args, ema=None, family=None):
@@ -88,13 +89,15 @@ def load_weights(unet, folder: Path, args, ema=None, family=None):
 
     def load(suffix):
         if not args.use_lora:
-            unet.load_state_dict(load_file(str(folder / f"{family.denoiser}{suffix}.safetensors")))
+            unet.load_state_dict(family.joined_state({part: load_file(str(folder / f"{family.denoiser}{part}{suffix}.safetensors"))
+                                                      for part in family.experts}))
             return
         from diffusers.utils import convert_unet_state_dict_to_peft
         from peft.utils import set_peft_model_state_dict
 
-        state = load_file(str(folder / f"{LORA_WEIGHTS}{suffix}.safetensors"))
-        state = convert_unet_state_dict_to_peft({k.removeprefix(f"{family.denoiser}."): v for k, v in state.items()})
+        states = {part: load_file(str(folder / f"{LORA_WEIGHTS}{part}{suffix}.safetensors")) for part in family.experts}
+        state = family.joined_state({part: convert_unet_state_dict_to_peft(
+            {k.removeprefix(f"{family.denoiser}."): v for k, v in state.items()}) for part, state in states.items()})
         result = set_peft_model_state_dict(unet, state, adapter_name="default")
         missing = [k for k in result.missing_keys if "lora_" in k]
         if result.unexpected_keys or missing:
@@ -125,7 +128,8 @@ def load_sharded_ema(unet, ema, path: Path, family):
 def weight_file_names(args) -> list[str]:
     """The weight files a checkpoint holds (save_weights with formats=("safetensors",))."""
     name = LORA_WEIGHTS if args.use_lora else FAMILIES[args.model_family].denoiser
-    return [f"{name}{suffix}.safetensors" for suffix in ([""] + (["_ema"] if args.use_ema else []))]
+    experts = make_family(args).experts  # wan22_a14b: a file per trained expert
+    return [f"{name}{part}{suffix}.safetensors" for suffix in ([""] + (["_ema"] if args.use_ema else [])) for part in experts]
 
 
 def checkpoint_bytes(unet, optimizer, ema=None) -> int:
@@ -165,7 +169,7 @@ def save_pipeline(args, unet, output_dir: Path):
     if args.use_lora:  # the base denoiser in fp32; the adapter file is already in output_dir (pipeline.load_lora_weights)
         unet = family.load_denoiser(args.unet_init or args.pretrained_model_name_or_path,
                                     None if args.unet_init else args.revision)
-    extra[family.denoiser] = unet
+    extra.update(family.pipeline_denoisers(unet))  # {"unet": unet}; wan22_a14b: its expert(s)
     if family.name in EVAL_EULER_FAMILIES:  # the scheduler eval.generate samples with, not the base's own (SD1.5: PNDM)
         from eval.generate import load_scheduler
 
@@ -178,14 +182,15 @@ def save_pipeline(args, unet, output_dir: Path):
                    if isinstance(module, torch.nn.Module) for p in module.parameters())
         checkpoints.check_free_space(output_dir, size, "the pipeline (--save_pipeline)")  # the UNet is written, then linked
         pipeline.save_pretrained(tmp)
-        trained = output_dir / f"{family.denoiser}.safetensors"
-        if not args.use_lora and trained.is_file():
-            linked = tmp / family.denoiser / "diffusion_pytorch_model.safetensors"
-            linked.unlink()
-            try:
-                os.link(trained, linked)
-            except OSError:
-                shutil.copy2(trained, linked)
+        for part in family.experts:
+            trained = output_dir / f"{family.denoiser}{part}.safetensors"
+            if not args.use_lora and trained.is_file():
+                linked = tmp / f"{family.denoiser}{part}" / "diffusion_pytorch_model.safetensors"
+                linked.unlink()
+                try:
+                    os.link(trained, linked)
+                except OSError:
+                    shutil.copy2(trained, linked)
         for path in tmp.rglob("*"):
             if path.is_file():
                 checkpoints.umask_mode(path)

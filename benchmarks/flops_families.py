@@ -98,7 +98,11 @@ COGVIDEOX_2B_TRANSFORMER = dict(  # THUDM/CogVideoX-2b transformer/config.json
     text_embed_dim=4096, num_layers=30, sample_width=90, sample_height=60, sample_frames=49, patch_size=2,
     temporal_compression_ratio=4, max_text_seq_length=226, use_rotary_positional_embeddings=False,
 )
-VIDEO = {"wan": ("wan", (480, 832), 81), "cogvideox2b": ("cogvideox", (480, 720), 49)}  # the pipelines' defaults
+VIDEO = {"wan": ("wan", (480, 832), 81), "cogvideox2b": ("cogvideox", (480, 720), 49),  # the pipelines' defaults
+         # Wan2.2 (issue 22), the model cards' sizes: TI2V-5B 121 x 704 x 1280; A14B 81 x 720 x 1280, where a pair
+         # meets one 14B expert (winner and loser share the timestep, routed at the boundary), so its FLOPs are one
+         # expert's whichever side the timestep falls on
+         "wan22_ti2v": ("wan22", (704, 1280), 121), "wan22_a14b": ("wan22_a14b", (720, 1280), 81)}
 
 
 def video_flops_per_pair(name: str) -> dict:
@@ -107,6 +111,8 @@ def video_flops_per_pair(name: str) -> dict:
                            FlowMatchEulerDiscreteScheduler, WanTransformer3DModel)
     from transformers import T5Config, T5EncoderModel, UMT5Config, UMT5EncoderModel
 
+    from benchmarks.models import WAN22_TI2V_5B_TRANSFORMER, WAN22_VAE, WAN_14B_TRANSFORMER
+
     family_name, (height, width), frames = VIDEO[name]
     args = train.parse_args(["--pretrained_model_name_or_path", f"<random {name}>", "--dataset_name", "<none>",
                              "--model_family", family_name, "--video_size", str(height), str(width), "--num_frames",
@@ -114,10 +120,14 @@ def video_flops_per_pair(name: str) -> dict:
                              "0.9", "--mixed_precision", "no"])
     family = families.make_family(args)
     with torch.device("meta"):
-        if name == "wan":
-            make = lambda: WanTransformer3DModel(**WAN_1_3B_TRANSFORMER)  # noqa: E731
-            vae, encoders = AutoencoderKLWan(), [UMT5EncoderModel(UMT5Config(**dict(T5_XXL, vocab_size=256384)))]
+        if family_name in ("wan", "wan22", "wan22_a14b"):
+            config = {"wan": WAN_1_3B_TRANSFORMER, "wan22": WAN22_TI2V_5B_TRANSFORMER,
+                      "wan22_a14b": WAN_14B_TRANSFORMER}[family_name]
+            make = lambda: WanTransformer3DModel(**config)  # noqa: E731
+            vae = AutoencoderKLWan(**(WAN22_VAE if family_name == "wan22" else {}))
+            encoders = [UMT5EncoderModel(UMT5Config(**dict(T5_XXL, vocab_size=256384)))]
             noise = families.FlowNoise(FlowMatchEulerDiscreteScheduler(shift=3.0), args)
+            family.patch_size = (1, 2, 2)  # wan22: read from the transformer in load_denoiser
             # the padding mask needs the ids' values, which meta tensors lack; it does not change the matmuls' FLOPs
             family.encode_prompts = lambda batch, enc: {"prompt_embeds": enc[0](batch["input_ids"]).last_hidden_state}
         else:
@@ -126,7 +136,7 @@ def video_flops_per_pair(name: str) -> dict:
             noise = families.DDPMNoise(CogVideoXDDIMScheduler(prediction_type="v_prediction", rescale_betas_zero_snr=True,
                                                               timestep_spacing="trailing"))
         policy, reference = make(), make()
-    if name != "wan":
+    if family_name == "cogvideox":
         family.transformer_config, family.vae_config, family.rotary_cache = policy.config, vae.config, {}
     noise.to("meta")
     batch = {"pixel_values": torch.empty(1, 6, frames, height, width, device="meta"),
@@ -144,7 +154,7 @@ def video_flops_per_pair(name: str) -> dict:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--family", nargs="+", default=["sd35", "flux"], choices=["sd35", "flux", "wan", "cogvideox2b"])
+    parser.add_argument("--family", nargs="+", default=["sd35", "flux"], choices=["sd35", "flux", *VIDEO])
     parser.add_argument("--resolution", type=int, default=1024)
     parser.add_argument("--gradient_checkpointing", action="store_true")
     parser.add_argument("--json", action="store_true", help="One JSON record per family instead of a table.")

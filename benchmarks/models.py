@@ -165,3 +165,15 @@ WAN_1_3B_TRANSFORMER = dict(  # Wan-AI/Wan2.1-T2V-1.3B-Diffusers transformer/con
     text_dim=4096, freq_dim=256, ffn_dim=8960, num_layers=30, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
     eps=1e-6,
 )
+
+
+UMT5_XXL = dict(T5_XXL, vocab_size=256384)  # Wan's text encoder (google/umt5-xxl encoder)
+# Wan2.2 and I2V (issue 22), as far as I know from diffusers' scripts/convert_wan_to_diffusers.py (not read here):
+WAN_14B_TRANSFORMER = dict(WAN_1_3B_TRANSFORMER, num_attention_heads=40, ffn_dim=13824, num_layers=40)  # each A14B expert
+WAN22_TI2V_5B_TRANSFORMER = dict(WAN_1_3B_TRANSFORMER, num_attention_heads=24, ffn_dim=14336, in_channels=48,
+                                 out_channels=48)
+WAN22_VAE = dict(base_dim=160, decoder_base_dim=256, z_dim=48, is_residual=True, in_channels=12, out_channels=12,
+                 patch_size=2, scale_factor_spatial=16, latents_mean=[0.0] * 48, latents_std=[1.0] * 48)
+WAN_I2V_14B_TRANSFORMER = dict(WAN_14B_TRANSFORMER, in_channels=36, image_dim=1280, added_kv_proj_dim=5120)
+CLIP_VIT_H_VISION = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16,
+                         image_size=224, patch_size=14, projection_dim=1024)  # Wan2.1-I2V's image_encoder

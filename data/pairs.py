@@ -7,7 +7,6 @@ The video pairs are in data/video.py, the cached latents in data/latent_cache.py
 from __future__ import annotations
 
 import collections
-import io
 import itertools
 import logging
 import math
@@ -16,24 +15,10 @@ import re
 
 import torch
 
-from data.rows import UnusableCaption, bad_row, valid_caption
+from data.rows import UnusableCaption, bad_row, decode_image, valid_caption  # noqa: F401 - decode_image: re-exported
 from families import FAMILIES
 
 logger = logging.getLogger("train")
-
-
-def decode_image(value):
-    """Pick-a-Pic stores encoded image bytes; datasets may hand them over as bytes, a dict or a PIL image."""
-    from PIL import Image
-
-    if isinstance(value, dict):
-        value = value.get("bytes") or value.get("path")
-    if isinstance(value, (bytes, bytearray)):
-        value = Image.open(io.BytesIO(value))
-    elif isinstance(value, str):
-        value = Image.open(value)
-    value.load()
-    return value.convert("RGB")
 
 
 class PairDataset(torch.utils.data.Dataset):

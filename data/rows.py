@@ -5,6 +5,7 @@ rule, and the reasons a row is skipped and counted. Turning rows into pairs: dat
 from __future__ import annotations
 
 import glob
+import io
 import json
 import logging
 import math
@@ -268,6 +269,20 @@ def numeric_labels(rows):
         raise
 
 
+def decode_image(value):
+    """Pick-a-Pic stores encoded image bytes; datasets may hand them over as bytes, a dict or a PIL image."""
+    from PIL import Image
+
+    if isinstance(value, dict):
+        value = value.get("bytes") or value.get("path")
+    if isinstance(value, (bytes, bytearray)):
+        value = Image.open(io.BytesIO(value))
+    elif isinstance(value, str):
+        value = Image.open(value)
+    value.load()
+    return value.convert("RGB")
+
+
 def as_label(value) -> float:
     """A label as a float (None -> nan, dropped with the invalid labels); text must be a number."""
     if value is None:
@@ -319,11 +334,17 @@ def valid_caption(value) -> bool:
 def pair_columns(args) -> tuple:
     """The pair columns rows need: jpg_0, jpg_1, label_0; for a video family mp4_0, mp4_1, label_0 (data/video.py)."""
     if FAMILIES[args.model_family].video:
-        return VIDEO_COLUMNS
+        return video_columns(args)  # + an image-to-video conditioning column
     return PAIR_COLUMNS
 
 
 VIDEO_COLUMNS = ("mp4_0", "mp4_1", "label_0")
+
+
+def video_columns(args) -> tuple:
+    """The pair columns: mp4_0, mp4_1, label_0, and --conditioning_image_column when image-to-video names one."""
+    column = getattr(args, "conditioning_image_column", None)
+    return VIDEO_COLUMNS + ((column,) if column else ())
 
 
 def is_manifest(source: str) -> bool:
@@ -342,7 +363,8 @@ def load_manifest(source: str, args):
     path = Path(source)
     if not path.is_file():
         raise FileNotFoundError(f"--dataset_name {source}: no such manifest file")
-    needed = ("video_0", "video_1", "label_0", args.caption_column)
+    image_column = getattr(args, "conditioning_image_column", None)  # image-to-video: a path beside the videos'
+    needed = ("video_0", "video_1", "label_0", args.caption_column) + ((image_column,) if image_column else ())
     rows = []
     with open(path) as lines:
         for number, line in enumerate(lines, 1):
@@ -356,7 +378,7 @@ def load_manifest(source: str, args):
             if missing:
                 raise ValueError(f"{source}, line {number}: no {', '.join(missing)}; a video manifest line needs "
                                  f"{', '.join(needed)}")
-            rows.append(manifest_row(entry, path, number, args.caption_column))
+            rows.append(manifest_row(entry, path, number, args.caption_column, image_column))
     if not rows:
         raise ValueError(f"{source}: the manifest holds no pairs")
     args.resolved_dataset = f"{source} (JSONL manifest, {len(rows)} pairs)"
@@ -364,10 +386,10 @@ def load_manifest(source: str, args):
     return dataset.to_iterable_dataset() if args.streaming else dataset
 
 
-def manifest_row(entry: dict, path: Path, number: int, caption_column: str) -> dict:
+def manifest_row(entry: dict, path: Path, number: int, caption_column: str, image_column: str | None = None) -> dict:
     """One manifest line as a row, label_0 a float; a field of the wrong type stops the run naming the line (Arrow
     would otherwise refuse the whole column without saying where)."""
-    for key in ("video_0", "video_1"):
+    for key in ("video_0", "video_1") + ((image_column,) if image_column else ()):
         if not isinstance(entry[key], str) or not entry[key]:
             raise ValueError(f"{path}, line {number}: {key} is {entry[key]!r}, not a file path; give the video's path "
                              f"as a string")
@@ -379,5 +401,8 @@ def manifest_row(entry: dict, path: Path, number: int, caption_column: str) -> d
     except ValueError as error:
         raise ValueError(f"{path}, line {number}: {error}") from None
     folder = path.absolute().parent  # relative paths resolve here, whatever the working directory
-    return {"mp4_0": str(folder / entry["video_0"]), "mp4_1": str(folder / entry["video_1"]),
-            "label_0": label, caption_column: caption}
+    row = {"mp4_0": str(folder / entry["video_0"]), "mp4_1": str(folder / entry["video_1"]),
+           "label_0": label, caption_column: caption}
+    if image_column:  # image-to-video: the conditioning image's path, resolved as the videos' are
+        row[image_column] = str(folder / entry[image_column])
+    return row

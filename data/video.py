@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from data.rows import UnusableCaption, bad_row, valid_caption  # the image rule: a caption is a caption
+from data.rows import UnusableCaption, bad_row, decode_image, valid_caption  # the image rule: a caption is a caption
 
 logger = logging.getLogger("train")
 
@@ -198,6 +198,13 @@ def decode_clip(value, num_frames: int, stride: int = 1, target_fps: float | Non
     return torch.stack(frames)
 
 
+def decode_image_frame(value) -> torch.Tensor:
+    """A conditioning image (bytes, a {"bytes", "path"} dict, a path or a PIL image) as one RGB frame (1, H, W, 3) uint8."""
+    import numpy as np
+
+    return torch.from_numpy(np.asarray(decode_image(value)).copy())[None]
+
+
 def check_frame_size(width: int, height: int):
     if width * height > MAX_FRAME_PIXELS:
         raise VideoTooLarge(f"{width} x {height} frames, more than the {MAX_FRAME_PIXELS} pixels (8K UHD) decoded")
@@ -244,6 +251,10 @@ class VideoPairDataset(torch.utils.data.Dataset):
         self.num_frames, self.stride, self.target_fps = args.num_frames, args.frame_stride, args.target_fps
         self.proportion_empty_prompts, self.caption_column = args.proportion_empty_prompts, args.caption_column
         self.winner_only = args.train_method == "sft"
+        # image-to-video (families/wan22.py): both clips from their video's first frame, cropped and flipped alike;
+        # with --conditioning_image_column the row's image stands in for both first frames
+        self.from_first_frame = getattr(args, "conditioning_image", None) == "first_frame"
+        self.image_column = getattr(args, "conditioning_image_column", None)
 
     def __len__(self):
         return len(self.rows)
@@ -257,6 +268,8 @@ class VideoPairDataset(torch.utils.data.Dataset):
         rng = random.Random(f"{seed}-{epoch}-{index}")
         # Where each clip starts in its video: drawn first, so that a skipped row does not shift the later draws.
         positions = [rng.random(), rng.random()] if self.random_crop else [None, None]
+        if self.from_first_frame:
+            positions = [0.0, 0.0]
         bad_rows = []
         for attempt, row in enumerate(candidates):
             try:
@@ -267,6 +280,7 @@ class VideoPairDataset(torch.utils.data.Dataset):
                     raise BadVideo(f"mp4_0 and mp4_1 are the same {'file' if same_source(row['mp4_0'], row['mp4_1']) else 'frames'} "
                                    f"({video_name(row['mp4_0'])}): the pair has no preference signal",
                                    "no preference signal")
+                image = self.decode_image(row) if self.image_column else None
                 break
             except Exception as error:  # noqa: BLE001 - an undecodable or too short video skips the row
                 bad_rows.append(bad_row(self.rows, epoch, index + attempt, getattr(error, "reason", "undecodable video"), error))
@@ -283,10 +297,22 @@ class VideoPairDataset(torch.utils.data.Dataset):
             caption = rng.choice(list(caption))
         if rng.random() < self.proportion_empty_prompts:
             caption = ""
+        state = rng.getstate()  # before the transforms: image-to-video repeats their crop and flip
         if self.winner_only:
             pixels = transform_clip(clips[0], self.size, self.random_crop, self.hflip, rng)
         else:
-            pixels = torch.cat([transform_clip(clip, self.size, self.random_crop, self.hflip, rng) for clip in clips])
+            pixels = []
+            for clip in clips:
+                if self.from_first_frame:
+                    rng.setstate(state)  # the same crop and flip for both: the shared first frame stays one image
+                pixels.append(transform_clip(clip, self.size, self.random_crop, self.hflip, rng))
+            pixels = torch.cat(pixels)
+        if image is not None:  # the conditioning image as both clips' first frame, with the clips' crop and flip
+            rng.setstate(state)
+            first = transform_clip(image, self.size, self.random_crop, self.hflip, rng)[:, 0]
+            pixels[:3, 0] = first
+            if pixels.shape[0] == 6:
+                pixels[3:, 0] = first
         return {"pixel_values": pixels, "caption": caption, "skipped": skipped, "bad_rows": bad_rows}
 
     def decode(self, row, side: int, position) -> torch.Tensor:
@@ -298,3 +324,12 @@ class VideoPairDataset(torch.utils.data.Dataset):
             reason = ("video too short" if isinstance(error, VideoTooShort) else
                       "video too large" if isinstance(error, VideoTooLarge) else "undecodable video")
             raise BadVideo(f"mp4_{side} {video_name(value)}: {reason} ({error})", reason) from error
+
+    def decode_image(self, row) -> torch.Tensor:
+        """The row's conditioning image (--conditioning_image_column); a failure is a BadVideo naming it."""
+        value = row[self.image_column]
+        try:
+            return decode_image_frame(value)
+        except Exception as error:  # noqa: BLE001 - any decoding failure skips the row
+            raise BadVideo(f"{self.image_column} {video_name(value)}: undecodable image ({error})",
+                           "undecodable image") from error

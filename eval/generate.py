@@ -15,6 +15,9 @@ sd and sdxl run the hand-written official loop below: an SD2.x v-prediction mode
 transformer loaded in, the same seeded noise for every prompt, and the same outputs, run record and resume.
 wan and cogvideox (Wan2.1, CogVideoX) run WanPipeline / CogVideoXPipeline with their own schedulers and write one mp4
 per prompt (`--num_frames`, `--fps`), with the same names, manifest, run record and resume (docs/video.md).
+wan22 (Wan2.2-TI2V-5B), wan22_a14b (Wan2.2-T2V/I2V-A14B: both experts, `--guidance_scale_2` for the low-noise one,
+`--boundary_ratio` to move the switch) and wan_i2v (Wan2.1-I2V) likewise; image-to-video takes `--conditioning_image`
+or an "image" path per prompt-file entry (docs/video.md).
 
 Official protocol (SPEC Part B §4.1), kept here:
 * `EulerDiscreteScheduler.from_pretrained(<base>, subfolder="scheduler")`, 50 steps. The real SD1.5 folder holds a PNDM
@@ -60,6 +63,9 @@ SD3_BASE = "stabilityai/stable-diffusion-3.5-medium"
 FLUX_BASE = "black-forest-labs/FLUX.1-dev"
 WAN_BASE = "Wan-AI/Wan2.1-T2V-1.3B-Diffusers"
 COGVIDEOX_BASE = "THUDM/CogVideoX-2b"
+WAN22_BASE = "Wan-AI/Wan2.2-TI2V-5B-Diffusers"
+WAN22_A14B_BASE = "Wan-AI/Wan2.2-T2V-A14B-Diffusers"
+WAN_I2V_BASE = "Wan-AI/Wan2.1-I2V-14B-480P-Diffusers"
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 EXIF_IMAGE_DESCRIPTION = 0x010E
 LORA_FILE = "pytorch_lora_weights.safetensors"  # what train.py --use_lora writes (diffusers' file name)
@@ -102,9 +108,21 @@ FAMILY_DEFAULTS = {
     # export_to_video(fps=8). 8k + 1 frames (an odd number of latent frames decodes to 4k + 1 frames).
     "cogvideox": FamilyDefaults(COGVIDEOX_BASE, 480, 50, 6.0, "standard", "transformer", "CogVideoXPipeline", 480, 720,
                                 49, 8, 8),
+    # Wan-AI/Wan2.2-TI2V-5B-Diffusers model card: 704 x 1280, 121 frames, 50 steps, guidance_scale 5.0, 24 fps
+    "wan22": FamilyDefaults(WAN22_BASE, 704, 50, 5.0, "standard", "transformer", "WanPipeline", 704, 1280, 121, 4, 24),
+    # Wan-AI/Wan2.2-T2V-A14B-Diffusers model card: 720 x 1280, 81 frames, 40 steps, guidance_scale 4.0 (high-noise
+    # expert) and guidance_scale_2 3.0 (low-noise expert, WAN22_GUIDANCE_2), 16 fps
+    "wan22_a14b": FamilyDefaults(WAN22_A14B_BASE, 720, 40, 4.0, "standard", "transformer", "WanPipeline", 720, 1280, 81,
+                                 4, 16),
+    # Wan-AI/Wan2.1-I2V-14B-480P-Diffusers model card: 480 x 832 (the image's aspect there), 81 frames, guidance 5.0,
+    # WanImageToVideoPipeline's 50 steps, 16 fps
+    "wan_i2v": FamilyDefaults(WAN_I2V_BASE, 480, 50, 5.0, "standard", "transformer", "WanImageToVideoPipeline", 480,
+                              832, 81, 4, 16),
 }
 FLOW_FAMILIES = ("sd3", "flux")  # sampled with their diffusers pipeline
-VIDEO_FAMILIES = ("wan", "cogvideox")  # sampled with their diffusers pipeline, written as mp4
+WAN_FAMILIES = ("wan", "wan22", "wan22_a14b", "wan_i2v")  # WanPipeline / WanImageToVideoPipeline, AutoencoderKLWan
+VIDEO_FAMILIES = ("wan", "cogvideox", "wan22", "wan22_a14b", "wan_i2v")  # their diffusers pipeline, written as mp4
+WAN22_GUIDANCE_2 = {"wan22_a14b": 3.0}  # T2V-A14B's card; I2V-A14B's card passes 3.5 for both: give --guidance_scale_2
 
 
 class GenerateError(Exception):
@@ -127,6 +145,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--negative_prompt", default="",
                    help="video families: the unconditional branch's prompt (default \"\", as for the image families; "
                         "Wan2.1's model card passes a long negative prompt: give it here to sample as the card does)")
+    p.add_argument("--guidance_scale_2", type=float, default=None,
+                   help="wan22_a14b: guidance scale of the low-noise expert (transformer_2); default 3.0 (T2V-A14B's "
+                        "model card)")
+    p.add_argument("--boundary_ratio", type=float, default=None,
+                   help="wan22_a14b: where the experts switch, a fraction of the training timesteps (default: the "
+                        "model's model_index.json, 0.875 T2V-A14B, 0.9 I2V-A14B)")
+    p.add_argument("--conditioning_image", default=None,
+                   help="image-to-video (wan_i2v, I2V-A14B; wan22 switches to image-to-video with it): the image every "
+                        "video starts from; a prompt-file entry's own \"image\" (a path relative to the prompt file) "
+                        "takes precedence")
     p.add_argument("--max_prompts", type=int, default=None,
                    help="only the first N prompts (smoke runs, demos); running again without it completes the run, "
                         "and a run never shrinks: a manifest keeps listing the prompts it already had")
@@ -141,7 +169,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 # Numeric flags and their ranges, checked at parse time (flag_ranges.py; tests/test_flag_ranges.py).
 SAMPLING_RANGES = {"height": ">= 8", "width": ">= 8", "steps": ">= 1", "cfg": ">= 0", "batch_size": ">= 1"}
-GENERATE_RANGES = {**SAMPLING_RANGES, "seed": ">= 0", "num_frames": ">= 1", "fps": "> 0", "max_prompts": ">= 1"}
+GENERATE_RANGES = {**SAMPLING_RANGES, "seed": ">= 0", "num_frames": ">= 1", "fps": "> 0", "max_prompts": ">= 1",
+                   "guidance_scale_2": ">= 0", "boundary_ratio": "(0, 1)"}  # the last two: wan22_a14b
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -220,7 +249,9 @@ def resolve_family(args: argparse.Namespace) -> str:
         if chosen:  # no readable model_index.json: the flag decides (from_pretrained names what is missing)
             return chosen
         raise
-    detected = PIPELINE_FAMILIES.get(class_name)
+    from families.wan22 import detect_wan
+
+    detected = detect_wan(read_model_index(args.pretrain_path)) or PIPELINE_FAMILIES.get(class_name)
     if args.sdxl and detected != "sdxl":
         raise GenerateError(f"--sdxl was given but {args.pretrain_path} is not an SDXL pipeline (its model_index.json "
                             f"names {class_name or 'no pipeline class'})")
@@ -257,12 +288,13 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         args.fps = getattr(args, "fps", None) or defaults.fps
         args.negative_prompt = getattr(args, "negative_prompt", "") or ""
         if args.num_frames < 1 or (args.num_frames - 1) % defaults.frame_multiple:
-            rule = ("4k + 1 (Wan's causal VAE compresses time 4x)" if family == "wan" else
+            rule = ("4k + 1 (Wan's causal VAE compresses time 4x)" if family in WAN_FAMILIES else
                     "8k + 1 (CogVideoX decodes an odd number of latent frames to 4k + 1 frames)")
             raise GenerateError(f"--num_frames {args.num_frames}: {family} needs {rule}, e.g. "
                                 f"{defaults.num_frames} or 9")
         if args.fps <= 0:
             raise GenerateError("--fps must be > 0")
+        resolve_wan22_args(args, family)
     elif getattr(args, "num_frames", None) is not None or getattr(args, "fps", None) is not None:
         raise GenerateError(f"--num_frames / --fps are for the video families (wan, cogvideox), not {family}")
     args.steps = defaults.steps if args.steps is None else args.steps
@@ -276,7 +308,8 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         args.vae_path = SDXL_VAE
     if args.unet_path is not None and not os.path.exists(args.unet_path):
         raise GenerateError(f"--unet_path {args.unet_path} does not exist")
-    args.weights = resolve_weights(args.unet_path, args.lora_path, defaults.denoiser)
+    args.weights = (resolve_expert_weights(args.unet_path, args.lora_path) if family == "wan22_a14b" else
+                    resolve_weights(args.unet_path, args.lora_path, defaults.denoiser))
     if args.output_path is None:
         if args.unet_path is None:
             raise GenerateError("--output_path is required when no --unet_path is given")
@@ -294,7 +327,7 @@ def run_name(args: argparse.Namespace) -> str:
     """Official run name, e.g. `papv2_seed0_512x512_50s_7.5cfg` (cfg printed as a Python float)."""
     name = f"{Path(args.test_json).stem}_seed{args.seed}_{args.height}x{args.width}_{args.steps}s_{float(args.cfg)}cfg"
     default = FAMILY_DEFAULTS[family_of(args)].formula  # sd/sdxl: official (the official names), sd3: standard
-    return name + ("" if args.guidance_formula == default else f"_{args.guidance_formula}")
+    return name + ("" if args.guidance_formula == default else f"_{args.guidance_formula}") + wan22_run_suffix(args)
 
 
 def load_prompts(path: str, max_prompts: int | None = None) -> list[dict]:
@@ -585,7 +618,7 @@ def load_transformer(args: argparse.Namespace, dtype: torch.dtype):
     import diffusers
 
     cls = getattr(diffusers, {"sd3": "SD3Transformer2DModel", "flux": "FluxTransformer2DModel",
-                              "wan": "WanTransformer3DModel", "cogvideox": "CogVideoXTransformer3DModel"}[family_of(args)])
+                              "cogvideox": "CogVideoXTransformer3DModel"}.get(family_of(args), "WanTransformer3DModel"))
     path = weights_of(args).unet
     if path is not None and os.path.isdir(path):
         return cls.from_pretrained(path, torch_dtype=dtype)
@@ -600,17 +633,21 @@ def load_transformer_pipeline(args: argparse.Namespace, transformer, vae, device
     given (pipeline.load_lora_weights), everything on `device` in `dtype` but the VAE, kept in fp32."""
     import diffusers
 
-    pipe = getattr(diffusers, FAMILY_DEFAULTS[family_of(args)].pipeline).from_pretrained(
-        args.pretrain_path, transformer=transformer, vae=vae, torch_dtype=dtype)
+    experts = transformer if isinstance(transformer, dict) else {"transformer": transformer}  # wan22_a14b: both
+    pipe = getattr(diffusers, pipeline_name(args)).from_pretrained(args.pretrain_path, vae=vae, torch_dtype=dtype,
+                                                                    **experts)
     pipe.set_progress_bar_config(disable=True)
     adapter = weights_of(args).lora
     if adapter is not None:
         adapter = Path(adapter)
         try:
-            if adapter.is_file():
+            if adapter.is_file() and adapter.name != LOW_NOISE_LORA:
                 pipe.load_lora_weights(str(adapter.parent), weight_name=adapter.name)
-            else:
+            elif not adapter.is_file():
                 pipe.load_lora_weights(str(adapter))
+            low_noise = (adapter.parent if adapter.is_file() else adapter) / LOW_NOISE_LORA
+            if family_of(args) == "wan22_a14b" and low_noise.is_file():  # train.py's adapter of transformer_2
+                pipe.load_lora_weights(str(low_noise.parent), weight_name=low_noise.name, load_into_transformer_2=True)
         except (OSError, ValueError, KeyError) as e:
             raise GenerateError(f"cannot load the LoRA adapter {adapter}: {e}") from e
     for name, module in pipe.components.items():
@@ -682,7 +719,7 @@ def guide(eps_c: torch.Tensor, eps_u: torch.Tensor, cfg: float, formula: str) ->
 
 @torch.inference_mode()
 def sample(models: Models | PipelineModels, prompts: list[str], uncond, args: argparse.Namespace,
-           seeds: list[int] | None = None) -> torch.Tensor:
+           seeds: list[int] | None = None, images: list | None = None) -> torch.Tensor:
     """Euler sampling for a batch of prompts; returns uint8 images (B, H, W, 3) on the CPU.
 
     Every image starts from the noise of `args.seed` (official), or with `seeds` image j from that of `seeds[j]`
@@ -692,7 +729,7 @@ def sample(models: Models | PipelineModels, prompts: list[str], uncond, args: ar
     config's `prediction_type` says: epsilon (SD1.5, SDXL) or v_prediction (SD2.x-768: x0 = x/(σ²+1) - v·σ/√(σ²+1)
     in Euler's scaled-sample terms). Guidance is linear, so guiding v equals guiding ε. sd3/flux: `sample_pipeline`."""
     if isinstance(models, VideoModels):
-        return sample_video(models, prompts, args, seeds)
+        return sample_video(models, prompts, args, seeds, images)
     if isinstance(models, PipelineModels):
         return sample_pipeline(models, prompts, args, seeds)
     n, f = len(prompts), models.vae_factor
@@ -792,8 +829,10 @@ class VideoModels:
         cogvideox frame-first (1, F', C, h, w); F' = (num_frames - 1) / 4 + 1 (the VAE's temporal factor)."""
         frames = (num_frames - 1) // self.pipeline.vae_scale_factor_temporal + 1
         channels = self.pipeline.transformer.config.in_channels
+        if self.family in WAN_FAMILIES:  # the noise has the VAE's channels (I2V transformers take 36: + mask + image)
+            channels = self.pipeline.vae.config.z_dim
         h, w = height // self.vae_factor, width // self.vae_factor
-        return (1, channels, frames, h, w) if self.family == "wan" else (1, frames, channels, h, w)
+        return (1, channels, frames, h, w) if self.family in WAN_FAMILIES else (1, frames, channels, h, w)
 
 
 def video_seeds(items: list[dict], seed: int) -> list[int]:
@@ -812,7 +851,7 @@ def video_seeds(items: list[dict], seed: int) -> list[int]:
 def load_video_vae(args: argparse.Namespace):
     import diffusers
 
-    cls = getattr(diffusers, {"wan": "AutoencoderKLWan", "cogvideox": "AutoencoderKLCogVideoX"}[family_of(args)])
+    cls = getattr(diffusers, "AutoencoderKLCogVideoX" if family_of(args) == "cogvideox" else "AutoencoderKLWan")
     location = args.vae_path or args.pretrain_path
     subfolder = "vae" if args.vae_path is None or (Path(location) / "vae" / "config.json").is_file() else None
     return cls.from_pretrained(location, subfolder=subfolder, torch_dtype=torch.float32)
@@ -823,15 +862,17 @@ def load_video_models(args: argparse.Namespace, device: torch.device, dtype: tor
     pipeline.load_lora_weights), its own scheduler (Wan2.1: UniPCMultistepScheduler with flow sigmas and the model's
     flow_shift; CogVideoX-2b: CogVideoXDDIMScheduler, -5b: CogVideoXDPMScheduler) and the VAE in fp32."""
     family = family_of(args)
-    transformer = load_transformer(args, dtype)
+    transformer = load_wan_experts(args, dtype) if family == "wan22_a14b" else load_transformer(args, dtype)
     vae = load_video_vae(args)
     pipe = load_transformer_pipeline(args, transformer, vae, device, dtype)
+    if getattr(args, "boundary_ratio", None) is not None:  # sampling reads it from the pipeline's config
+        pipe.register_to_config(boundary_ratio=args.boundary_ratio)
     return VideoModels(pipe, vae, family, device, dtype)
 
 
 @torch.inference_mode()
 def sample_video(models: VideoModels, prompts: list[str], args: argparse.Namespace,
-                 seeds: list[int] | None = None) -> torch.Tensor:
+                 seeds: list[int] | None = None, images: list | None = None) -> torch.Tensor:
     """wan / cogvideox: the pipeline's own sampler and guidance (standard formula, the negative prompt's real
     encoding as the unconditional branch; `--guidance_formula official` passes cfg + 1), from the seeded fp32 CPU noise
     of each video (`batch_noise`), passed in as `latents`, and one seeded CPU generator per video for a stochastic
@@ -845,8 +886,16 @@ def sample_video(models: VideoModels, prompts: list[str], args: argparse.Namespa
               "num_inference_steps": args.steps, "negative_prompt": [args.negative_prompt] * n,
               "guidance_scale": float(args.cfg) + (1.0 if args.guidance_formula == "official" else 0.0),
               "generator": [torch.Generator("cpu").manual_seed(s) for s in seeds],
-              "max_sequence_length": 512 if models.family == "wan" else 226,  # the pipelines' defaults
+              "max_sequence_length": 512 if models.family in WAN_FAMILIES else 226,  # the pipelines' defaults
               "output_type": "latent", "return_dict": False}
+    if getattr(args, "guidance_scale_2", None) is not None:
+        kwargs["guidance_scale_2"] = args.guidance_scale_2
+    if images is not None:  # image-to-video: the pipeline repeats one image's condition over its batch: one at a time
+        latents = torch.cat([pipe(prompt=prompt, image=image, latents=noise[i : i + 1].contiguous().to(models.device),
+                                  **{**kwargs, "negative_prompt": args.negative_prompt,
+                                     "generator": kwargs["generator"][i]})[0]
+                             for i, (prompt, image) in enumerate(zip(prompts, images))])
+        return decode_video(models.vae, latents, models.family)
     latents = pipe(prompts, latents=noise.contiguous().to(models.device), **kwargs)[0]
     if models.family == "cogvideox":
         latents = latents.permute(0, 2, 1, 3, 4)  # (B, F', C, h, w) -> (B, C, F', h, w)
@@ -860,7 +909,7 @@ def decode_video(vae, latents: torch.Tensor, family: str) -> torch.Tensor:
     config, videos = vae.config, []
     for latent in latents:
         z = latent[None].float().to(next(vae.parameters()).device)
-        if family == "wan":
+        if family in WAN_FAMILIES:
             mean = torch.tensor(config.latents_mean, device=z.device).view(1, -1, 1, 1, 1)
             std = torch.tensor(config.latents_std, device=z.device).view(1, -1, 1, 1, 1)
             z = z * std + mean
@@ -869,6 +918,149 @@ def decode_video(vae, latents: torch.Tensor, family: str) -> torch.Tensor:
         x = vae.decode(z).sample  # (1, 3, F, H, W)
         videos.append(((x / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8)[0].permute(1, 2, 3, 0).cpu())
     return torch.stack(videos)
+
+
+# ------------------------------------------------------------------------------------ Wan2.2 and image-to-video
+
+LOW_NOISE_LORA = "pytorch_lora_weights_2.safetensors"  # train.py's adapter of transformer_2 (wan22_a14b)
+
+
+def prompt_items(path: str) -> list[dict]:
+    try:
+        items = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return []  # resolve_args / load_prompts name the problem
+    return items if isinstance(items, list) else []
+
+
+def resolve_wan22_args(args: argparse.Namespace, family: str) -> None:
+    """--guidance_scale_2 and --boundary_ratio (two experts only), and whether a run is image-to-video: always for
+    wan_i2v and an I2V-A14B base, for wan22 when an image is given; an I2V run needs an image for every prompt."""
+    guidance_2, boundary = getattr(args, "guidance_scale_2", None), getattr(args, "boundary_ratio", None)
+    image = getattr(args, "conditioning_image", None)
+    if family != "wan22_a14b" and (guidance_2 is not None or boundary is not None):
+        raise GenerateError(f"--guidance_scale_2 / --boundary_ratio are for the two-expert wan22_a14b models, not {family}")
+    if family == "wan22_a14b":
+        args.guidance_scale_2 = WAN22_GUIDANCE_2[family] if guidance_2 is None else guidance_2
+        if boundary is not None and not 0 < boundary < 1:
+            raise GenerateError(f"--boundary_ratio must be in (0, 1), got {boundary}")
+    if family not in ("wan22", "wan22_a14b", "wan_i2v"):
+        if image is not None:
+            raise GenerateError(f"--conditioning_image is for the image-to-video models, not {family}")
+        args.image_to_video = False
+        return
+    items = prompt_items(args.test_json)
+    per_prompt = any(isinstance(item, dict) and "image" in item for item in items)
+    if family == "wan22_a14b":
+        args.image_to_video = read_model_index(args.pretrain_path).get("_class_name") == "WanImageToVideoPipeline"
+        if not args.image_to_video and (image is not None or per_prompt):
+            raise GenerateError(f"{args.pretrain_path} is a text-to-video A14B model: it takes no conditioning image")
+    else:
+        args.image_to_video = family == "wan_i2v" or image is not None or per_prompt
+    if not args.image_to_video:
+        return
+    if image is not None and not os.path.isfile(image):
+        raise GenerateError(f"--conditioning_image {image} does not exist")
+    missing = [i for i, item in enumerate(items) if isinstance(item, dict) and "image" not in item]
+    if image is None and missing:
+        raise GenerateError(f"image-to-video ({family}): prompt {missing[0]} of {args.test_json} has no \"image\" and no "
+                            f"--conditioning_image was given; give one of them")
+
+
+def wan22_run_suffix(args: argparse.Namespace) -> str:
+    """The run-name part of the Wan2.2 settings: the low-noise guidance, a moved boundary, image-to-video on wan22."""
+    family = family_of(args)
+    suffix = ""
+    if family == "wan22_a14b":
+        suffix += f"_{float(args.guidance_scale_2)}cfg2"
+        if getattr(args, "boundary_ratio", None) is not None:
+            suffix += f"_boundary{args.boundary_ratio}"
+    if family == "wan22" and getattr(args, "image_to_video", False):
+        suffix += "_i2v"
+    return suffix
+
+
+def pipeline_name(args: argparse.Namespace) -> str:
+    """The pipeline class that samples: WanImageToVideoPipeline for an image-to-video run (also on the TI2V-5B's
+    WanPipeline folder), else the family's."""
+    return "WanImageToVideoPipeline" if getattr(args, "image_to_video", False) else FAMILY_DEFAULTS[family_of(args)].pipeline
+
+
+def image_paths(args: argparse.Namespace, items: list[dict]) -> list[str]:
+    folder = Path(args.test_json).parent
+    return [str(folder / item["image"]) if "image" in item else args.conditioning_image for item in items]
+
+
+def conditioning_images(args: argparse.Namespace, items: list[dict]) -> list | None:
+    """Each prompt's conditioning image (RGB) for an image-to-video run, else None."""
+    if not getattr(args, "image_to_video", False):
+        return None
+    from PIL import Image
+
+    images = []
+    for path in image_paths(args, items):
+        with Image.open(path) as image:
+            images.append(image.convert("RGB"))
+    return images
+
+
+def wan22_fingerprint(args: argparse.Namespace, items: list[dict]) -> dict:
+    """What else decides a Wan2.2 / I2V video: the second guidance scale, the boundary, the images' contents."""
+    if family_of(args) not in ("wan22", "wan22_a14b", "wan_i2v"):
+        return {}  # wan / cogvideox records stay as they were
+    images = None
+    if getattr(args, "image_to_video", False):
+        lines = "".join(f"{file_digest(Path(path))}\n" for path in image_paths(args, items))
+        images = hashlib.sha256(lines.encode()).hexdigest()[:16]
+    experts = None
+    if args.weights.unet is not None and os.path.isdir(args.weights.unet):  # train.py's per-expert files
+        experts = {f.name: file_digest(f) for f in sorted(Path(args.weights.unet).glob("transformer*.*"))
+                   if f.suffix in (".safetensors", ".pth")}
+    return {"experts": experts, "guidance_scale_2": getattr(args, "guidance_scale_2", None),
+            "boundary_ratio": getattr(args, "boundary_ratio", None), "conditioning_images": images,
+            "pipeline": pipeline_name(args)}
+
+
+def resolve_expert_weights(unet_path: str | None, lora_path: str | None) -> Weights:
+    """wan22_a14b: a train.py output folder may hold one expert's weights or adapter (transformer_2.* or
+    pytorch_lora_weights_2.safetensors alone, after --train_expert low); the other expert is then the base's."""
+    if unet_path is None or not os.path.isdir(unet_path):
+        return Weights(unet_path, lora_path, "transformer")
+    folder = Path(unet_path)
+    trained = [f for stem in ("transformer", "transformer_2") for f in (f"{stem}.safetensors", f"{stem}.pth",
+                                                                        f"{stem}/config.json") if (folder / f).is_file()]
+    adapters = [folder / name for name in (LORA_FILE, LOW_NOISE_LORA) if (folder / name).is_file()]
+    if lora_path is None and adapters:
+        lora_path = str(adapters[0])
+    if not trained and lora_path is None:
+        raise GenerateError(f"--unet_path folder {folder} holds nothing to evaluate: no transformer.* / "
+                            f"transformer_2.* weights, no transformer/ or transformer_2/ folder, no LoRA adapter")
+    return Weights(str(folder) if trained else None, lora_path, "transformer")
+
+
+def load_wan_experts(args: argparse.Namespace, dtype: torch.dtype) -> dict:
+    """wan22_a14b: both experts in `dtype`, each the base's with the trained weights a --unet_path folder holds for
+    it (transformer.* / transformer_2.*, or transformer/ / transformer_2/ of a saved pipeline); a file is the expert
+    its name says (transformer_2.* the low-noise one)."""
+    from diffusers import WanTransformer3DModel
+
+    path = weights_of(args).unet
+    experts = {}
+    for name in ("transformer", "transformer_2"):
+        folder = Path(path) / name if path is not None and os.path.isdir(path) else None
+        if folder is not None and (folder / "config.json").is_file():
+            experts[name] = WanTransformer3DModel.from_pretrained(folder, torch_dtype=dtype)
+            continue
+        experts[name] = WanTransformer3DModel.from_pretrained(args.pretrain_path, subfolder=name, torch_dtype=dtype)
+        if path is None:
+            continue
+        if os.path.isdir(path):
+            files = [Path(path) / f"{name}.{ext}" for ext in ("safetensors", "pth") if (Path(path) / f"{name}.{ext}").is_file()]
+        else:
+            files = [Path(path)] if Path(path).name.split(".")[0] == name else []
+        if files:
+            load_transformer_weights(experts[name], str(files[0]), args.pretrain_path)
+    return experts
 
 
 # --------------------------------------------------------------------------------------------------------- outputs
@@ -1016,6 +1208,7 @@ def run_fingerprint(args: argparse.Namespace, prompts: list[dict], dtype: torch.
     if video:  # the noise of a repeated prompt's k-th copy is --seed + k (see video_seeds)
         fingerprint["sampling"].update(num_frames=args.num_frames, fps=float(args.fps),
                                        negative_prompt=args.negative_prompt, seeds="seed + repetition")
+        fingerprint["sampling"].update(wan22_fingerprint(args, prompts))
     return fingerprint
 
 
@@ -1140,7 +1333,8 @@ def generate(args: argparse.Namespace) -> dict:
             batch = todo[start : start + args.batch_size]
             prompts = [items[i]["prompt"] for i in batch]
             if video:
-                for i, frames in zip(batch, sample(models, prompts, uncond, args, [seeds[i] for i in batch])):
+                images = conditioning_images(args, [items[i] for i in batch])
+                for i, frames in zip(batch, sample(models, prompts, uncond, args, [seeds[i] for i in batch], images)):
                     write_mp4(frames, paths[i], args.fps, items[i]["prompt"])
             else:
                 for i, image in zip(batch, sample(models, prompts, uncond, args)):

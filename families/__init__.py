@@ -13,6 +13,7 @@ which pipeline saves and samples it:
 | `flux` | FLUX.1-dev, -schnell | FluxTransformer2DModel | CLIP pooled + T5, guidance embedding | rectified flow |
 | `wan` | Wan2.1-T2V 1.3B, 14B | WanTransformer3DModel | UMT5, padded states zeroed | rectified flow, the scheduler's flow_shift |
 | `cogvideox` | CogVideoX-2b, -5b | CogVideoXTransformer3DModel (+ rotary) | T5, 226 tokens | DDPM v-prediction, zero terminal SNR |
+| `wan22`, `wan22_a14b`, `wan_i2v` | Wan2.2-TI2V-5B; Wan2.2-T2V/I2V-A14B (two experts); Wan2.1-I2V | families/wan22.py | UMT5 (+ image) | rectified flow |
 
 The family is read from the model's `model_index.json` (`_class_name`); `--model_family` overrides it; `--sdxl` means
 `--model_family sdxl`. Each family mirrors what its diffusers pipeline does at inference (read for facts, our code).
@@ -51,6 +52,9 @@ def model_index_class(path: str, revision=None) -> str | None:
 def resolve_family(args) -> str:
     """--model_family, or --sdxl, or what the model's model_index.json says (default `sd`); contradictions refused."""
     detected = PIPELINE_FAMILIES.get(model_index_class(args.pretrained_model_name_or_path, args.revision))
+    from families.wan22 import detect_wan, model_index
+
+    detected = detect_wan(model_index(args.pretrained_model_name_or_path, args.revision)) or detected  # Wan2.2, I2V
     chosen = args.model_family or ("sdxl" if args.sdxl else None)
     if args.sdxl and args.model_family not in (None, "sdxl"):
         raise ValueError(f"--sdxl contradicts --model_family {args.model_family}; drop one of them")
@@ -260,8 +264,10 @@ class Flux(Family):
 
 
 from families.video import CogVideoX, Wan  # noqa: E402 - they subclass Family
+from families.wan22 import Wan22, Wan22Experts, WanI2V  # noqa: E402
 
-FAMILIES = {family.name: family for family in (StableDiffusion, StableDiffusionXL, StableDiffusion3, Flux, Wan, CogVideoX)}
+FAMILIES = {family.name: family for family in (StableDiffusion, StableDiffusionXL, StableDiffusion3, Flux, Wan, CogVideoX,
+                                               Wan22, Wan22Experts, WanI2V)}
 
 
 def make_family(args) -> Family:

@@ -17,9 +17,17 @@ class Family:
     dspo_variant = "sd"  # the official DSPO loss has a separate SDXL form (train.dspo_loss)
     video = False  # video families (families/video.py): mp4 pairs, (N, C, F, H, W) latents
     components = ("tokenizer", "text_encoder", "vae", "scheduler")
+    experts = ("",)  # file-name suffix of each trained denoiser (wan22_a14b: "" transformer, "_2" transformer_2)
 
     def __init__(self, args):
         self.args = args
+
+    @classmethod
+    def check_args(cls, parser, args):
+        """Family-specific refusals and defaults, in arguments.parse_args (after the video checks)."""
+        for flag in ("train_expert", "conditioning_image", "conditioning_image_column"):
+            if getattr(args, flag, None) not in (None, "none"):
+                parser.error(f"--{flag} is for the Wan2.2 / image-to-video families, not {args.model_family}")
 
     # --- loading -----------------------------------------------------------------------------------------------
     def check_components(self, base: str, revision=None):
@@ -84,7 +92,28 @@ class Family:
     def predict(self, model, noisy: torch.Tensor, timesteps: torch.Tensor, inputs: dict) -> torch.Tensor:
         raise NotImplementedError
 
+    @classmethod
+    def accelerator_kwargs(cls, args) -> list:
+        """accelerate kwargs handlers the family needs (train.main passes them to Accelerator)."""
+        return []
+
     # --- saving ------------------------------------------------------------------------------------------------
+    def expert_states(self, state: dict) -> dict:
+        """{file suffix: state} of what is saved: the denoiser alone; two experts split (families/wan22.py)."""
+        return {"": state}
+
+    def joined_state(self, states: dict) -> dict:
+        """The inverse of expert_states."""
+        return states[""]
+
+    def pipeline_denoisers(self, model) -> dict:
+        """The pipeline components the trained denoiser stands for."""
+        return {self.denoiser: model}
+
+    def card_usage(self, usage: str, base: str) -> str:
+        """The model card's loading lines (report.write_model_card writes the one-denoiser ones)."""
+        return usage
+
     def lora_state(self, peft_state: dict) -> dict:
         """The adapter state in the format the family's pipeline.load_lora_weights reads."""
         return peft_state

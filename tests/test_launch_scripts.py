@@ -321,7 +321,7 @@ def test_every_script_is_tested():
     launchers, no other."""
     assert sorted(p.stem for p in SCRIPTS.glob("*.sh") if not p.stem.startswith("_")) == sorted(
         [*SHIPPED, "sd35_diffusion_dpo", "flux_diffusion_dpo", "wan_diffusion_dpo", "cogvideox_diffusion_dpo",
-         "cogvideox5b_diffusion_dpo"])
+         "cogvideox5b_diffusion_dpo", "wan22_ti2v_diffusion_dpo", "wan22_a14b_diffusion_dpo", "wan_i2v_diffusion_dpo"])
 
 
 @pytest.mark.parametrize("script, family, beta", [("sd35_diffusion_dpo", "sd3", 500.0), ("flux_diffusion_dpo", "flux", 1500.0)])
@@ -400,3 +400,27 @@ def test_cpu_smoke_settings_for_video_families(script, frames, stubs, tmp_path):
     done, argv = launch(script, stubs, tmp_path, "--dataset_name", "/local/pairs.jsonl", gpus=0)
     assert done.returncode == 1 and argv is None
     assert "scripts/video_demo.sh" in done.stderr and "Pick-a-Pic" not in done.stderr and "64 px" in done.stderr
+
+
+@pytest.mark.parametrize("script, family, beta, size, frames", [
+    ("wan22_ti2v_diffusion_dpo", "wan22", 300.0, [704, 1280], 121),
+    ("wan22_a14b_diffusion_dpo", "wan22_a14b", 100.0, [480, 832], 81),
+    ("wan_i2v_diffusion_dpo", "wan_i2v", 500.0, [480, 832], 81)])
+def test_wan22_and_i2v_launchers(script, family, beta, size, frames, stubs, tmp_path):
+    """The Wan2.2-TI2V-5B, A14B (both experts) and Wan2.1-I2V launchers (issue 22): the family named (no model needed
+    to parse), LoRA at diffusers' rate, the derived beta, the size and frames their headers give; I2V conditions on
+    the shared first frame; the data must be given; a smoke run (CPU=1) parses."""
+    done, argv = launch(script, stubs, tmp_path, gpus=8)
+    assert done.returncode == 2 and "give --dataset_name" in done.stderr
+    done, argv = launch(script, stubs, tmp_path, "--dataset_name", "/local/pairs.jsonl", gpus=8)
+    assert done.returncode == 0, done.stderr
+    parsed = train.parse_args(split(argv)[1])
+    assert parsed.model_family == family and parsed.use_lora and parsed.lora_rank == 8 and parsed.learning_rate == 1e-5
+    assert parsed.beta_dpo == beta and parsed.video_size == size and parsed.num_frames == frames
+    assert parsed.use_winner_preserving and parsed.winner_preserving_mu == 0.9 and parsed.gradient_checkpointing
+    assert parsed.conditioning_image == ("first_frame" if family == "wan_i2v" else "none")
+    assert parsed.train_expert == ("both" if family == "wan22_a14b" else None)
+    assert parsed.output_dir == str(REPO / "output" / script.replace("_", "-"))
+    _, argv = launch(script, stubs, tmp_path, "--dataset_name=/local/pairs", "--num_frames", "9", gpus=0, CPU="1")
+    parsed = train.parse_args(split(argv)[1])
+    assert parsed.video_size == [256, 256] and parsed.num_frames == 9

@@ -16,7 +16,7 @@ def test_the_flag_then_the_launcher_then_fp16():
     assert train.resolve_mixed_precision(None, {})[0] == "fp16"
 
 
-def test_accelerate_configs_precision_wins_without_the_flag(tiny_sd15, pickapic, tmp_path):
+def test_accelerate_configs_precision_wins_without_the_flag(tiny_sd15, pickapic, tmp_path, cpu_bf16_attention):
     config = tmp_path / "bf16.yaml"
     config.write_text("compute_environment: LOCAL_MACHINE\ndistributed_type: 'NO'\nmixed_precision: bf16\n"
                       "num_machines: 1\nnum_processes: 1\nuse_cpu: true\n")

@@ -149,7 +149,7 @@ def test_nonfinite_losses_stop_the_run_and_keep_the_good_checkpoint(tiny_sd15, p
     assert all(torch.isfinite(v).all() for v in load_file(str(tmp_path / "checkpoint-1" / "unet.safetensors")).values())
 
 
-def test_save_pipeline_keeps_frozen_parts_in_original_precision(tiny_sd15, pickapic, tmp_path):
+def test_save_pipeline_keeps_frozen_parts_in_original_precision(tiny_sd15, pickapic, tmp_path, cpu_bf16_attention):
     run_train(tiny_sd15, pickapic, tmp_path, "--save_pipeline", "--mixed_precision", "bf16")
     from diffusers import StableDiffusionPipeline
 

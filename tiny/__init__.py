@@ -14,12 +14,16 @@ same folder layout as its real counterpart, so the real loading code (`from_pret
     build_wan("work/tiny-wan")                   # Wan2.1-T2V-like WanPipeline (UMT5, AutoencoderKLWan, flow)
     build_cogvideox("work/tiny-cogvideox")       # CogVideoX-2b-like (rotary=True: 5b-like), v-prediction, zero SNR
     build_video_pairs("work/video-pairs")        # mp4 preference pairs: parquet, JSONL manifest, WebDataset shards
+    build_wan22_ti2v("work/tiny-wan22")          # Wan2.2-TI2V-5B-like (48-channel 16x VAE, expand_timesteps)
+    build_wan22_a14b("work/tiny-a14b")           # Wan2.2-A14B-like: two experts, boundary_ratio (i2v=True: I2V-A14B)
+    build_wan_i2v("work/tiny-wan-i2v")           # Wan2.1-I2V-like: 36 input channels, a CLIP image encoder
 """
 
 from tiny.diffusion import build_clip_tokenizer, build_sd2v, build_sd15, build_sdxl
 from tiny.flow import build_flux, build_sd3, build_t5_tokenizer
 from tiny.scorers import build_tiny_scorers
-from tiny.video import build_cogvideox, build_video_pairs, build_wan, encode_mp4
+from tiny.video import (build_cogvideox, build_video_pairs, build_wan, build_wan22_a14b, build_wan22_ti2v, build_wan_i2v,
+                        encode_mp4)
 from tiny.data import (ATTRIBUTE_COLOURS, SHAPES, build_pickapic, build_pickapic_webdataset, colour_score, draw_shape,
                        toy_captions)
 
@@ -39,6 +43,9 @@ __all__ = [
     "build_tiny_scorers",
     "build_video_pairs",
     "build_wan",
+    "build_wan22_a14b",
+    "build_wan22_ti2v",
+    "build_wan_i2v",
     "colour_score",
     "draw_shape",
     "encode_mp4",

@@ -8,6 +8,7 @@ The models keep what training depends on from the real configs (component classe
     build_wan("work/tiny-wan")              # transformer/ vae/ text_encoder/ tokenizer/ scheduler/ (WanPipeline)
     build_cogvideox("work/tiny-cogvideox")  # the same folders (CogVideoXPipeline); rotary=True: CogVideoX-5b-like
     build_video_pairs("work/video-pairs")   # {"parquet": ..., "manifest": ..., "webdataset": ...}
+    build_wan22_ti2v / build_wan22_a14b / build_wan_i2v   # Wan2.2-TI2V-5B-, A14B- (two experts) and Wan2.1-I2V-like
 
 Which facts about the real models are known and which are assumed is said next to each setting.
 """
@@ -187,7 +188,7 @@ def moving_shape(shape: str, colour, size, n_frames: int, rng: random.Random) ->
 
 
 def _video_rows(n_pairs: int, seed: int, tie_fraction: float, n_frames: int, sizes: tuple[int, int], fps: int,
-                corrupt: bool, short: bool) -> list[dict]:
+                corrupt: bool, short: bool, shared_first_frame: bool = False) -> list[dict]:
     rng = random.Random(seed)
     captions = toy_captions()
     rows = []
@@ -196,6 +197,8 @@ def _video_rows(n_pairs: int, seed: int, tie_fraction: float, n_frames: int, siz
         size = (2 * rng.randint(sizes[0] // 2, sizes[1] // 2), 2 * rng.randint(sizes[0] // 2, sizes[1] // 2))  # even
         preferred = moving_shape(SHAPES[shape_index], ATTRIBUTE_COLOURS["preferred"], size, n_frames, rng)
         rejected = moving_shape(SHAPES[shape_index], ATTRIBUTE_COLOURS["rejected"], size, n_frames, rng)
+        if shared_first_frame:  # image-to-video pairs: both clips continue one image
+            rejected[0] = preferred[0]
         is_tie = rng.random() < tie_fraction
         winner_first = rng.random() < 0.5
         videos = (preferred, rejected) if winner_first else (rejected, preferred)
@@ -214,7 +217,8 @@ def _video_rows(n_pairs: int, seed: int, tie_fraction: float, n_frames: int, siz
 
 def build_video_pairs(out_dir: str | os.PathLike, n_pairs: int = 16, seed: int = 0, tie_fraction: float = 0.15,
                       n_frames: int = 12, sizes: tuple[int, int] = (32, 48), fps: int = 8, corrupt: bool = True,
-                      short: bool = True, webdataset: bool = True, shard_size: int = 8) -> dict[str, Path]:
+                      short: bool = True, webdataset: bool = True, shard_size: int = 8,
+                      shared_first_frame: bool = False) -> dict[str, Path]:
     """Video preference pairs with a preference a tiny model can learn: both clips of a pair show the caption's shape
     drifting across the frame, the preferred one painted warm (red), the rejected one cool (blue) (tiny.colour_score
     on a frame measures it). Like real sets: ties (label 0.5), varied sizes, either position for the winner, one
@@ -227,13 +231,14 @@ def build_video_pairs(out_dir: str | os.PathLike, n_pairs: int = 16, seed: int =
     - `webdataset` (optional): `<out_dir>/webdataset/train-NNNNN.tar`, `<key>.mp4_0.mp4`, `<key>.mp4_1.mp4`,
       `<key>.label_0.txt`, `<key>.original_prompt.txt`.
 
+    `shared_first_frame`: the rejected clip starts with the preferred clip's first frame (image-to-video pairs).
     Clips are `n_frames` frames at `fps`, H.264 (MPEG-4 part 2 if PyAV has no libx264), yuv420p. Returns the paths.
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     out_dir = Path(out_dir)
-    rows = _video_rows(n_pairs, seed, tie_fraction, n_frames, sizes, fps, corrupt, short)
+    rows = _video_rows(n_pairs, seed, tie_fraction, n_frames, sizes, fps, corrupt, short, shared_first_frame)
     paths = {"parquet": out_dir / "parquet", "manifest": out_dir / "manifest" / "train.jsonl"}
     (paths["parquet"] / "data").mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.Table.from_pylist(rows), paths["parquet"] / "data" / "train-00000-of-00001.parquet")
@@ -263,3 +268,122 @@ def build_video_pairs(out_dir: str | os.PathLike, n_pairs: int = 16, seed: int =
                         member.size = len(data)
                         tar.addfile(member, io.BytesIO(data))
     return paths
+
+
+# --- Wan2.2 and image-to-video (issue 22) ----------------------------------------------------------------------------
+
+# The schedulers' flow_shift: Wan2.2's own configs (Wan-Video/Wan2.2, wan/configs/: sample_shift 12.0 for t2v-A14B,
+# 5.0 for i2v-A14B and ti2v-5B; boundary 0.875 for t2v-A14B, 0.900 for i2v-A14B) as far as I know; the diffusers
+# conversions may ship another flow_shift (not read here, no network). Training reads whatever scheduler/ says.
+WAN22_SHIFT = {"ti2v_5b": 5.0, "t2v_a14b": 12.0, "i2v_a14b": 5.0}
+WAN22_BOUNDARY = {"t2v_a14b": 0.875, "i2v_a14b": 0.9}
+
+
+def _wan_transformer(in_channels: int, out_channels: int, text_width: int, seed: int, **extra):
+    from diffusers import WanTransformer3DModel
+
+    torch.manual_seed(seed)
+    return WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=16, in_channels=in_channels,
+        out_channels=out_channels, text_dim=text_width, freq_dim=32, ffn_dim=64, num_layers=2, cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024, **extra,
+    )
+
+
+def _wan21_vae(seed: int):
+    from diffusers import AutoencoderKLWan
+
+    torch.manual_seed(seed)
+    return AutoencoderKLWan(base_dim=8, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=1, attn_scales=[],
+                            temperal_downsample=[False, True, True])
+
+
+def _scheduler(shift: float):
+    from diffusers import UniPCMultistepScheduler
+
+    return UniPCMultistepScheduler(**{**WAN_SCHEDULER, "flow_shift": shift})
+
+
+def build_wan22_ti2v(out_dir: str | os.PathLike, seed: int = 0) -> Path:
+    """A tiny Wan2.2-TI2V-5B-like WanPipeline folder (expand_timesteps=True: per-token timesteps).
+
+    Known from diffusers' convert_wan_to_diffusers.py (its Wan2.2-TI2V-5B entries) and the Wan2.2 VAE: transformer
+    48 latent channels in and out, patch_size (1, 2, 2); VAE AutoencoderKLWan with z_dim 48, is_residual, 12 in/out
+    channels with patch_size 2 (a 2x2 pixel shuffle before the encoder: 16x spatial with dim_mult (1, 2, 4, 4)),
+    scale_factor_spatial 16, temporal 4x; 48 latents_mean / latents_std (random here: the real ones are the
+    conversion's list). Tiny: transformer 2 layers x 2 heads x 16 dims (5B: 30 x 24 x 128), VAE base_dim 8
+    (160 / 256), UMT5 width 32. Assumed: the scheduler details (WAN_SCHEDULER, shift WAN22_SHIFT)."""
+    from diffusers import AutoencoderKLWan, WanPipeline
+
+    out_dir = Path(out_dir)
+    text_width = 32
+    tokenizer = build_t5_tokenizer(out_dir / "tokenizer")
+    generator = torch.Generator().manual_seed(seed + 2)
+    torch.manual_seed(seed + 1)
+    vae = AutoencoderKLWan(
+        base_dim=8, decoder_base_dim=8, z_dim=48, dim_mult=[1, 2, 4, 4], num_res_blocks=1, attn_scales=[],
+        temperal_downsample=[False, True, True], is_residual=True, in_channels=12, out_channels=12, patch_size=2,
+        scale_factor_spatial=16, scale_factor_temporal=4,
+        latents_mean=(torch.randn(48, generator=generator) * 0.5).tolist(),
+        latents_std=(torch.rand(48, generator=generator) + 0.5).tolist(),
+    )
+    pipe = WanPipeline(
+        tokenizer=tokenizer, text_encoder=_umt5_encoder(text_width, len(tokenizer), seed + 6), vae=vae,
+        scheduler=_scheduler(WAN22_SHIFT["ti2v_5b"]), transformer=_wan_transformer(48, 48, text_width, seed + 5),
+        expand_timesteps=True,
+    )
+    pipe.save_pretrained(out_dir)
+    _name_t5_fast(out_dir, "tokenizer")
+    return out_dir
+
+
+def build_wan22_a14b(out_dir: str | os.PathLike, i2v: bool = False, seed: int = 0) -> Path:
+    """A tiny Wan2.2-T2V-A14B-like WanPipeline folder (`i2v=True`: I2V-A14B-like WanImageToVideoPipeline): two
+    experts, `transformer` (high noise) and `transformer_2` (low noise), switched at boundary_ratio (0.875 / 0.9).
+
+    Known from diffusers' conversion of the A14B models: both experts WanTransformer3DModel with the Wan2.1 VAE
+    (16 latent channels, 8x spatial); I2V: in_channels 36 (16 noisy + 4 mask + 16 image latents), no image encoder
+    (image_dim None: only Wan2.1's I2V transformer takes a CLIP embedding). Tiny: each expert 2 layers x 2 heads x
+    16 dims (A14B: 40 x 40 x 128), different random weights per expert."""
+    from diffusers import WanImageToVideoPipeline, WanPipeline
+
+    out_dir = Path(out_dir)
+    text_width = 32
+    kind = "i2v_a14b" if i2v else "t2v_a14b"
+    tokenizer = build_t5_tokenizer(out_dir / "tokenizer")
+    channels = 36 if i2v else 16
+    parts = dict(
+        tokenizer=tokenizer, text_encoder=_umt5_encoder(text_width, len(tokenizer), seed + 6), vae=_wan21_vae(seed + 1),
+        scheduler=_scheduler(WAN22_SHIFT[kind]), transformer=_wan_transformer(channels, 16, text_width, seed + 5),
+        transformer_2=_wan_transformer(channels, 16, text_width, seed + 7), boundary_ratio=WAN22_BOUNDARY[kind],
+    )
+    pipe = WanImageToVideoPipeline(**parts) if i2v else WanPipeline(**parts)
+    pipe.save_pretrained(out_dir)
+    _name_t5_fast(out_dir, "tokenizer")
+    return out_dir
+
+
+def build_wan_i2v(out_dir: str | os.PathLike, seed: int = 0) -> Path:
+    """A tiny Wan2.1-I2V-14B-like WanImageToVideoPipeline folder: transformer in_channels 36 (16 noisy + 4 mask +
+    16 image latents), image_dim and added_kv_proj_dim set (the CLIP image embedding goes in through added K/V
+    projections of the cross-attention), a CLIPVisionModel image encoder (ViT-H/14 there: the pipeline takes its
+    penultimate hidden states, 257 tokens x 1280) and its CLIPImageProcessor (224 px, CLIP's mean and std).
+    Tiny: CLIP vision 2 layers, width 32, 32 px, patch 8 (17 tokens)."""
+    from diffusers import WanImageToVideoPipeline
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    out_dir = Path(out_dir)
+    text_width, image_width = 32, 32
+    tokenizer = build_t5_tokenizer(out_dir / "tokenizer")
+    torch.manual_seed(seed + 8)
+    image_encoder = CLIPVisionModel(CLIPVisionConfig(hidden_size=image_width, intermediate_size=64, num_hidden_layers=2,
+                                                     num_attention_heads=2, image_size=32, patch_size=8))
+    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    pipe = WanImageToVideoPipeline(
+        tokenizer=tokenizer, text_encoder=_umt5_encoder(text_width, len(tokenizer), seed + 6), vae=_wan21_vae(seed + 1),
+        scheduler=_scheduler(WAN_SCHEDULER["flow_shift"]), image_encoder=image_encoder, image_processor=processor,
+        transformer=_wan_transformer(36, 16, text_width, seed + 5, image_dim=image_width, added_kv_proj_dim=32),
+    )
+    pipe.save_pretrained(out_dir)
+    _name_t5_fast(out_dir, "tokenizer")
+    return out_dir
