@@ -829,34 +829,42 @@ def train_loop(run: Run):
                     run.sampler.epoch, run.sampler.used = epoch + 1, 0
 
             if accelerator.sync_gradients:
-                run.global_step += 1
-                progress.update(1)
-                if run.ema is not None and not bad:
-                    run.ema.step(run.params)
-                if bad:
-                    run.skipped_updates += 1
-                    nonfinite_in_a_row += 1
-                    run.logger.warning(f"step {run.global_step}: non-finite loss, update skipped "
-                                       f"({nonfinite_in_a_row} in a row, {run.skipped_updates} in all)")
-                else:
-                    nonfinite_in_a_row = 0
+                nonfinite_in_a_row = finish_update(run, bad, nonfinite_in_a_row, sums, last, weight_history, progress)
                 bad_update = zero()
-                log_update(run, bad, sums, last, weight_history, progress)
                 sums, weight_history = {}, {}
-                if nonfinite_in_a_row >= args.max_nonfinite_steps:
-                    raise FloatingPointError(
-                        f"the loss was non-finite for {nonfinite_in_a_row} consecutive updates (step {run.global_step}); "
-                        f"the last good checkpoint in {run.output_dir} is kept. Lower --learning_rate or --beta_dpo, "
-                        f"use bf16 instead of fp16, or check the data."
-                    )
-
-                if run.global_step % args.checkpointing_steps == 0:
-                    save_checkpoint(run, run.global_step)
                 if run.global_step >= args.max_train_steps:
                     break
         if run.stream is not None and run.stream.position == 0:
             raise ValueError(f"the stream gave no full batch of {args.train_batch_size} pairs per process "
                              f"({accelerator.num_processes} processes); check the dataset, its filters and --train_batch_size")
+
+
+def finish_update(run: Run, bad: bool, nonfinite_in_a_row: int, sums: dict, last: dict, weight_history: dict,
+                  progress) -> int:
+    """After an optimizer update (or a skipped one): the step counted, EMA, the update logged, a run of non-finite
+    updates stopped, a checkpoint when due. Returns the number of non-finite updates in a row."""
+    args = run.args
+    run.global_step += 1
+    progress.update(1)
+    if run.ema is not None and not bad:
+        run.ema.step(run.params)
+    if bad:
+        run.skipped_updates += 1
+        nonfinite_in_a_row += 1
+        run.logger.warning(f"step {run.global_step}: non-finite loss, update skipped "
+                           f"({nonfinite_in_a_row} in a row, {run.skipped_updates} in all)")
+    else:
+        nonfinite_in_a_row = 0
+    log_update(run, bad, sums, last, weight_history, progress)
+    if nonfinite_in_a_row >= args.max_nonfinite_steps:
+        raise FloatingPointError(
+            f"the loss was non-finite for {nonfinite_in_a_row} consecutive updates (step {run.global_step}); "
+            f"the last good checkpoint in {run.output_dir} is kept. Lower --learning_rate or --beta_dpo, "
+            f"use bf16 instead of fp16, or check the data."
+        )
+    if run.global_step % args.checkpointing_steps == 0:
+        save_checkpoint(run, run.global_step)
+    return nonfinite_in_a_row
 
 
 def log_update(run: Run, bad: bool, sums: dict, last: dict, weight_history: dict, progress):
