@@ -169,7 +169,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 # Numeric flags and their ranges, checked at parse time (flag_ranges.py; tests/test_flag_ranges.py).
 SAMPLING_RANGES = {"height": ">= 8", "width": ">= 8", "steps": ">= 1", "cfg": ">= 0", "batch_size": ">= 1"}
-GENERATE_RANGES = {**SAMPLING_RANGES, "seed": ">= 0", "num_frames": ">= 1", "fps": "> 0", "max_prompts": ">= 1"}
+GENERATE_RANGES = {**SAMPLING_RANGES, "seed": ">= 0", "num_frames": ">= 1", "fps": "> 0", "max_prompts": ">= 1",
+                   "guidance_scale_2": ">= 0", "boundary_ratio": "(0, 1)"}  # the last two: wan22_a14b
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
