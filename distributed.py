@@ -45,6 +45,15 @@ def uses_cpu_ranks(world_size: int) -> bool:
     return world_size > 1 and not distributed_accelerator_present()
 
 
+def process_state():
+    """accelerate's PartialState for the scripts beside train.py (latent_cache.py, eval.generate, eval.make_pairs):
+    on CPU ranks when several processes run without an accelerator, as train.py's Accelerator is. Without cpu=True
+    accelerate makes each such process a world of one, and every rank would write the same files."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=uses_cpu_ranks(int(os.environ.get("WORLD_SIZE", 1))))
+
+
 def check_fsdp_version(version: int):
     if version != 2:  # train.py reads and writes FSDP2's DTensor shards
         raise ValueError(f"FSDP version {version} is not supported: train.py runs FSDP2 only. Set `fsdp_version: 2` "

@@ -31,6 +31,7 @@ from data.latent_cache import (BUILDING, DTYPES, FORMAT, INDEX, LatentCache, Cac
                                check_cacheable)
 from data.pairs import Collate, decode_image
 from data.rows import filter_rows, load_rows
+from distributed import process_state
 from families import make_family
 
 logger = logging.getLogger("train")
@@ -93,11 +94,10 @@ def encode_captions(captions, family, text_encoders, tokenizers, device, dtype) 
 def build(args, shard_size: int, dtype_name: str):
     """Encode the run's rows into args.latents_cache: the shards this process owns (shard s on rank s mod world),
     skipping shards already written; rank 0 then writes the index."""
-    from accelerate import PartialState
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
-    state = PartialState()
+    state = process_state()
     check_cacheable(args)
     folder = Path(args.latents_cache)
     folder.mkdir(parents=True, exist_ok=True)

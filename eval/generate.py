@@ -52,6 +52,7 @@ import torch
 
 if not __package__:  # run as a file (`accelerate launch eval/generate.py`): families/ is in the repository root
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from distributed import process_state  # noqa: E402
 from families import PIPELINE_FAMILIES  # noqa: E402
 from flag_ranges import check_ranges  # noqa: E402
 from eval.video import stored_video_prompt, write_mp4  # noqa: E402
@@ -1278,11 +1279,10 @@ def generate(args: argparse.Namespace) -> dict:
     decodes and stores this prompt. Under `accelerate launch`, rank r takes the prompts with index % world_size == r;
     after a barrier rank 0 checks that every image exists and writes the manifest, the zip and the run record.
     """
-    from accelerate import PartialState
     from tqdm.auto import tqdm
 
     args = resolve_args(args)
-    state = PartialState()
+    state = process_state()
     device = torch.device(state.device if args.device == "auto" else args.device)
     dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
 

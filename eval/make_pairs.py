@@ -56,6 +56,7 @@ import torch
 
 if not __package__:  # run as a file: the repository root holds eval/, families/ and tiny/
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from distributed import process_state  # noqa: E402
 from eval import generate as gen  # noqa: E402
 from eval.scorers import ALIASES, METRICS, Scorer  # noqa: E402
 from flag_ranges import check_ranges  # noqa: E402
@@ -389,8 +390,6 @@ def check_same_run(out: Path, fingerprint: dict) -> None:
 
 def make_pairs(args: argparse.Namespace) -> dict:
     """Generate, score and pair (see the module docstring). Returns the summary (rank 0) or {"rank": r} elsewhere."""
-    from accelerate import PartialState
-
     started = time.time()
     mix = {} if args.real_winner else parse_mix(args.scorers)  # real-vs-generated pairs need no scorer
     if args.num_candidates < (1 if args.real_winner else 2):
@@ -405,7 +404,7 @@ def make_pairs(args: argparse.Namespace) -> dict:
                              f"only ({', '.join(IMAGE_FAMILIES)})")
     media = ImageMedia(args.image_format, args.jpeg_quality)
     # several processes and no GPU (accelerate launch --multi_gpu on a CPU machine): gloo on the CPU, as train.py
-    state = PartialState(cpu=not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", 1)) > 1)
+    state = process_state()
     device = torch.device(state.device if g.device == "auto" else g.device)
     dtype = gen.DTYPES[g.dtype] if g.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     all_items = gen.load_prompts(args.prompts)
