@@ -138,24 +138,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="where runs are written (default: --unet_path itself if a folder, else its parent folder)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise, the same for every prompt")
     add_sampling_args(p)
-    p.add_argument("--num_frames", type=int, default=None,
-                   help="video families: frames per video (default: wan 81, 4k + 1; cogvideox 49, 8k + 1)")
-    p.add_argument("--fps", type=float, default=None,
-                   help="video families: frame rate written into the mp4 (default: wan 16, cogvideox 8); the frames "
-                        "do not depend on it")
-    p.add_argument("--negative_prompt", default="",
-                   help="video families: the unconditional branch's prompt (default \"\", as for the image families; "
-                        "Wan2.1's model card passes a long negative prompt: give it here to sample as the card does)")
-    p.add_argument("--guidance_scale_2", type=float, default=None,
-                   help="wan22_a14b: guidance scale of the low-noise expert (transformer_2); default 3.0 (T2V-A14B's "
-                        "model card)")
-    p.add_argument("--boundary_ratio", type=float, default=None,
-                   help="wan22_a14b: where the experts switch, a fraction of the training timesteps (default: the "
-                        "model's model_index.json, 0.875 T2V-A14B, 0.9 I2V-A14B)")
-    p.add_argument("--conditioning_image", default=None,
-                   help="image-to-video (wan_i2v, I2V-A14B; wan22 switches to image-to-video with it): the image every "
-                        "video starts from; a prompt-file entry's own \"image\" (a path relative to the prompt file) "
-                        "takes precedence")
+    add_video_args(p)
     p.add_argument("--max_prompts", type=int, default=None,
                    help="only the first N prompts (smoke runs, demos); running again without it completes the run, "
                         "and a run never shrinks: a manifest keeps listing the prompts it already had")
@@ -170,8 +153,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 # Numeric flags and their ranges, checked at parse time (flag_ranges.py; tests/test_flag_ranges.py).
 SAMPLING_RANGES = {"height": ">= 8", "width": ">= 8", "steps": ">= 1", "cfg": ">= 0", "batch_size": ">= 1"}
-GENERATE_RANGES = {**SAMPLING_RANGES, "seed": ">= 0", "num_frames": ">= 1", "fps": "> 0", "max_prompts": ">= 1",
-                   "guidance_scale_2": ">= 0", "boundary_ratio": "(0, 1)"}  # the last two: wan22_a14b
+VIDEO_RANGES = {"num_frames": ">= 1", "fps": "> 0", "guidance_scale_2": ">= 0", "boundary_ratio": "(0, 1)"}  # the last two: wan22_a14b
+GENERATE_RANGES = {**SAMPLING_RANGES, "seed": ">= 0", "max_prompts": ">= 1", **VIDEO_RANGES}
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -194,6 +177,29 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help=f"VAE folder/repo, or a pipeline folder with vae/ (SDXL default {SDXL_VAE}; others: the "
                         "base VAE)")
     p.add_argument("--lora_path", default=None, help="LoRA adapter (train.py's output, read by pipeline.load_lora_weights)")
+
+
+def add_video_args(p: argparse.ArgumentParser) -> None:
+    """The video families' flags: frames, frame rate, negative prompt, the Wan2.2 experts, the conditioning image
+    (shared with eval.make_pairs; their defaults are filled by resolve_args)."""
+    p.add_argument("--num_frames", type=int, default=None,
+                   help="video families: frames per video (default: wan 81, 4k + 1; cogvideox 49, 8k + 1)")
+    p.add_argument("--fps", type=float, default=None,
+                   help="video families: frame rate written into the mp4 (default: wan 16, cogvideox 8); the frames "
+                        "do not depend on it")
+    p.add_argument("--negative_prompt", default="",
+                   help="video families: the unconditional branch's prompt (default \"\", as for the image families; "
+                        "Wan2.1's model card passes a long negative prompt: give it here to sample as the card does)")
+    p.add_argument("--guidance_scale_2", type=float, default=None,
+                   help="wan22_a14b: guidance scale of the low-noise expert (transformer_2); default 3.0 (T2V-A14B's "
+                        "model card)")
+    p.add_argument("--boundary_ratio", type=float, default=None,
+                   help="wan22_a14b: where the experts switch, a fraction of the training timesteps (default: the "
+                        "model's model_index.json, 0.875 T2V-A14B, 0.9 I2V-A14B)")
+    p.add_argument("--conditioning_image", default=None,
+                   help="image-to-video (wan_i2v, I2V-A14B; wan22 switches to image-to-video with it): the image every "
+                        "video starts from; a prompt-file entry's own \"image\" (a path relative to the prompt file) "
+                        "takes precedence")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:

@@ -58,11 +58,12 @@ if not __package__:  # run as a file: the repository root holds eval/, families/
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from distributed import process_state  # noqa: E402
 from eval import generate as gen  # noqa: E402
-from eval.scorers import ALIASES, METRICS, Scorer  # noqa: E402
+from eval.scorers import ALIASES, METRICS, VIDEO_METRICS, Scorer  # noqa: E402
+from eval.manifest import DEFAULT_FRAMES  # noqa: E402
+from eval.score import SCORER_RANGES  # noqa: E402
 from flag_ranges import check_ranges  # noqa: E402
 
 TOY_METRICS = ("colour",)
-IMAGE_FAMILIES = ("sd", "sdxl", "sd3", "flux")
 PAIR_RULES = ("best-worst", "margin")
 REAL_RULE = "real-vs-generated"  # --real_winner: the prompt file's real image against each candidate, no scorer
 TIE_EPS = 1e-9  # |mixed-score gap| at or below this is a tie (float rounding of equal scores)
@@ -73,6 +74,7 @@ SCORES = "scores.json"
 DATA = "data"
 WEBDATASET = "webdataset"
 GAPS_PNG = "gaps.png"
+CONDITIONING_COLUMN = "conditioning_image"  # image-to-video pairs: the image both candidates were made from
 
 
 class MakePairsError(Exception):
@@ -96,15 +98,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="only the first N prompts; a later run without it adds the others (the pairs are rebuilt)")
     gen.add_model_args(p)
     gen.add_sampling_args(p)
+    gen.add_video_args(p)  # eval.generate's video flags (--num_frames, --fps, ...): video families only
     p.add_argument("--scorers", nargs="+", default=["pickscore"], metavar="METRIC[=WEIGHT]",
                    help=f"the scorer or weighted mix of scorers, e.g. `pickscore hpsv2=0.5` (weight 1 if omitted); "
-                        f"metrics: {', '.join(METRICS + TOY_METRICS)}. Each metric is z-scored over all candidates "
-                        "before mixing")
+                        f"metrics: {', '.join(METRICS + TOY_METRICS)}, and for videos {', '.join(VIDEO_METRICS)} "
+                        "(consecutive frames' consistency). Each metric is z-scored over all candidates before mixing")
     p.add_argument("--scorer_config", default=None,
                    help="JSON file or inline JSON: metric -> eval.scorers.load_scorer kwargs (as eval.score)")
-    for name in METRICS:
-        p.add_argument(f"--{name}_path", default=None, help=f"model location for {name} (default: official)")
+    for name in METRICS + VIDEO_METRICS:
+        p.add_argument(f"--{name}_path", default=None, help=f"model location for {name} (default: official"
+                       + ("; temporal: --clip_path's model)" if name == "temporal" else ")"))
     p.add_argument("--score_batch_size", type=int, default=32, help="images per scorer forward pass")
+    p.add_argument("--frames", type=int, default=DEFAULT_FRAMES,
+                   help=f"videos: frames sampled evenly per video for the image metrics, whose scores are averaged, as "
+                        f"eval.score does (default {DEFAULT_FRAMES}); temporal uses every frame")
     p.add_argument("--score_device", default=None, help="scorer device (default: this rank's generation device)")
     p.add_argument("--pair_rule", choices=PAIR_RULES, default="best-worst",
                    help="best-worst: one pair per prompt, highest vs lowest mixed score; margin: every two "
@@ -119,13 +126,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "--pair_weight_column pair_weight")
     p.add_argument("--real_winner", action="store_true",
                    help="real-versus-generated pairs (SPIN-Diffusion): each prompt's real image (the prompt file's "
-                        "\"image\", a path relative to the file) is the winner against each of its candidates; no "
+                        "\"image\", a path relative to the file; video families: its \"video\") is the winner against "
+                        "each of its candidates; no "
                         "scorer is loaded and --scorers, --pair_rule, --margin are unused. K may be 1")
     p.add_argument("--shard_size", type=int, default=1000, help="pairs per parquet / WebDataset shard")
     p.add_argument("--webdataset", action="store_true",
                    help="also write WebDataset shards <output_dir>/webdataset/train-*.tar (train.py's layout)")
     p.add_argument("--image_format", choices=("jpeg", "png"), default="jpeg",
-                   help="encoding of jpg_0/jpg_1: jpeg (Pick-a-Pic's, --jpeg_quality) or png (lossless)")
+                   help="encoding of jpg_0/jpg_1: jpeg (Pick-a-Pic's, --jpeg_quality) or png (lossless); video pairs "
+                        "hold the candidates' mp4 files as they are")
     p.add_argument("--jpeg_quality", type=int, default=95)
     args = p.parse_args(argv)
     check_ranges(p, args, MAKE_PAIRS_RANGES)
@@ -133,20 +142,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # Numeric flags and their ranges, checked at parse time (flag_ranges.py; tests/test_flag_ranges.py).
-MAKE_PAIRS_RANGES = {**gen.SAMPLING_RANGES, "num_candidates": ">= 1", "seed": ">= 0", "max_prompts": ">= 1",
+MAKE_PAIRS_RANGES = {**gen.SAMPLING_RANGES, **gen.VIDEO_RANGES, "frames": SCORER_RANGES["frames"], "num_candidates": ">= 1", "seed": ">= 0", "max_prompts": ">= 1",
                      "score_batch_size": ">= 1", "margin": ">= 0", "shard_size": ">= 1", "jpeg_quality": "[1, 100]",
                      "drop_gap_percentile": "[0, 100)", "gap_weight_power": "finite"}  # K >= 2 unless --real_winner
 
 
-def parse_mix(specs: list[str]) -> dict[str, float]:
-    """`["pickscore", "hpsv2=0.5"]` -> {"pickscore": 1.0, "hpsv2": 0.5}; aliases (hps, aes) resolved."""
+def parse_mix(specs: list[str], video: bool = False) -> dict[str, float]:
+    """`["pickscore", "hpsv2=0.5"]` -> {"pickscore": 1.0, "hpsv2": 0.5}; aliases (hps, aes) resolved; `temporal`
+    (consecutive frames' consistency) only for videos."""
     mix: dict[str, float] = {}
+    known = METRICS + TOY_METRICS + (VIDEO_METRICS if video else ())
     for spec in specs:
         name, _, weight = spec.partition("=")
         name = ALIASES.get(name.strip().lower(), name.strip().lower())
-        if name not in METRICS + TOY_METRICS:
-            raise MakePairsError(f"--scorers {spec}: unknown metric {name!r}; choose from "
-                                 f"{', '.join(METRICS + TOY_METRICS)}")
+        if name in VIDEO_METRICS and not video:
+            raise MakePairsError(f"--scorers {spec}: {name} scores videos (consecutive frames), and this model makes "
+                                 f"images: drop it")
+        if name not in known:
+            raise MakePairsError(f"--scorers {spec}: unknown metric {name!r}; choose from {', '.join(known)}")
         try:
             value = float(weight) if weight else 1.0
         except ValueError:
@@ -273,10 +286,10 @@ def scorer_settings(args: argparse.Namespace, mix: dict[str, float], device: str
     from eval.manifest import ManifestError
     from eval.score import scorer_kwargs
 
-    official = [name for name in mix if name in METRICS]
+    official = [name for name in mix if name in METRICS + VIDEO_METRICS]
     ns = argparse.Namespace(metrics=official, device=device, batch_size=args.score_batch_size,
                             scorer_config=args.scorer_config,
-                            **{f"{name}_path": getattr(args, f"{name}_path") for name in METRICS})
+                            **{f"{name}_path": getattr(args, f"{name}_path") for name in METRICS + VIDEO_METRICS})
     try:
         kwargs = scorer_kwargs(ns)
     except ManifestError as e:
@@ -306,12 +319,12 @@ def load_pair_scorer(name: str, kwargs: dict) -> Scorer:
 
 
 class ImageMedia:
-    """How an image candidate is stored and encoded into a pair. A video family would add its own class with the
-    same methods: train.py's video schema (data/video.py) has columns mp4_0/mp4_1 (encoded video bytes), WebDataset
-    fields <key>.mp4_0.mp4 / .mp4_1.mp4, candidates saved as <k>.mp4."""
+    """How an image candidate is stored, scored and encoded into a pair (VideoMedia: the same for videos)."""
 
     kind = "image"
     columns = ("jpg_0", "jpg_1")
+    real_key = "image"  # --real_winner: the prompt-file entry's key naming the real sample
+    conditioning = None  # image-to-video only
 
     def __init__(self, image_format: str = "jpeg", quality: int = 95):
         self.format, self.quality = image_format, quality
@@ -344,6 +357,84 @@ class ImageMedia:
                 image.convert("RGB").save(buffer, format="JPEG", quality=self.quality)
         return buffer.getvalue()
 
+    @staticmethod
+    def score(scorer: Scorer, prompts: list[str], paths: list[Path]) -> list[float]:
+        return scorer.score(prompts, paths)
+
+    @staticmethod
+    def extra_fields(row: dict) -> dict:
+        return {}
+
+    @staticmethod
+    def scoring(name: str) -> str:
+        return ""
+
+
+class VideoMedia:
+    """A video candidate in train.py's video schema (data/video.py): saved as <k>.mp4 by eval.video.write_mp4 (atomic,
+    the prompt in the container's metadata, as eval.generate writes its videos), put into columns mp4_0/mp4_1 as the
+    file's bytes (WebDataset fields <key>.mp4_0.mp4 / .mp4_1.mp4), scored as eval.score scores videos."""
+
+    kind = "video"
+    columns = ("mp4_0", "mp4_1")
+    extension = format = "mp4"
+    real_key = "video"
+
+    def __init__(self, fps: float, frames: int):
+        self.fps, self.frames = fps, frames
+        self.conditioning: list[Path] | None = None  # image-to-video: each prompt's conditioning image
+
+    def extra_fields(self, row: dict) -> dict[str, tuple[str, bytes]]:
+        """Image-to-video: the prompt's conditioning image (its file's bytes) in column CONDITIONING_COLUMN, which
+        train.py reads with --conditioning_image_column conditioning_image: {column: (extension, bytes)}."""
+        if self.conditioning is None:
+            return {}
+        path = self.conditioning[row["prompt_index"]]
+        return {CONDITIONING_COLUMN: (path.suffix.lstrip(".").lower() or "png", path.read_bytes())}
+
+    @staticmethod
+    def file_name(k: int) -> str:
+        return f"{k}.mp4"
+
+    def save(self, frames: torch.Tensor, prompt: str, path: Path) -> None:
+        from eval.video import write_mp4
+
+        write_mp4(frames, path, self.fps, prompt)
+
+    @staticmethod
+    def is_done(path: Path, prompt: str) -> bool:
+        from eval.video import stored_video_prompt
+
+        return gen.prompt_matches(stored_video_prompt(path), prompt)
+
+    @staticmethod
+    def encode(path: Path) -> bytes:
+        """The mp4 itself (a --real_winner video too, in its own container: train.py decodes any PyAV reads)."""
+        return path.read_bytes()
+
+    def scoring(self, name: str) -> str:
+        """How a metric reads a video, part of its scorer id: another --frames scores the image metrics again."""
+        return "; every frame" if name in VIDEO_METRICS else f"; mean of {self.frames} evenly sampled frames"
+
+    def score(self, scorer: Scorer, prompts: list[str], paths: list[Path]) -> list[float]:
+        """eval.score's video scoring (eval.manifest.score_video_items): an image metric averaged over --frames
+        evenly sampled frames, temporal over every frame."""
+        from eval.manifest import Item, ManifestError, score_video_items
+
+        items = [Item(index=j, prompt=prompt, image=str(path), path=Path(path))
+                 for j, (prompt, path) in enumerate(zip(prompts, paths))]
+        try:
+            return score_video_items(scorer, items, self.frames, desc=scorer.name)
+        except ManifestError as e:
+            raise MakePairsError(f"{e}: delete it and run the same command again to make it afresh") from None
+
+
+def media_of(args: argparse.Namespace, g: argparse.Namespace) -> ImageMedia | VideoMedia:
+    """The candidates' media: videos for a video family (eval.generate's resolved --fps), else images."""
+    if g.model_family in gen.VIDEO_FAMILIES:
+        return VideoMedia(g.fps, args.frames)
+    return ImageMedia(args.image_format, args.jpeg_quality)
+
 
 # ---------------------------------------------------------------------------------------------------- run record
 
@@ -366,7 +457,8 @@ def candidate_seed(seed: int, index: int, k: int, num_candidates: int) -> int:
 def generation_args(args: argparse.Namespace) -> argparse.Namespace:
     """eval.generate's resolved namespace for these model and sampling flags (family, defaults, weights)."""
     keys = ("unet_path", "pretrain_path", "sdxl", "model_family", "vae_path", "lora_path", "height", "width", "steps",
-            "cfg", "guidance_formula", "batch_size", "dtype", "device")
+            "cfg", "guidance_formula", "batch_size", "dtype", "device", "num_frames", "fps", "negative_prompt",
+            "guidance_scale_2", "boundary_ratio", "conditioning_image")
     ns = argparse.Namespace(**{k: getattr(args, k) for k in keys}, test_json=args.prompts,
                             output_path=args.output_dir, seed=args.seed, max_prompts=args.max_prompts, zip=False,
                             print_weights=False)
@@ -391,18 +483,21 @@ def check_same_run(out: Path, fingerprint: dict) -> None:
 def make_pairs(args: argparse.Namespace) -> dict:
     """Generate, score and pair (see the module docstring). Returns the summary (rank 0) or {"rank": r} elsewhere."""
     started = time.time()
-    mix = {} if args.real_winner else parse_mix(args.scorers)  # real-vs-generated pairs need no scorer
+    g = generation_args(args)
+    video = g.model_family in gen.VIDEO_FAMILIES
+    mix = {} if args.real_winner else parse_mix(args.scorers, video)  # real-vs-generated pairs need no scorer
     if args.num_candidates < (1 if args.real_winner else 2):
         raise MakePairsError("--num_candidates must be at least 2 (a pair needs two candidates; 1 with --real_winner)")
     if args.margin < 0 or args.shard_size < 1 or not 1 <= args.jpeg_quality <= 100:
         raise MakePairsError("--margin must be >= 0, --shard_size >= 1 and --jpeg_quality in 1..100")
     if args.score_batch_size < 1:
         raise MakePairsError("--score_batch_size must be >= 1")
-    g = generation_args(args)
-    if g.model_family not in IMAGE_FAMILIES:  # video pairs (mp4_0/mp4_1) would need a VideoMedia: not yet
-        raise MakePairsError(f"--model_family {g.model_family} is a video family: eval.make_pairs makes image pairs "
-                             f"only ({', '.join(IMAGE_FAMILIES)})")
-    media = ImageMedia(args.image_format, args.jpeg_quality)
+    if not video and args.frames != DEFAULT_FRAMES:
+        raise MakePairsError(f"--frames samples the frames of videos, and --model_family {g.model_family} makes images")
+    if video and (args.image_format != "jpeg" or args.jpeg_quality != 95):
+        raise MakePairsError("--image_format / --jpeg_quality encode images; video pairs hold the candidates' mp4 "
+                             "files as they are: drop them")
+    media = media_of(args, g)
     # several processes and no GPU (accelerate launch --multi_gpu on a CPU machine): gloo on the CPU, as train.py
     state = process_state()
     device = torch.device(state.device if g.device == "auto" else g.device)
@@ -412,7 +507,9 @@ def make_pairs(args: argparse.Namespace) -> dict:
     if n < 1:
         raise MakePairsError(f"{args.prompts} holds no prompt")
     items, K = all_items[:n], args.num_candidates
-    real_images = real_image_paths(items, args.prompts) if args.real_winner else None
+    if getattr(g, "image_to_video", False):  # the conditioning images go into the pairs (CONDITIONING_COLUMN)
+        media.conditioning = [Path(path) for path in gen.image_paths(g, items)]
+    real_images = real_image_paths(items, args.prompts, media.real_key) if args.real_winner else None
     out = Path(args.output_dir)
     fingerprint = gen.run_fingerprint(g, all_items, dtype)
     fingerprint["candidates"] = {"num_candidates": K, "seed_rule": "seed + index * num_candidates + k",
@@ -453,17 +550,18 @@ def make_pairs(args: argparse.Namespace) -> dict:
     return summary
 
 
-def real_image_paths(items: list[dict], prompts_file: str) -> list[Path]:
-    """--real_winner: each prompt's real image, the entry's "image" (a path, relative to the prompt file's folder)."""
+def real_image_paths(items: list[dict], prompts_file: str, key: str = "image") -> list[Path]:
+    """--real_winner: each prompt's real sample, the entry's "image" (video families: "video"; a path, relative to
+    the prompt file's folder)."""
     paths = []
     for i, item in enumerate(items):
-        image = item.get("image")
+        image = item.get(key)
         if not isinstance(image, str) or not image:
-            raise MakePairsError(f"--real_winner: entry {i} of {prompts_file} has no \"image\" (the real image's path, "
+            raise MakePairsError(f"--real_winner: entry {i} of {prompts_file} has no \"{key}\" (the real {key}'s path, "
                                  f"relative to the prompt file): add one to every entry, or drop --real_winner")
         path = Path(prompts_file).resolve().parent / image
         if not path.is_file():
-            raise MakePairsError(f"--real_winner: entry {i} of {prompts_file} names the image {path}, which does "
+            raise MakePairsError(f"--real_winner: entry {i} of {prompts_file} names the {key} {path}, which does "
                                  f"not exist")
         paths.append(path)
     return paths
@@ -473,7 +571,7 @@ def prompt_dir(out: Path, index: int) -> Path:
     return out / CANDIDATES / f"{index:06d}"
 
 
-def generate_candidates(g, items, mine, K, seed, out: Path, media: ImageMedia, device, dtype, is_main: bool) -> None:
+def generate_candidates(g, items, mine, K, seed, out: Path, media: ImageMedia | VideoMedia, device, dtype, is_main: bool) -> None:
     """Step 1: every missing candidate image of this rank's prompts, batched across prompts; each prompt's
     candidates.json once its K images exist."""
     from tqdm.auto import tqdm
@@ -502,8 +600,9 @@ def generate_candidates(g, items, mine, K, seed, out: Path, media: ImageMedia, d
     progress = tqdm(total=len(jobs), desc="candidates", disable=not is_main)
     for start in range(0, len(jobs), g.batch_size):
         batch = jobs[start : start + g.batch_size]
+        conditioning = gen.conditioning_images(g, [items[i] for i, _ in batch])  # image-to-video, else None
         images = gen.sample(models, [items[i]["prompt"] for i, _ in batch], uncond, g,
-                            seeds=[candidate_seed(seed, i, k, K) for i, k in batch])
+                            seeds=[candidate_seed(seed, i, k, K) for i, k in batch], images=conditioning)
         for (i, k), image in zip(batch, images):
             folder = prompt_dir(out, i)
             folder.mkdir(parents=True, exist_ok=True)
@@ -523,13 +622,13 @@ def free_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def score_candidates(items, mine, K, out: Path, mix: dict, settings: dict, media: ImageMedia, is_main: bool) -> None:
+def score_candidates(items, mine, K, out: Path, mix: dict, settings: dict, media: ImageMedia | VideoMedia, is_main: bool) -> None:
     """Step 2: each metric of the mix over this rank's candidates, one scorer loaded at a time; a prompt's
     scores.json gains the metric (with the scorer that made it) after each chunk."""
     from tqdm.auto import tqdm
 
     for name in mix:
-        sid = scorer_id(name, settings[name])
+        sid = scorer_id(name, settings[name]) + media.scoring(name)
         todo = [i for i in mine if ((read_json(prompt_dir(out, i) / SCORES) or {}).get(name) or {}).get("scorer") != sid]
         if not todo:
             continue
@@ -540,7 +639,7 @@ def score_candidates(items, mine, K, out: Path, mix: dict, settings: dict, media
             part = todo[start : start + chunk]
             prompts = [items[i]["prompt"] for i in part for _ in range(K)]
             paths = [prompt_dir(out, i) / media.file_name(k) for i in part for k in range(K)]
-            scores = scorer.score(prompts, paths)
+            scores = media.score(scorer, prompts, paths)
             for j, i in enumerate(part):
                 path = prompt_dir(out, i) / SCORES
                 record = read_json(path) or {}
@@ -571,7 +670,7 @@ def read_candidates(items, K, out: Path, mix: dict) -> list[dict]:
     return records
 
 
-def write_pairs(args, items, K, out: Path, mix: dict, media: ImageMedia, model: str) -> dict:
+def write_pairs(args, items, K, out: Path, mix: dict, media: ImageMedia | VideoMedia, model: str) -> dict:
     """Step 3: z-score and mix over all candidates, pair each prompt, write the shards atomically, summarise."""
     records = read_candidates(items, K, out, mix)
     raw = {name: [s for r in records for s in r["raw"][name]] for name in mix}
@@ -618,14 +717,14 @@ def write_pairs(args, items, K, out: Path, mix: dict, media: ImageMedia, model: 
         "pair_rule": args.pair_rule, "margin": args.margin, "scorer_mix": label, "z_stats": stats,
         "label_0_fraction": (sum(row["label_0"] for row, _, _ in pairs) / len(pairs)) if pairs else None,
         "gap_kept": ({"min": min(kept), "mean": sum(kept) / len(kept), "max": max(kept)} if kept else None),
-        "model": model, "image_format": media.format, "dataset": str(out), "parquet_shards": shards,
-        "webdataset_shards": wds, "gaps_png": str(out / GAPS_PNG),
-        "train_command": f"python train.py --dataset_name {out} ..."
-                         + (" --pair_weight_column pair_weight" if args.gap_weight_power != 0 else ""),
+        "model": model, "media": media.kind, "image_format": media.format, "dataset": str(out),
+        "parquet_shards": shards, "webdataset_shards": wds, "gaps_png": str(out / GAPS_PNG),
+        "train_command": train_command(out, media) + (" --pair_weight_column pair_weight" if args.gap_weight_power != 0
+                                                      else ""),
     }
 
 
-def write_real_pairs(args, items, real_images: list[Path], K, out: Path, media: ImageMedia, model: str) -> dict:
+def write_real_pairs(args, items, real_images: list[Path], K, out: Path, media: ImageMedia | VideoMedia, model: str) -> dict:
     """--real_winner (SPIN-Diffusion's pairs): each prompt's real image is image 0 and the winner (label_0 1) against
     each of its K candidates; no score, so every pair_weight is 1 and nothing is dropped."""
     records = read_candidates(items, K, out, {})
@@ -634,7 +733,7 @@ def write_real_pairs(args, items, real_images: list[Path], K, out: Path, media: 
         real = real_images[r["index"]]
         for k in range(K):
             row = {"caption": r["prompt"], "label_0": 1.0, "label_1": 0.0, "model": model, "scorer_mix": "none",
-                   "pair_rule": REAL_RULE, "real_image": str(real), "seed_0": -1, "seed_1": r["seeds"][k],
+                   "pair_rule": REAL_RULE, f"real_{media.real_key}": str(real), "seed_0": -1, "seed_1": r["seeds"][k],
                    "prompt_index": r["index"], "candidate_0": -1, "candidate_1": k, "pair_weight": 1.0}
             pairs.append((row, real, r["files"][k]))
     removed = remove_stale_outputs(out, {DATA} | ({WEBDATASET} if args.webdataset else set()))
@@ -644,10 +743,16 @@ def write_real_pairs(args, items, real_images: list[Path], K, out: Path, media: 
         "pairs": len(pairs), "ties_dropped": 0, "below_margin": 0, "below_gap_percentile": 0,
         "pairs_considered": len(pairs), "prompts": len(records), "prompts_without_pair": 0, "num_candidates": K,
         "pair_rule": REAL_RULE, "scorer_mix": "none", "label_0_fraction": 1.0 if pairs else None,
-        "stale_outputs_removed": removed, "model": model, "image_format": media.format, "dataset": str(out),
-        "parquet_shards": shards, "webdataset_shards": wds,
-        "train_command": f"python train.py --dataset_name {out} ...",
+        "stale_outputs_removed": removed, "model": model, "media": media.kind, "image_format": media.format,
+        "dataset": str(out), "parquet_shards": shards, "webdataset_shards": wds,
+        "train_command": train_command(out, media),
     }
+
+
+def train_command(out: Path, media: ImageMedia | VideoMedia) -> str:
+    """How train.py reads the pairs: as they are; image-to-video pairs name their conditioning image column."""
+    conditioning = f" --conditioning_image_column {CONDITIONING_COLUMN}" if media.conditioning is not None else ""
+    return f"python train.py --dataset_name {out}{conditioning} ..."
 
 
 def remove_stale_outputs(out: Path, written: set[str]) -> list[str]:
@@ -694,7 +799,7 @@ def fresh_tmp(out: Path, name: str) -> Path:
     return tmp
 
 
-def write_parquet_shards(pairs, out: Path, media: ImageMedia, shard_size: int) -> list[str]:
+def write_parquet_shards(pairs, out: Path, media: ImageMedia | VideoMedia, shard_size: int) -> list[str]:
     """`data/train-0000s-of-0000N.parquet` (the layout train.py's split_files reads), written as a whole."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -703,7 +808,8 @@ def write_parquet_shards(pairs, out: Path, media: ImageMedia, shard_size: int) -
     slices = shard_slices(len(pairs), shard_size)
     names = []
     for s, (start, end) in enumerate(slices):
-        rows = [{**row, media.columns[0]: media.encode(file_0), media.columns[1]: media.encode(file_1)}
+        rows = [{**row, media.columns[0]: media.encode(file_0), media.columns[1]: media.encode(file_1),
+                 **{column: data for column, (_, data) in media.extra_fields(row).items()}}
                 for row, file_0, file_1 in pairs[start:end]]
         name = f"train-{s:05d}-of-{len(slices):05d}.parquet"
         table = pa.Table.from_pylist(rows) if rows else pa.table({
@@ -715,7 +821,7 @@ def write_parquet_shards(pairs, out: Path, media: ImageMedia, shard_size: int) -
     return names
 
 
-def write_webdataset_shards(pairs, out: Path, media: ImageMedia, shard_size: int) -> list[str]:
+def write_webdataset_shards(pairs, out: Path, media: ImageMedia | VideoMedia, shard_size: int) -> list[str]:
     """`webdataset/train-0000s.tar`, one sample per pair: <key>.jpg_0.<ext>, <key>.jpg_1.<ext>, <key>.label_0.txt,
     <key>.label_1.txt, <key>.original_prompt.txt (the Pick-a-Pic v2 mirror's layout) and <key>.provenance.json."""
     tmp = fresh_tmp(out, WEBDATASET)
@@ -734,6 +840,7 @@ def write_webdataset_shards(pairs, out: Path, media: ImageMedia, shard_size: int
                           "original_prompt.txt": row["caption"].encode("utf-8"),
                           "pair_weight.txt": str(row["pair_weight"]).encode(),  # train.py --pair_weight_column
                           "provenance.json": json.dumps(provenance, ensure_ascii=False).encode("utf-8")}
+                fields.update({f"{column}.{ext}": data for column, (ext, data) in media.extra_fields(row).items()})
                 for field, data in fields.items():
                     member = tarfile.TarInfo(f"{key}.{field}")
                     member.size = len(data)
