@@ -11,7 +11,8 @@ Steps, each resumable after a kill (run the same command again):
   1. generate: candidate k of prompt i is sampled with eval.generate's own loading and sampler (every family it
      supports, its defaults and flags) from the initial noise of seed `--seed + i*K + k`, i.e. the image
      `python -m eval.generate --seed <that seed>` gives for that prompt. Written as
-     `<output_dir>/candidates/<i>/<k>.png` (prompt in EXIF, atomic), then `candidates.json` (prompt, seeds).
+     `<output_dir>/candidates/<i>/<k>.png` (prompt in EXIF, atomic; videos: `<k>.mp4`, below), then
+     `candidates.json` (prompt, seeds).
   2. score: each metric of the mix scores every candidate, one scorer in memory at a time (`scores.json` per prompt;
      a metric is scored again only when its scorer changes).
   3. pair (rank 0, after every rank is done): each metric is z-scored over all candidates of the run (population
@@ -35,6 +36,16 @@ prompt_index, candidate_0/candidate_1, score_gap (|score_0 - score_1|), pair_wei
 real_image (candidate_0 and seed_0 are -1: the real image). Metrics: the five of eval.scorers (pickscore, hpsv2,
 aesthetics, clip, imagereward; weights from --scorer_config / --<metric>_path as in eval.score) and `colour`, the toy
 metric of the demo (tiny.colour_score: mean red minus mean blue). See docs/onpolicy.md.
+
+Video families (wan, cogvideox, wan22, wan22_a14b, wan_i2v; eval.generate's --num_frames, --fps, --negative_prompt,
+--guidance_scale_2, --boundary_ratio, --conditioning_image and their defaults): candidate k of prompt i is
+`<output_dir>/candidates/<i>/<k>.mp4` (eval.video.write_mp4: atomic, the prompt in the container's metadata), the
+video `python -m eval.generate --seed <that seed>` gives. Scored as eval.score scores videos: an image metric is the
+mean over --frames evenly sampled frames (default 8), and `temporal` (consecutive frames' CLIP consistency; videos
+only) is allowed in the mix. Rows hold train.py's video columns mp4_0 / mp4_1 (the mp4 files' bytes; WebDataset
+<key>.mp4_0.mp4 / .mp4_1.mp4) and the same provenance; --real_winner reads each entry's real "video" (real_video in
+the provenance). Image-to-video (an "image" per entry or --conditioning_image, as for eval.generate) adds the
+conditioning image's bytes as column conditioning_image: train.py --conditioning_image_column conditioning_image.
 """
 
 from __future__ import annotations
@@ -142,8 +153,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # Numeric flags and their ranges, checked at parse time (flag_ranges.py; tests/test_flag_ranges.py).
-MAKE_PAIRS_RANGES = {**gen.SAMPLING_RANGES, **gen.VIDEO_RANGES, "frames": SCORER_RANGES["frames"], "num_candidates": ">= 1", "seed": ">= 0", "max_prompts": ">= 1",
-                     "score_batch_size": ">= 1", "margin": ">= 0", "shard_size": ">= 1", "jpeg_quality": "[1, 100]",
+MAKE_PAIRS_RANGES = {**gen.SAMPLING_RANGES, **gen.VIDEO_RANGES, "frames": SCORER_RANGES["frames"], "num_candidates": ">= 1",
+                     "seed": ">= 0", "max_prompts": ">= 1", "score_batch_size": ">= 1", "margin": ">= 0", "shard_size": ">= 1", "jpeg_quality": "[1, 100]",
                      "drop_gap_percentile": "[0, 100)", "gap_weight_power": "finite"}  # K >= 2 unless --real_winner
 
 
@@ -289,7 +300,7 @@ def scorer_settings(args: argparse.Namespace, mix: dict[str, float], device: str
     official = [name for name in mix if name in METRICS + VIDEO_METRICS]
     ns = argparse.Namespace(metrics=official, device=device, batch_size=args.score_batch_size,
                             scorer_config=args.scorer_config,
-                            **{f"{name}_path": getattr(args, f"{name}_path") for name in METRICS + VIDEO_METRICS})
+                            **{f"{name}_path": getattr(args, f"{name}_path", None) for name in METRICS + VIDEO_METRICS})
     try:
         kwargs = scorer_kwargs(ns)
     except ManifestError as e:
