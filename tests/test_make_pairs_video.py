@@ -3,7 +3,7 @@
 regenerates only a deleted candidate, the scores are eval.score's (image metrics averaged over --frames sampled frames,
 temporal over every frame), the pairs follow the image rule from the recorded scores, the rows hold the candidates'
 mp4s in train.py's video schema (parquet and WebDataset), train.py trains on the folder as it is; real-versus-generated
-video pairs and image-to-video pairs (Wan2.2-TI2V with a conditioning image) too. Before issue 22 every video family
+video pairs, image-to-video pairs (Wan2.2-TI2V with a conditioning image) and CogVideoX pairs too. Before issue 22 every video family
 was refused."""
 
 import json
@@ -234,3 +234,19 @@ def test_image_to_video_pairs_carry_their_conditioning_image(setup, tmp_path):
         assert any(name.endswith(".conditioning_image.png") for name in tar.getnames())
     assert run_train(model, out, tmp_path / "trained", "--num_frames", str(FRAMES), "--conditioning_image_column",
                      "conditioning_image", steps=1) == 1
+
+
+def test_cogvideox_pairs_train(setup, tmp_path):
+    """CogVideoX (its own pipeline, 8k + 1 frames, 8 fps): video pairs that train.py trains on, one step."""
+    from tiny import build_cogvideox
+
+    model = build_cogvideox(tmp_path / "cogvideox", num_frames=9)
+    out = tmp_path / "out"
+    argv = pair_argv(setup, out)
+    argv[argv.index("--pretrain_path") + 1], argv[argv.index("--num_frames") + 1] = str(model), "9"
+    argv[argv.index("--num_candidates") + 1] = "2"
+    argv[argv.index("--scorers") + 1 : argv.index("--scorer_config")] = ["colour"]
+    summary = run_pairs(argv)
+    assert summary["pairs"] == len(PROMPTS)  # each prompt's two candidates: no colour tie on random videos
+    assert video_info(candidate(out, 0, 1)) == {"frames": 9, "fps": 8.0, "prompt": PROMPTS[0]}
+    assert run_train(model, out, tmp_path / "trained", "--num_frames", "9", steps=1) == 1
